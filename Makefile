@@ -1,0 +1,42 @@
+# sdeks — the two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DIFFUSERS_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test lint typecheck synth bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel; an unpinned torch pulls GBs of CUDA wheels
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sdeks.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sdeks dispatcher runtime infra tests benchmarks examples
+	$(VENV)/bin/ruff format --check sdeks dispatcher runtime infra tests benchmarks examples
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+synth: $(STAMP)
+	$(PY) -m infra.app --check
+
+bench: $(STAMP)
+	$(PY) benchmarks/scheduling.py
+
+clean:
+	rm -rf $(VENV) outputs cdk.out .pytest_cache .ruff_cache .mypy_cache

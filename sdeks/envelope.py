@@ -1,0 +1,409 @@
+"""The task envelope: what users publish, and the normalized `Task` it becomes.
+
+Accepted shapes (all normalized into one `Task`):
+
+1. canonical: ``{"task": {"metadata": {...}, "content": {...}}}``
+2. bare: ``{"metadata": {...}, "content": {...}}``
+3. legacy A1111 body with routing keys in ``alwayson_scripts``
+   (``task``, ``id_task``, ``sd_model_checkpoint``, ``save_dir``, ``image_link``)
+4. serverless worker: ``{"input": {"api": {"method", "endpoint"}, "payload"}, "webhook"}``
+
+Every field is untrusted: ids and prefixes end up in S3 keys, so they are
+restricted to a safe character set and bounded length.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from sdeks.errors import InvalidEnvelopeError
+from sdeks.names import REJECTED_PREFIX, check_runtime_name
+
+MAX_ID_LENGTH = 128
+MAX_PREFIX_LENGTH = 256
+MAX_WEBHOOK_LENGTH = 2048
+MAX_BODY_BYTES = 1024 * 1024  # SNS caps messages at 256 KiB; anything larger is hostile
+MAX_JSON_DEPTH = 64
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+
+
+class TaskType(StrEnum):
+    TEXT_TO_IMAGE = "text-to-image"
+    IMAGE_TO_IMAGE = "image-to-image"
+    EXTRA_SINGLE_IMAGE = "extra-single-image"
+
+
+def check_task_id(value: str) -> str:
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"id must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    if not _ID_RE.match(value) or ".." in value:
+        raise ValueError(
+            "id may hold only letters, digits, '_', '.', '-', must start with a letter "
+            f"or digit and must not contain '..', got {value!r:.80}"
+        )
+    return value
+
+
+def check_prefix(value: str) -> str:
+    if len(value) > MAX_PREFIX_LENGTH:
+        raise ValueError(f"prefix must be at most {MAX_PREFIX_LENGTH} characters, got {len(value)}")
+    if value.startswith("/"):
+        raise ValueError(f"prefix must not start with '/', got {value!r:.80}")
+    segments = value.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
+            raise ValueError(
+                "prefix must be '/'-separated segments of letters, digits, '_', '.', '=', "
+                f"'+', '-' with no empty, '.' or '..' segment, got {value!r:.80}"
+            )
+    if value + "/" == REJECTED_PREFIX or value.startswith(REJECTED_PREFIX):
+        raise ValueError(f"prefix {REJECTED_PREFIX!r} is reserved for rejected messages")
+    return value
+
+
+def check_webhook(value: str) -> str:
+    if len(value) > MAX_WEBHOOK_LENGTH:
+        raise ValueError(f"webhook must be at most {MAX_WEBHOOK_LENGTH} characters")
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"webhook must be an http(s) URL, got {value!r:.80}")
+    return value
+
+
+TaskId = Annotated[str, Field(min_length=1), AfterValidator(check_task_id)]
+Prefix = Annotated[str, Field(min_length=1), AfterValidator(check_prefix)]
+RuntimeName = Annotated[str, AfterValidator(check_runtime_name)]
+WebhookUrl = Annotated[str, AfterValidator(check_webhook)]
+
+
+class TaskMetadata(BaseModel):
+    """`task.metadata` as published."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: TaskId
+    runtime: RuntimeName
+    tasktype: TaskType
+    prefix: Prefix
+    context: Any = None
+    webhook: WebhookUrl | None = None
+
+
+class TaskBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: TaskMetadata
+    content: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskEnvelope(BaseModel):
+    """The canonical envelope: ``{"task": {"metadata": ..., "content": ...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskBody
+
+
+class Task(BaseModel):
+    """The normalized task every service works with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: TaskId
+    runtime: RuntimeName
+    tasktype: TaskType
+    prefix: Prefix
+    context: Any = None
+    webhook: WebhookUrl | None = None
+    content: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def model(self) -> str | None:
+        """The requested checkpoint: alwayson_scripts, then override_settings, else None."""
+        return requested_model(self.content)
+
+    def output_location(self, bucket: str) -> str:
+        return f"s3://{bucket}/{self.prefix}/{self.id}"
+
+    def to_envelope(self) -> dict[str, Any]:
+        """The canonical wire form of this task (what a publisher sends)."""
+        metadata: dict[str, Any] = {
+            "id": self.id,
+            "runtime": self.runtime,
+            "tasktype": self.tasktype.value,
+            "prefix": self.prefix,
+            "context": self.context,
+        }
+        if self.webhook:
+            metadata["webhook"] = self.webhook
+        return {"task": {"metadata": metadata, "content": self.content}}
+
+
+def requested_model(content: Mapping[str, Any]) -> str | None:
+    for section in ("alwayson_scripts", "override_settings"):
+        block = content.get(section)
+        if isinstance(block, Mapping):
+            name = block.get("sd_model_checkpoint")
+            if isinstance(name, str) and name.strip():
+                return name.strip()
+    return None
+
+
+# --- parsing ---------------------------------------------------------------
+
+_SERVERLESS_ENDPOINTS = {
+    "/sdapi/v1/txt2img": TaskType.TEXT_TO_IMAGE,
+    "/sdapi/v1/img2img": TaskType.IMAGE_TO_IMAGE,
+    "/sdapi/v1/extra-single-image": TaskType.EXTRA_SINGLE_IMAGE,
+}
+_LEGACY_TASKTYPES = {
+    "text-to-image": TaskType.TEXT_TO_IMAGE,
+    "txt2img": TaskType.TEXT_TO_IMAGE,
+    "image-to-image": TaskType.IMAGE_TO_IMAGE,
+    "img2img": TaskType.IMAGE_TO_IMAGE,
+    "extra-single-image": TaskType.EXTRA_SINGLE_IMAGE,
+}
+_LEGACY_ROUTING_KEYS = ("task", "id_task", "save_dir", "image_link", "runtime")
+
+
+def load_json(body: str | bytes) -> Any:
+    """Parse a message body, refusing oversize and absurdly nested documents."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidEnvelopeError(f"message body is {len(body)} bytes, over {MAX_BODY_BYTES}")
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidEnvelopeError(f"message body is not valid JSON: {exc}"[:300]) from exc
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidEnvelopeError(f"message body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def best_effort_id(document: Any) -> str | None:
+    """The task id of a document that failed to parse, if a valid one can be read."""
+    if not isinstance(document, Mapping):
+        return None
+    candidates: list[Any] = []
+    task = document.get("task")
+    for holder in (task, document):
+        if isinstance(holder, Mapping) and isinstance(holder.get("metadata"), Mapping):
+            candidates.append(holder["metadata"].get("id"))
+    scripts = document.get("alwayson_scripts")
+    if isinstance(scripts, Mapping):
+        candidates.append(scripts.get("id_task"))
+    candidates.append(document.get("id"))
+    for candidate in candidates:
+        if isinstance(candidate, str):
+            try:
+                return check_task_id(candidate)
+            except ValueError:
+                continue
+    return None
+
+
+def parse_task(
+    body: str | bytes | Mapping[str, Any],
+    *,
+    runtime: str | None = None,
+    fallback_id: str | None = None,
+    default_prefix: str = "output",
+) -> Task:
+    """Normalize any accepted envelope shape into a `Task`.
+
+    `runtime` is the message's `runtime` attribute: it fills in the runtime
+    for shapes that carry none (legacy, serverless). `fallback_id` (the SNS
+    message id) names serverless tasks that carry no id. Raises
+    `InvalidEnvelopeError` carrying the task id when one could be read.
+    """
+    document = load_json(body) if isinstance(body, str | bytes) else body
+    if not isinstance(document, Mapping):
+        raise InvalidEnvelopeError(f"message must be a JSON object, got {type(document).__name__}")
+    try:
+        fields = _normalize(document, runtime, fallback_id, default_prefix)
+        return Task.model_validate(fields)
+    except InvalidEnvelopeError as exc:
+        exc.task_id = exc.task_id or best_effort_id(document)
+        raise
+    except ValidationError as exc:
+        raise InvalidEnvelopeError(_describe(exc), task_id=best_effort_id(document)) from exc
+
+
+def _normalize(
+    doc: Mapping[str, Any], runtime: str | None, fallback_id: str | None, default_prefix: str
+) -> dict[str, Any]:
+    if "task" in doc:
+        if set(doc) != {"task"}:
+            extra = sorted(set(doc) - {"task"})
+            raise InvalidEnvelopeError(f"unexpected top-level fields next to 'task': {extra[:5]}")
+        inner = doc["task"]
+        if not isinstance(inner, Mapping):
+            raise InvalidEnvelopeError("'task' must be an object with 'metadata' and 'content'")
+        return _from_metadata(inner)
+    if "metadata" in doc:
+        return _from_metadata(doc)
+    if "input" in doc:
+        return _from_serverless(doc, runtime, fallback_id, default_prefix)
+    if isinstance(doc.get("alwayson_scripts"), Mapping) and (
+        "id_task" in doc["alwayson_scripts"] or "task" in doc["alwayson_scripts"]
+    ):
+        return _from_legacy(doc, runtime, default_prefix)
+    raise InvalidEnvelopeError(
+        "message is not a task: expected {'task': {'metadata', 'content'}}, "
+        "{'metadata', 'content'}, a serverless {'input': {'api', 'payload'}} or an "
+        "A1111 body with alwayson_scripts.id_task"
+    )
+
+
+def _from_metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
+    extra = sorted(set(doc) - {"metadata", "content"})
+    if extra:
+        raise InvalidEnvelopeError(f"unexpected fields next to 'metadata': {extra[:5]}")
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, Mapping):
+        raise InvalidEnvelopeError("'metadata' must be an object")
+    content = doc.get("content", {})
+    if content is None:
+        content = {}
+    allowed = {"id", "runtime", "tasktype", "prefix", "context", "webhook"}
+    fields = {k: v for k, v in metadata.items() if k in allowed}
+    fields["content"] = content
+    return fields
+
+
+def _from_serverless(
+    doc: Mapping[str, Any], runtime: str | None, fallback_id: str | None, default_prefix: str
+) -> dict[str, Any]:
+    inp = doc.get("input")
+    if not isinstance(inp, Mapping):
+        raise InvalidEnvelopeError("'input' must be an object with 'api' and 'payload'")
+    api = inp.get("api")
+    if not isinstance(api, Mapping):
+        raise InvalidEnvelopeError("'input.api' must be an object with 'method' and 'endpoint'")
+    method = str(api.get("method", "POST")).upper()
+    endpoint = api.get("endpoint")
+    if method != "POST" or endpoint not in _SERVERLESS_ENDPOINTS:
+        raise InvalidEnvelopeError(
+            f"input.api must be POST to one of {sorted(_SERVERLESS_ENDPOINTS)}, "
+            f"got {method} {endpoint!r:.80}"
+        )
+    payload = inp.get("payload", {})
+    task_id = doc.get("id", fallback_id)
+    fields: dict[str, Any] = {
+        "id": task_id,
+        "runtime": doc.get("runtime", runtime),
+        "tasktype": _SERVERLESS_ENDPOINTS[endpoint],
+        "prefix": doc.get("prefix", default_prefix),
+        "content": payload,
+    }
+    if "context" in doc:
+        fields["context"] = doc["context"]
+    if doc.get("webhook") is not None:
+        fields["webhook"] = doc["webhook"]
+    return fields
+
+
+def _from_legacy(
+    doc: Mapping[str, Any], runtime: str | None, default_prefix: str
+) -> dict[str, Any]:
+    scripts = dict(doc["alwayson_scripts"])
+    tasktype = _LEGACY_TASKTYPES.get(str(scripts.get("task", "text-to-image")))
+    if tasktype is None:
+        raise InvalidEnvelopeError(
+            f"alwayson_scripts.task must be one of {sorted(_LEGACY_TASKTYPES)}, "
+            f"got {scripts.get('task')!r:.80}",
+        )
+    content = {k: v for k, v in doc.items() if k != "alwayson_scripts"}
+    link = scripts.get("image_link")
+    if link is not None:
+        content.setdefault("init_images", [link])
+    fields: dict[str, Any] = {
+        "id": scripts.get("id_task"),
+        "runtime": scripts.get("runtime", runtime),
+        "tasktype": tasktype,
+        "prefix": scripts.get("save_dir", default_prefix),
+        "content": content,
+    }
+    remaining = {k: v for k, v in scripts.items() if k not in _LEGACY_ROUTING_KEYS}
+    if remaining:
+        content["alwayson_scripts"] = remaining
+    return fields
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "task"
+        if err["type"] == "missing":
+            parts.append(f"{where}: required")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+    return "invalid task envelope: " + "; ".join(parts)
+
+
+# --- SNS notification unwrapping -------------------------------------------
+
+
+class Notification(BaseModel):
+    """A message as it arrives in SQS from SNS (or sent to SQS directly)."""
+
+    body: str
+    attributes: dict[str, str] = Field(default_factory=dict)
+    message_id: str | None = None
+    published_at: float | None = None  # epoch seconds
+
+    @property
+    def runtime(self) -> str | None:
+        return self.attributes.get("runtime")
+
+
+def unwrap_sns(sqs_body: str) -> Notification:
+    """Undo SNS's JSON notification wrapper; raw bodies pass through unchanged."""
+    from datetime import datetime
+
+    try:
+        doc = json.loads(sqs_body)
+    except ValueError:
+        return Notification(body=sqs_body)
+    if not (isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc):
+        return Notification(body=sqs_body)
+    attributes: dict[str, str] = {}
+    raw_attributes = doc.get("MessageAttributes") or {}
+    if isinstance(raw_attributes, dict):
+        for name, attr in raw_attributes.items():
+            if isinstance(attr, dict) and isinstance(attr.get("Value"), str):
+                attributes[str(name)] = attr["Value"]
+    published_at = None
+    stamp = doc.get("Timestamp")
+    if isinstance(stamp, str):
+        try:
+            published_at = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            published_at = None
+    message = doc["Message"]
+    return Notification(
+        body=message if isinstance(message, str) else json.dumps(message),
+        attributes=attributes,
+        message_id=doc.get("MessageId") if isinstance(doc.get("MessageId"), str) else None,
+        published_at=published_at,
+    )

@@ -1,0 +1,102 @@
+"""Resource names and wire constants shared by the CDK app and the local stack.
+
+The CDK app (`infra/`) and the embedded local stack (`sdeks.local`) both build
+their resources from `StackNames`, so a queue is called the same thing on a
+laptop and in an account. Services never derive names themselves: they get
+ARNs, URLs and bucket names from their settings (`SDEKS_*` variables), which
+whoever deploys them fills in from these names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+#: SNS message attribute that routes a task to its runtime queue.
+RUNTIME_ATTRIBUTE = "runtime"
+#: SNS message attributes set on every callback, for subscriber filter policies.
+CALLBACK_ATTRIBUTES = ("status", "runtime")
+
+#: Receives before SQS moves a message to its DLQ (redrive policy).
+MAX_RECEIVE_COUNT = 5
+#: Queue visibility timeout; the dispatcher extends held messages well before it ends.
+VISIBILITY_TIMEOUT_S = 60
+
+#: Folders of the models bucket (A1111 names).
+MODELS_CHECKPOINT_PREFIX = "Stable-diffusion/"
+MODELS_LORA_PREFIX = "Lora/"
+MODELS_VAE_PREFIX = "VAE/"
+
+#: Key prefix in the output bucket where unparseable messages are kept for audit.
+REJECTED_PREFIX = "rejected/"
+
+_RUNTIME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def check_runtime_name(name: str) -> str:
+    """Runtime names become queue names and Kubernetes object names (DNS labels)."""
+    if not isinstance(name, str) or not _RUNTIME_RE.match(name):
+        raise ValueError(
+            f"runtime name must be 1-40 lowercase letters, digits or '-', "
+            f"starting and ending with a letter or digit, got {name!r:.80}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StackNames:
+    """Physical names of every shared resource, from one stack prefix."""
+
+    prefix: str = "sdeks"
+
+    @property
+    def task_topic(self) -> str:
+        return f"{self.prefix}-tasks"
+
+    @property
+    def callback_topic(self) -> str:
+        return f"{self.prefix}-callbacks"
+
+    @property
+    def catch_all_queue(self) -> str:
+        return f"{self.prefix}-catch-all"
+
+    @property
+    def catch_all_dlq(self) -> str:
+        return f"{self.prefix}-catch-all-dlq"
+
+    def task_queue(self, runtime: str) -> str:
+        return f"{self.prefix}-{check_runtime_name(runtime)}-tasks"
+
+    def task_dlq(self, runtime: str) -> str:
+        return f"{self.prefix}-{check_runtime_name(runtime)}-dlq"
+
+    @property
+    def output_bucket(self) -> str:
+        return f"{self.prefix}-outputs"
+
+    @property
+    def models_bucket(self) -> str:
+        return f"{self.prefix}-models"
+
+    @property
+    def task_table(self) -> str:
+        return f"{self.prefix}-tasks"
+
+
+def runtime_filter_policy(runtime: str) -> dict[str, Any]:
+    """SNS filter policy of a runtime queue's subscription."""
+    return {RUNTIME_ATTRIBUTE: [check_runtime_name(runtime)]}
+
+
+def catch_all_filter_policy(runtimes: list[str]) -> dict[str, Any]:
+    """Everything that no runtime queue takes: no `runtime` attribute, or an unknown one.
+
+    Conditions in one attribute's list are OR-ed by SNS, so nothing published
+    is dropped for want of a matching subscription. `exists: false` comes
+    first: SNS does not care about the order, and moto stops at the first
+    rule that needs the attribute when it is absent.
+    """
+    known = [check_runtime_name(r) for r in runtimes]
+    return {RUNTIME_ATTRIBUTE: [{"exists": False}, {"anything-but": known}]}
