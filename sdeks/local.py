@@ -1,0 +1,307 @@
+"""The embedded local stack: the whole pipeline on one machine, no AWS account.
+
+moto server (S3, SNS, SQS, DynamoDB) on 127.0.0.1, the same resources the CDK
+app deploys (names from `sdeks.names`), a tiny random Stable Diffusion model
+built offline and uploaded to the models bucket, one runtime pod per runtime
+(uvicorn, CPU) and the dispatcher, each as a child process configured exactly
+as in a cluster: through `SDEKS_*` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdeks import aws
+from sdeks.names import MODELS_CHECKPOINT_PREFIX, StackNames
+from sdeks.resources import StackResources, create_stack_resources
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny-sd15"
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "sdeks-local",
+    "AWS_SECRET_ACCESS_KEY": "sdeks-local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+#: Offline for good: nothing in the stack may reach a model hub.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1"}
+
+
+class LocalStackError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise LocalStackError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise LocalStackError(f"{url} did not answer 200 within {timeout_s:.0f}s")
+
+
+def upload_folder(s3: Any, folder: Path, bucket: str, prefix: str) -> int:
+    count = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}{path.relative_to(folder).as_posix()}")
+            count += 1
+    return count
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+
+@dataclass
+class LocalStack:
+    """Start with `start()` (or as a context manager), stop with `stop()`."""
+
+    workdir: Path = field(default_factory=lambda: Path(".sdeks"))
+    runtimes: list[str] = field(default_factory=lambda: ["sdruntime"])
+    moto_port: int = 0
+    pods_per_runtime: int = 1
+    dispatchers: int = 1
+    models_dir: Path | None = None
+    default_model: str = DEFAULT_MODEL
+    extra_env: dict[str, str] = field(default_factory=dict)
+    names: StackNames = field(default_factory=StackNames)
+
+    endpoint: str = ""
+    resources: StackResources | None = None
+    pods: dict[str, list[Service]] = field(default_factory=dict)
+    dispatcher_services: list[Service] = field(default_factory=list)
+    _moto: Any = None
+
+    @property
+    def input_bucket(self) -> str:
+        """A bucket for users' input images, allow-listed for `s3://` links."""
+        return f"{self.names.prefix}-inputs"
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> LocalStack:
+        from moto.server import ThreadedMotoServer
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for key, value in {**LOCAL_CREDENTIALS, **OFFLINE}.items():
+            os.environ.setdefault(key, value)
+        os.environ.pop("AWS_PROFILE", None)
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
+        self._moto.start()
+        host, port = self._moto.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        os.environ["AWS_ENDPOINT_URL"] = self.endpoint
+        log.info("embedded AWS (moto) on %s", self.endpoint)
+
+        clients = {s: self.client(s) for s in ("sns", "sqs", "s3", "dynamodb")}
+        self.resources = create_stack_resources(**clients, runtimes=self.runtimes, names=self.names)
+        clients["s3"].create_bucket(Bucket=self.input_bucket)
+        self._install_model(clients["s3"])
+        try:
+            for runtime in self.runtimes:
+                self.pods[runtime] = [self.start_pod(runtime) for _ in range(self.pods_per_runtime)]
+            for _ in range(self.dispatchers):
+                self.dispatcher_services.append(self.start_dispatcher())
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        services = self.dispatcher_services + [p for pods in self.pods.values() for p in pods]
+        for service in services:
+            if service.proc.poll() is None:
+                service.proc.send_signal(signal.SIGTERM)
+        for service in services:
+            try:
+                service.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait()
+        self.dispatcher_services.clear()
+        self.pods.clear()
+        if self._moto is not None:
+            self._moto.stop()
+            self._moto = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- pieces --------------------------------------------------------------
+
+    def client(self, service: str) -> Any:
+        return aws.client(service, endpoint_url=self.endpoint)
+
+    def _install_model(self, s3: Any) -> None:
+        assert self.resources
+        source = self.models_dir
+        if source is None:
+            source = self.workdir / "models" / self.default_model
+            if not (source / "model_index.json").exists():
+                from runtime.tiny import make_tiny  # the runtime extra builds it
+
+                log.info("building the tiny %s model in %s", self.default_model, source)
+                make_tiny(source)
+        prefix = f"{MODELS_CHECKPOINT_PREFIX}{self.default_model}/"
+        count = upload_folder(s3, source, self.resources.models_bucket, prefix)
+        log.info("uploaded %d files to s3://%s/%s", count, self.resources.models_bucket, prefix)
+
+    def service_env(self) -> dict[str, str]:
+        """Variables shared by every service process."""
+        assert self.resources
+        env = {
+            **os.environ,
+            **LOCAL_CREDENTIALS,
+            **OFFLINE,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
+            "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
+            "SDEKS_TASK_TABLE": self.resources.task_table,
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def start_pod(self, runtime: str) -> Service:
+        assert self.resources
+        port = free_port()
+        index = len(self.pods.get(runtime, []))
+        log_path = self.workdir / "logs" / f"pod-{runtime}-{index}-{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.service_env() | {
+            "SDEKS_RUNTIME": runtime,
+            "SDEKS_DEFAULT_MODEL": self.default_model,
+            "SDEKS_CACHE_DIR": str((self.workdir / "cache" / f"{runtime}-{port}").resolve()),
+        }
+        models = f"s3://{self.resources.models_bucket}"
+        cmd = [sys.executable, "-m", "runtime", "--models", models, "--port", str(port)]
+        cmd += ["--host", "127.0.0.1", "--device", "cpu"]
+        proc = subprocess.Popen(cmd, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http_ok(f"{url}/health", timeout_s=180, proc=proc)
+        except LocalStackError as exc:
+            proc.kill()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise LocalStackError(f"runtime pod did not start: {exc}\n{tail}") from exc
+        log.info("runtime pod %s up on %s", runtime, url)
+        return Service(f"pod-{runtime}-{index}", proc, url, log_path)
+
+    def pod_urls(self) -> dict[str, list[str]]:
+        return {rt: [p.url for p in pods] for rt, pods in self.pods.items()}
+
+    def dispatcher_env(self) -> dict[str, str]:
+        import json
+
+        assert self.resources
+        return self.service_env() | {
+            "SDEKS_QUEUES": json.dumps(self.resources.queues),
+            "SDEKS_CATCH_ALL_QUEUE_URL": self.resources.catch_all_queue_url,
+            "SDEKS_DISCOVERY": "static",
+            "SDEKS_PODS": json.dumps(self.pod_urls()),
+            # The local stack serves example images from 127.0.0.1; nothing else private.
+            "SDEKS_LINK_ALLOW_NETS": json.dumps(["127.0.0.1/32"]),
+            "SDEKS_S3_ALLOW_BUCKETS": json.dumps(
+                [self.input_bucket, self.resources.output_bucket, self.resources.models_bucket]
+            ),
+        }
+
+    def start_dispatcher(self) -> Service:
+        port = free_port()
+        index = len(self.dispatcher_services)
+        log_path = self.workdir / "logs" / f"dispatcher-{index}-{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.dispatcher_env() | {"SDEKS_METRICS_PORT": str(port)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher"],
+            env=env,
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http_ok(f"{url}/metrics", timeout_s=60, proc=proc)
+        except LocalStackError as exc:
+            proc.kill()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise LocalStackError(f"dispatcher did not start: {exc}\n{tail}") from exc
+        log.info("dispatcher up (metrics on %s)", url)
+        return Service(f"dispatcher-{index}", proc, url, log_path)
+
+    # --- what users need to talk to it ---------------------------------------
+
+    def exports(self) -> dict[str, str]:
+        assert self.resources
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            **LOCAL_CREDENTIALS,
+            "SDEKS_TASK_TOPIC_ARN": self.resources.task_topic_arn,
+            "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
+            "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
+            "SDEKS_TASK_TABLE": self.resources.task_table,
+        }
+
+    def describe(self) -> str:
+        assert self.resources
+        r = self.resources
+        lines = [f"export {k}={v}" for k, v in self.exports().items()]
+        lines += [
+            "",
+            f"task topic      {r.task_topic_arn}",
+            f"callback topic  {r.callback_topic_arn}",
+        ]
+        for runtime, url in r.queues.items():
+            lines.append(f"queue {runtime:<10}{url}  (DLQ {r.dlqs[runtime]})")
+        lines += [
+            f"catch-all queue {r.catch_all_queue_url}",
+            f"output bucket   s3://{r.output_bucket}",
+            f"models bucket   s3://{r.models_bucket}",
+            f"inputs bucket   s3://{self.input_bucket}",
+            f"task table      {r.task_table}",
+        ]
+        for runtime, urls in self.pod_urls().items():
+            lines.append(f"pods {runtime:<11}{' '.join(urls)}")
+        lines.append(f"logs            {(self.workdir / 'logs').resolve()}")
+        return "\n".join(lines)
+
+
+@contextmanager
+def local_stack(**kwargs: Any) -> Iterator[LocalStack]:
+    stack = LocalStack(**kwargs)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
