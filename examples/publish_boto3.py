@@ -22,9 +22,9 @@ task_id = body["task"]["metadata"]["id"]
 
 # 1. A queue that receives only this task's callbacks (filter on the body's id).
 queue_url = sqs.create_queue(QueueName=f"callbacks-{task_id}")["QueueUrl"]
-queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
-    "Attributes"
-]["QueueArn"]
+queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+    "QueueArn"
+]
 subscription = sns.subscribe(
     TopicArn=os.environ["SDEKS_CALLBACK_TOPIC_ARN"],
     Protocol="sqs",

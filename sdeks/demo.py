@@ -45,7 +45,7 @@ def serve_once(payload: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
     """Serve `payload` as /cat.png on 127.0.0.1 (the http:// link example)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(payload)))
