@@ -31,11 +31,22 @@ def client_config(**overrides: Any) -> Config:
     return Config(**opts)
 
 
-def client(service: str, *, endpoint_url: str | None = None, **config: Any) -> Any:
-    """A boto3 client; `endpoint_url` overrides `AWS_ENDPOINT_URL` when given."""
+def client(
+    service: str,
+    *,
+    endpoint_url: str | None = None,
+    credentials: dict[str, str] | None = None,
+    **config: Any,
+) -> Any:
+    """A boto3 client; `endpoint_url` overrides `AWS_ENDPOINT_URL` when given.
+
+    `credentials` ({"aws_access_key_id": ..., "aws_secret_access_key": ...})
+    are for the embedded stack only; everywhere else the standard chain applies.
+    """
     kwargs: dict[str, Any] = {"region_name": region(), "config": client_config(**config)}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
+    kwargs.update(credentials or {})
     return boto3.session.Session().client(service, **kwargs)
 
 

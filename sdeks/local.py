@@ -112,14 +112,10 @@ class LocalStack:
         from moto.server import ThreadedMotoServer
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for key, value in {**LOCAL_CREDENTIALS, **OFFLINE}.items():
-            os.environ.setdefault(key, value)
-        os.environ.pop("AWS_PROFILE", None)
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
         self._moto.start()
         host, port = self._moto.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
-        os.environ["AWS_ENDPOINT_URL"] = self.endpoint
         log.info("embedded AWS (moto) on %s", self.endpoint)
 
         clients = {s: self.client(s) for s in ("sns", "sqs", "s3", "dynamodb")}
@@ -162,7 +158,12 @@ class LocalStack:
     # --- pieces --------------------------------------------------------------
 
     def client(self, service: str) -> Any:
-        return aws.client(service, endpoint_url=self.endpoint)
+        """A boto3 client for the embedded AWS (its own fake credentials)."""
+        credentials = {
+            "aws_access_key_id": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        }
+        return aws.client(service, endpoint_url=self.endpoint, credentials=credentials)
 
     def _install_model(self, s3: Any) -> None:
         assert self.resources
@@ -182,7 +183,7 @@ class LocalStack:
         """Variables shared by every service process."""
         assert self.resources
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "AWS_PROFILE"},
             **LOCAL_CREDENTIALS,
             **OFFLINE,
             "AWS_ENDPOINT_URL": self.endpoint,
