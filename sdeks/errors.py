@@ -14,7 +14,8 @@ callback's `error.code`.
     │   └── NotAnImageError         not_an_image: undecodable, or over the pixel limit
     ├── OutOfMemoryError            out_of_memory
     ├── TaskCancelledError          cancelled
-    └── TaskTimeoutError            timeout
+    ├── TaskTimeoutError            timeout
+    └── TaskTableError              task_table_error: the task table refused or failed a call
 
 Services subclass these; every subclass keeps its parent's code unless it has
 a reason to be more specific. Lower-layer exceptions (botocore, aiohttp,
@@ -88,3 +89,14 @@ class TaskCancelledError(SdeksError):
 
 class TaskTimeoutError(SdeksError):
     code = "timeout"
+
+
+class TaskTableError(SdeksError):
+    """A task-table call failed for a reason other than a lost condition (throttling,
+    a missing table or index). Lost conditions are results, never this error."""
+
+    code = "task_table_error"
+
+
+class MaxAttemptsError(SdeksError):
+    code = "max_attempts"
