@@ -1,0 +1,222 @@
+"""How services report a task's life: `Reporter` is the one way to start, advance
+and end a task, so that "exactly one terminal callback per id" holds whoever
+ends it (pod, dispatcher, `sdeks cancel`). See docs/lifecycle.md.
+
+    reporter.finish(callback)   claim the terminal state in the table, then publish
+    reporter.running(task)      mark running (False: do not render); optional `running` callback
+    reporter.progress(id, d, t) throttled progress write (False: stop, cancel requested)
+    reporter.cancel(id)         cancel a queued (callback now) or running (flag) task
+    reporter.recover(id)        republish a claimed callback whose publish was lost
+
+Also the status view: `describe` reads a task with its queue position and an
+ETA estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from sdeks.callback import Callback, TaskStatus, Timings
+from sdeks.envelope import Task
+from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Publishes callbacks to the callback topic, guarded by the task table.
+
+    With a `table`, a terminal callback is published only by the caller that
+    won the conditional claim: exactly one per task id, even when pods and
+    dispatchers race. Without one (``SDEKS_TASK_TABLE`` unset) every
+    `finish` publishes: at-least-once, so a redelivered task may be rendered
+    and reported twice, and cancel and progress are unavailable.
+    """
+
+    def __init__(
+        self,
+        sns: Any,
+        callback_topic_arn: str,
+        *,
+        table: TaskTable | None = None,
+        publish_running: bool = False,
+        progress_interval_s: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sns = sns
+        self._topic_arn = callback_topic_arn
+        self.table = table
+        self.publish_running = publish_running
+        self._progress_interval_s = progress_interval_s
+        self._monotonic = monotonic
+        self._last_progress: dict[str, float] = {}
+
+    async def finish(self, callback: Callback) -> bool:
+        """End the task with `callback` (succeeded, failed or cancelled).
+
+        True: this call won and published. False: the task had already ended
+        (another pod, dispatcher or a cancel won); nothing was published.
+        Table errors propagate before anything is published; a publish error
+        propagates after the claim, and `recover` republishes later.
+        """
+        if not callback.status.terminal:
+            raise ValueError(f"finish needs a terminal status, got {callback.status}")
+        if callback.id is not None:
+            self._last_progress.pop(callback.id, None)
+        if self.table is not None and callback.id is not None:
+            if not await self.table.claim_terminal(callback):
+                return False
+        await self._publish(callback)
+        await self._confirm(callback)
+        return True
+
+    async def running(
+        self,
+        task: Task,
+        *,
+        pod: str | None = None,
+        total_steps: int | None = None,
+        timings: Timings | None = None,
+    ) -> bool:
+        """The pod starts rendering `task`. False: it ended or a cancel was requested:
+        do not render and publish nothing (whoever ended it published)."""
+        if self.table is not None:
+            started = await self.table.mark_running(task.id, pod=pod, total_steps=total_steps)
+            if not started:
+                log.info("task %s: not starting, it ended or a cancel was requested", task.id)
+                return False
+        if self.publish_running:
+            callback = Callback(
+                id=task.id,
+                runtime=task.runtime,
+                tasktype=task.tasktype.value,
+                status=TaskStatus.RUNNING,
+                context=task.context,
+                timings=timings or Timings(),
+            )
+            try:
+                await self._publish(callback)
+            except Exception:  # informational only: a render must not fail for it
+                log.warning("task %s: could not publish the running callback", task.id)
+        return True
+
+    async def progress(self, task_id: str, done: int, total: int) -> bool:
+        """Record progress at most every `progress_interval_s`. False: stop rendering
+        (cancel requested, or the task is no longer running here)."""
+        if self.table is None:
+            return True
+        now = self._monotonic()
+        last = self._last_progress.get(task_id)
+        if last is not None and now - last < self._progress_interval_s and done < total:
+            return True
+        self._last_progress[task_id] = now
+        return await self.table.update_progress(task_id, done, total)
+
+    async def cancel(self, task_id: str) -> CancelOutcome:
+        """Cancel a task. Queued: it ends now and this call publishes its `cancelled`
+        callback. Running: the pod is asked to stop between steps; it publishes."""
+        if self.table is None:
+            raise RuntimeError("cancel needs the task table (SDEKS_TASK_TABLE)")
+        outcome, record = await self.table.request_cancel(task_id)
+        if outcome is CancelOutcome.CANCELLED and record is not None:
+            callback = record.terminal_callback()
+            if callback is not None:
+                await self._publish(callback)
+                await self._confirm(callback)
+        return outcome
+
+    async def recover(self, task_id: str, *, stale_after_s: float = 120.0) -> bool:
+        """Republish the stored terminal callback of a task whose winner claimed it but
+        did not confirm the publish within `stale_after_s` (crash, SNS error). The
+        dispatcher calls this when `record_queued` returns such a task. True: published."""
+        if self.table is None:
+            return False
+        callback = await self.table.claim_republish(task_id, stale_after_s=stale_after_s)
+        if callback is None:
+            return False
+        log.warning(
+            "task %s: republishing a %s callback left unconfirmed", task_id, callback.status
+        )
+        await self._publish(callback)
+        await self._confirm(callback)
+        return True
+
+    async def _publish(self, callback: Callback) -> None:
+        await self._sns.publish(**callback.sns_publish_kwargs(self._topic_arn))
+        log.info("task %s: published %s callback", callback.id, callback.status)
+
+    async def _confirm(self, callback: Callback) -> None:
+        if self.table is None or callback.id is None:
+            return
+        try:
+            await self.table.mark_published(callback.id)
+        except Exception:  # the callback is out; an unconfirmed one is merely republished later
+            log.warning("task %s: published but not confirmed in the table", callback.id)
+
+
+# --- status -------------------------------------------------------------------
+
+
+class StatusView(BaseModel):
+    """What `sdeks status` shows: the record, plus estimates worth what they say."""
+
+    record: TaskRecord
+    #: Queued tasks of the same runtime received earlier (None unless queued).
+    queue_position: int | None = None
+    #: Seconds until the task should end; None when there is no basis for a guess.
+    eta_s: float | None = None
+
+
+async def describe(table: TaskTable, task_id: str, *, workers: int = 1) -> StatusView | None:
+    """The task with its queue position and ETA; None when unknown.
+
+    `workers` is how many tasks of that runtime run at once (pods x slots); the
+    table cannot know it, the caller may (KEDA/Deployment replica count).
+    """
+    record = await table.get(task_id)
+    if record is None:
+        return None
+    position = None
+    mean_ms = None
+    if not record.status.terminal:
+        if record.status is TaskStatus.QUEUED:
+            position = await table.count_queued_before(record)
+        durations = await table.recent_durations_ms(record.runtime)
+        mean_ms = sum(durations) / len(durations) if durations else None
+    eta = estimate_eta_s(
+        record,
+        ahead=position or 0,
+        mean_ms=mean_ms,
+        workers=workers,
+        now_ms=int(time.time() * 1000),
+    )
+    return StatusView(record=record, queue_position=position, eta_s=eta)
+
+
+def estimate_eta_s(
+    record: TaskRecord, *, ahead: int, mean_ms: float | None, workers: int, now_ms: int
+) -> float | None:
+    """A plain estimate, no model behind it.
+
+    Queued: (tasks ahead / workers + 1) x mean execution time of recent tasks.
+    Running: remaining steps x time per step so far; before the first step,
+    mean time minus elapsed. Finished: 0.
+    """
+    if record.status.terminal:
+        return 0.0
+    if record.status is TaskStatus.RUNNING and record.started_at is not None:
+        elapsed = max(0, now_ms - record.started_at)
+        done, total = record.progress_done or 0, record.progress_total or 0
+        if done > 0 and total >= done:
+            return (total - done) * (elapsed / done) / 1000
+        if mean_ms is not None:
+            return max(0.0, mean_ms - elapsed) / 1000
+        return None
+    if mean_ms is None:
+        return None
+    return (ahead / max(1, workers) + 1) * mean_ms / 1000
