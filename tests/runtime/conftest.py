@@ -1,0 +1,68 @@
+"""Shared runtime fixtures: tiny random models, built once per session.
+
+Each fixture returns a path that tests must treat as read-only (copy it
+before changing it); `tiny_models_dir` lays them out as a models bucket.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 1.x diffusers folder (seed 0)."""
+    from runtime.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-sd15", family="sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL diffusers folder (seed 0)."""
+    from runtime.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights as `tiny_sd15_dir` as one LDM-layout `.safetensors`,
+    with its `tiny-sd15-single.config/` folder beside it."""
+    from runtime.tiny import make_tiny
+
+    return make_tiny(
+        tmp_path_factory.mktemp("tiny") / "tiny-sd15-single", family="sd15", single_file=True
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_sd15_dir: Path,
+    tiny_sdxl_dir: Path,
+    tiny_sd15_file: Path,
+) -> Path:
+    """A models folder in the bucket layout: two diffusers folders and a single file.
+
+    Stable-diffusion/tiny-sd15/            (diffusers folder)
+    Stable-diffusion/tiny-sdxl/            (diffusers folder)
+    Stable-diffusion/tiny-sd15-single.safetensors (+ tiny-sd15-single.config/)
+    Lora/   VAE/                           (empty)
+    """
+    from runtime.tiny import single_file_config_dir
+
+    root = tmp_path_factory.mktemp("models")
+    ckpt = root / "Stable-diffusion"
+    ckpt.mkdir()
+    shutil.copytree(tiny_sd15_dir, ckpt / tiny_sd15_dir.name)
+    shutil.copytree(tiny_sdxl_dir, ckpt / tiny_sdxl_dir.name)
+    shutil.copy2(tiny_sd15_file, ckpt / tiny_sd15_file.name)
+    config = single_file_config_dir(tiny_sd15_file)
+    shutil.copytree(config, ckpt / config.name)
+    (root / "Lora").mkdir()
+    (root / "VAE").mkdir()
+    return root
