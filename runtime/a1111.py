@@ -1,0 +1,233 @@
+"""AUTOMATIC1111 request and response bodies (`/sdapi/v1/*`), as pydantic models.
+
+Field names and defaults follow A1111's API (`modules/api/models.py`, the
+`StableDiffusionProcessing*` classes), so a body an A1111 client sends means
+the same here, and an absent field takes A1111's default. Unknown fields are
+ignored as A1111 does; `docs/runtime.md` lists which known fields are honoured.
+
+This module must not import torch: the dispatcher and tests use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sdeks.envelope import TaskType
+from sdeks.errors import InvalidParameterError
+
+#: The keys that route a task (DESIGN.md); not script arguments.
+ROUTING_SCRIPT_KEYS = frozenset(
+    {"sd_model_checkpoint", "task", "id_task", "save_dir", "image_link"}
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class GenerationRequest(_Body):
+    """Fields shared by txt2img and img2img."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    #: Old name of `sampler_name`; A1111's API model defaults it to "Euler".
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+
+    @property
+    def sampler(self) -> str:
+        """The sampler asked for, as A1111 reads it: `sampler_name or sampler_index`."""
+        return self.sampler_name or self.sampler_index
+
+    @property
+    def script_alwayson(self) -> dict[str, Any]:
+        """`alwayson_scripts` without the routing keys, i.e. real script arguments."""
+        return {k: v for k, v in self.alwayson_scripts.items() if k not in ROUTING_SCRIPT_KEYS}
+
+
+class Txt2ImgRequest(GenerationRequest):
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(GenerationRequest):
+    init_images: list[str] | None = None
+    #: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale).
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    #: 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class ExtrasSingleImageRequest(_Body):
+    #: 0 scale by `upscaling_resize`, 1 scale to `upscaling_resize_w` x `_h`.
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+    image: str = ""
+
+
+# --- responses ---------------------------------------------------------------
+
+
+class ImageResponse(BaseModel):
+    """txt2img / img2img answer: `info` is a JSON *string*, as in A1111."""
+
+    images: list[str] | None = None
+    parameters: dict[str, Any]
+    info: str
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: str | None = None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+# --- parsing ---------------------------------------------------------------
+
+_REQUEST_FOR_TASK: dict[TaskType, type[_Body]] = {
+    TaskType.TEXT_TO_IMAGE: Txt2ImgRequest,
+    TaskType.IMAGE_TO_IMAGE: Img2ImgRequest,
+    TaskType.EXTRA_SINGLE_IMAGE: ExtrasSingleImageRequest,
+}
+
+
+def parse_request(tasktype: TaskType, content: dict[str, Any]) -> _Body:
+    """The A1111 body for `tasktype`, or `InvalidParameterError` naming the bad field."""
+    model = _REQUEST_FOR_TASK[tasktype]
+    try:
+        return model.model_validate(content)
+    except ValidationError as exc:
+        raise InvalidParameterError(describe_validation_error(exc)) from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        value = err.get("input")
+        shown = json.dumps(value, default=str)[:80] if value is not None else "null"
+        parts.append(f"`{where}` {err['msg'].removeprefix('Value error, ').lower()}, got {shown}")
+    return "; ".join(parts)

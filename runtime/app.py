@@ -1,0 +1,457 @@
+"""The pod's HTTP API (FastAPI): the job API the dispatcher calls, and A1111's `/sdapi/v1/*`.
+
+    POST /v1/jobs               render a `sdeks.job.Job`, store outputs, publish, answer the Callback
+    GET  /v1/state              models per tier, busy, free slots, running jobs with progress
+    POST /v1/jobs/{id}/cancel   stop a running job between steps (it ends `cancelled`)
+    POST /v1/prefetch           {"model": name}: bring a model to disk/RAM ahead of use
+    /sdapi/v1/...               the A1111 API (txt2img, img2img, extra-single-image, options, ...)
+    GET  /health, /metrics
+
+Rendering runs in worker threads (`asyncio.to_thread`) so the event loop keeps
+answering `/v1/state`, `/progress` and cancels while a job renders. `slots`
+jobs render at once: `/v1/jobs` answers 429 when none is free (the dispatcher
+tries another pod); A1111 requests wait their turn as A1111 queues them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from runtime import a1111, samplers
+from runtime.metrics import PodMetrics
+from runtime.outputs import OutputError, OutputWriter
+from runtime.pipelines import ModelSource
+from runtime.render import (
+    DEFAULT_OPTIONS,
+    UPSCALERS,
+    JobControl,
+    Renderer,
+    RenderResult,
+    encode_png,
+)
+from runtime.settings import RuntimeSettings
+from sdeks.callback import Callback
+from sdeks.errors import (
+    InvalidParameterError,
+    ModelLoadError,
+    ModelNotFoundError,
+    OutOfMemoryError,
+    SdeksError,
+    TaskCancelledError,
+)
+from sdeks.job import Job
+
+log = logging.getLogger(__name__)
+
+_A1111_STATUS = {
+    InvalidParameterError: 422,
+    ModelNotFoundError: 404,
+    ModelLoadError: 500,
+    OutOfMemoryError: 507,
+    TaskCancelledError: 409,
+}
+
+
+class PrefetchRequest(BaseModel):
+    model: str
+
+
+class Pod:
+    """Everything the handlers share: settings, renderer, slots, running jobs, A1111 options."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        source: ModelSource,
+        renderer: Renderer,
+        writer: OutputWriter | None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.renderer = renderer
+        self.writer = writer
+        self.metrics = PodMetrics(settings.runtime, settings.slots)
+        self.options: dict[str, Any] = {
+            **DEFAULT_OPTIONS,
+            "sd_model_checkpoint": settings.default_model,
+        }
+        self.running: dict[str, JobControl] = {}
+        self.a1111_ids: set[str] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self.started = time.time()
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:  # created in the running loop
+            self._slots = asyncio.Semaphore(self.settings.slots)
+        return self._slots
+
+    @property
+    def busy(self) -> int:
+        return len(self.running)
+
+    def state(self) -> dict[str, Any]:
+        try:
+            models = self.source.state()
+        except Exception as exc:  # a listing failure must not hide the pod's own state
+            models = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {
+            "runtime": self.settings.runtime,
+            "device": self.renderer.device,
+            "models": models,
+            "default_model": self.settings.default_model,
+            "busy": self.busy > 0,
+            "slots": self.settings.slots,
+            "free_slots": max(0, self.settings.slots - self.busy),
+            "running": [
+                {
+                    "id": job_id,
+                    "progress": round(c.progress, 4),
+                    "step": c.step,
+                    "steps": c.steps,
+                    "job_no": c.job_no,
+                    "job_count": c.job_count,
+                    "elapsed_s": round(time.time() - c.started, 3),
+                }
+                for job_id, c in self.running.items()
+            ],
+        }
+
+    async def run(self, control: JobControl, fn: Callable[[], Any], *, wait: bool) -> Any:
+        """Run `fn` in a worker thread holding a slot; None when `wait` is False and none is free."""
+        if not wait and self.slots.locked():
+            return None
+        async with self.slots:
+            self.running[control.job_id] = control
+            self.metrics.busy.set(self.busy)
+            try:
+                return await asyncio.to_thread(fn)
+            finally:
+                self.running.pop(control.job_id, None)
+                self.metrics.busy.set(self.busy)
+
+
+def create_app(
+    settings: RuntimeSettings,
+    *,
+    source: ModelSource | None = None,
+    writer: OutputWriter | None = None,
+    device: str | None = None,
+) -> FastAPI:
+    """The pod app. `source`/`writer` are built from `settings` when not injected."""
+    device = device or resolve_device(settings.device)
+    if source is None:
+        source = _build_source(settings, device)
+    if writer is None and settings.callback_topic_arn and settings.output_bucket:
+        from sdeks import aws
+
+        writer = OutputWriter(
+            s3=aws.client("s3"),
+            sns=aws.client("sns"),
+            bucket=settings.output_bucket,
+            topic_arn=settings.callback_topic_arn,
+        )
+    pod = Pod(settings, source, Renderer(source, settings, device), writer)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        log.info(
+            "runtime pod %s up: device=%s slots=%d default_model=%s",
+            settings.runtime,
+            device,
+            settings.slots,
+            settings.default_model,
+        )
+        yield
+        for control in list(pod.running.values()):
+            control.cancel()
+
+    app = FastAPI(
+        title="sdeks runtime pod",
+        description="Stable Diffusion runtime: the job API and the AUTOMATIC1111 API.",
+        lifespan=lifespan,
+    )
+    app.state.pod = pod
+
+    # --- health, metrics, state ------------------------------------------------
+
+    @app.get("/health", tags=["pod"])
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "runtime": settings.runtime, "busy": pod.busy}
+
+    @app.get("/metrics", tags=["pod"])
+    async def metrics() -> Response:
+        return Response(pod.metrics.render(), media_type=pod.metrics.content_type)
+
+    @app.get("/v1/state", tags=["pod"])
+    async def state() -> dict[str, Any]:
+        return await asyncio.to_thread(pod.state)
+
+    # --- the job API -----------------------------------------------------------
+
+    @app.post("/v1/jobs", tags=["pod"], response_model=Callback)
+    async def post_job(job: Job) -> Any:
+        if pod.writer is None:
+            return JSONResponse(
+                {"detail": "SDEKS_CALLBACK_TOPIC_ARN and SDEKS_OUTPUT_BUCKET are not set"},
+                status_code=503,
+            )
+        task_id = job.task.id
+        if task_id in pod.running:
+            return JSONResponse({"detail": f"task {task_id} is already running"}, status_code=409)
+        control = JobControl(job_id=task_id)
+        received = time.time()
+        writer = pod.writer
+
+        def work() -> Callback:
+            from runtime.jobs import run_job
+
+            return run_job(
+                job,
+                renderer=pod.renderer,
+                writer=writer,
+                options=dict(pod.options),
+                control=control,
+                received_at=received,
+            )
+
+        try:
+            callback = await pod.run(control, work, wait=False)
+        except OutputError as exc:
+            log.error("outputs of task %s failed: %s", task_id, exc, extra={"task_id": task_id})
+            return JSONResponse(exc.to_error(), status_code=502)
+        if callback is None:
+            pod.metrics.rejected.inc()
+            return JSONResponse(
+                {"detail": "no free slot", "free_slots": 0},
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
+        pod.metrics.jobs.labels("jobs", job.task.tasktype.value, callback.status.value).inc()
+        pod.metrics.images.labels(job.task.tasktype.value).inc(len(callback.image_url))
+        pod.metrics.observe_timings(callback.timings.model_dump())
+        return callback
+
+    @app.post("/v1/jobs/{job_id}/cancel", tags=["pod"])
+    async def cancel_job(job_id: str) -> Any:
+        control = pod.running.get(job_id)
+        if control is None:
+            return JSONResponse({"id": job_id, "cancelled": False}, status_code=404)
+        control.cancel()
+        return {"id": job_id, "cancelled": True}
+
+    @app.post("/v1/prefetch", tags=["pod"], status_code=202)
+    async def prefetch(body: PrefetchRequest) -> Any:
+        try:
+            await asyncio.to_thread(pod.source.prefetch, body.model)
+        except ModelNotFoundError as exc:
+            return JSONResponse(exc.to_error(), status_code=404)
+        return {"model": body.model, "accepted": True}
+
+    # --- the A1111 API ---------------------------------------------------------
+
+    async def a1111_generate(request: a1111.GenerationRequest, kind: str) -> Any:
+        control = JobControl(job_id=f"a1111-{uuid.uuid4().hex[:12]}", keep_partial=True)
+        options = dict(pod.options)
+        model = request.alwayson_scripts.get("sd_model_checkpoint")
+
+        def work() -> RenderResult:
+            if kind == "txt2img":
+                assert isinstance(request, a1111.Txt2ImgRequest)
+                return pod.renderer.txt2img(request, options=options, model=model, control=control)
+            assert isinstance(request, a1111.Img2ImgRequest)
+            return pod.renderer.img2img(request, options=options, model=model, control=control)
+
+        pod.a1111_ids.add(control.job_id)
+        try:
+            result = await pod.run(control, work, wait=True)
+        except SdeksError as exc:
+            pod.metrics.jobs.labels("a1111", kind, "failed").inc()
+            return _a1111_error(exc)
+        finally:
+            pod.a1111_ids.discard(control.job_id)
+        if request.override_settings and not request.override_settings_restore_afterwards:
+            pod.options.update(request.override_settings)  # A1111: the overrides persist
+        pod.metrics.jobs.labels("a1111", kind, "succeeded").inc()
+        pod.metrics.images.labels(kind).inc(len(result.images))
+        images = (
+            [
+                base64.b64encode(encode_png(im, text)).decode()
+                for im, text in zip(result.images, result.infotexts, strict=True)
+            ]
+            if request.send_images
+            else []
+        )
+        return a1111.ImageResponse(
+            images=images, parameters=result.parameters, info=_json(result.info)
+        )
+
+    @app.post("/sdapi/v1/txt2img", tags=["a1111"], response_model=a1111.ImageResponse)
+    async def txt2img(request: a1111.Txt2ImgRequest) -> Any:
+        return await a1111_generate(request, "txt2img")
+
+    @app.post("/sdapi/v1/img2img", tags=["a1111"], response_model=a1111.ImageResponse)
+    async def img2img(request: a1111.Img2ImgRequest) -> Any:
+        return await a1111_generate(request, "img2img")
+
+    @app.post(
+        "/sdapi/v1/extra-single-image",
+        tags=["a1111"],
+        response_model=a1111.ExtrasSingleImageResponse,
+    )
+    async def extra_single_image(request: a1111.ExtrasSingleImageRequest) -> Any:
+        try:
+            result = await asyncio.to_thread(pod.renderer.extras, request)
+        except SdeksError as exc:
+            return _a1111_error(exc)
+        image = base64.b64encode(encode_png(result.images[0], result.infotexts[0])).decode()
+        return a1111.ExtrasSingleImageResponse(html_info=result.infotexts[0], image=image)
+
+    @app.get("/sdapi/v1/options", tags=["a1111"])
+    async def get_options() -> dict[str, Any]:
+        return dict(pod.options)
+
+    @app.post("/sdapi/v1/options", tags=["a1111"])
+    async def set_options(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+        checkpoint = body.get("sd_model_checkpoint")
+        if checkpoint is not None:
+            # A1111 loads the model when it is set; an unknown one is refused.
+            try:
+                await asyncio.to_thread(pod.source.load, str(checkpoint))
+            except SdeksError as exc:
+                return _a1111_error(exc)
+        if "CLIP_stop_at_last_layers" in body:
+            try:
+                from runtime.render import clip_skip_of
+
+                clip_skip_of(body["CLIP_stop_at_last_layers"])
+            except SdeksError as exc:
+                return _a1111_error(exc)
+        if body.get("sd_vae") not in (None, "Automatic", "None"):
+            try:
+                await asyncio.to_thread(pod.source.vae_file, str(body["sd_vae"]))
+            except SdeksError as exc:
+                return _a1111_error(exc)
+        pod.options.update(body)
+        return None
+
+    @app.get("/sdapi/v1/sd-models", tags=["a1111"], response_model=list[a1111.SDModelItem])
+    async def sd_models() -> Any:
+        models = await asyncio.to_thread(pod.source.list)
+        return [
+            a1111.SDModelItem(
+                title=m.title,
+                model_name=m.model_name,
+                hash=m.hash,
+                sha256=m.sha256,
+                filename=m.filename,
+                config=None,
+            )
+            for m in models
+        ]
+
+    @app.post("/sdapi/v1/refresh-checkpoints", tags=["a1111"])
+    async def refresh_checkpoints() -> None:
+        await asyncio.to_thread(pod.source.refresh)
+
+    @app.get("/sdapi/v1/samplers", tags=["a1111"], response_model=list[a1111.SamplerItem])
+    async def list_samplers() -> Any:
+        return [
+            a1111.SamplerItem(
+                name=s.name,
+                aliases=list(s.aliases),
+                options={"scheduler": s.default_schedule.name}
+                if s.default_schedule.name != "uniform"
+                else {},
+            )
+            for s in samplers.SAMPLERS
+        ]
+
+    @app.get("/sdapi/v1/schedulers", tags=["a1111"], response_model=list[a1111.SchedulerItem])
+    async def list_schedulers() -> Any:
+        return [
+            a1111.SchedulerItem(name=s.name, label=s.label, aliases=list(s.aliases) or None)
+            for s in samplers.SCHEDULES
+        ]
+
+    @app.get("/sdapi/v1/upscalers", tags=["a1111"], response_model=list[a1111.UpscalerItem])
+    async def list_upscalers() -> Any:
+        return [a1111.UpscalerItem(name=n) for n in UPSCALERS]
+
+    @app.get("/sdapi/v1/progress", tags=["a1111"], response_model=a1111.ProgressResponse)
+    async def progress(skip_current_image: bool = False) -> Any:
+        current = [pod.running[i] for i in list(pod.a1111_ids) if i in pod.running]
+        if not current:
+            current = list(pod.running.values())
+        if not current:
+            return a1111.ProgressResponse(progress=0, eta_relative=0, state=a1111.ProgressState())
+        c = current[0]
+        elapsed = time.time() - c.started
+        eta = elapsed / c.progress - elapsed if c.progress > 0 else 0.0
+        state = a1111.ProgressState(
+            interrupted=c.cancelled,
+            job=c.job_id,
+            job_count=c.job_count,
+            job_no=c.job_no,
+            sampling_step=c.step,
+            sampling_steps=c.steps,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.gmtime(c.started)),
+        )
+        return a1111.ProgressResponse(progress=c.progress, eta_relative=eta, state=state)
+
+    @app.post("/sdapi/v1/interrupt", tags=["a1111"])
+    async def interrupt() -> None:
+        # Only A1111 requests: jobs from the dispatcher are cancelled by id.
+        for job_id in list(pod.a1111_ids):
+            if job_id in pod.running:
+                pod.running[job_id].cancel()
+
+    @app.exception_handler(SdeksError)
+    async def sdeks_error(_request: Request, exc: SdeksError) -> JSONResponse:
+        return _a1111_error(exc)
+
+    return app
+
+
+def _a1111_error(exc: SdeksError) -> JSONResponse:
+    status = next((s for t, s in _A1111_STATUS.items() if isinstance(exc, t)), 500)
+    body = {"error": exc.code, "detail": exc.message, "errors": exc.message}
+    return JSONResponse(body, status_code=status)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build_source(settings: RuntimeSettings, device: str) -> ModelSource:
+    from runtime.pipelines import build_source
+
+    if not settings.models:
+        raise ValueError("no models source: pass --models s3://BUCKET[/PREFIX]|DIR or SDEKS_MODELS")
+    dtype = None
+    if device.startswith("cuda"):
+        import torch
+
+        dtype = getattr(torch, settings.dtype)
+    return build_source(settings.models, cache_dir=settings.cache_dir, device=device, dtype=dtype)

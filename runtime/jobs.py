@@ -1,0 +1,132 @@
+"""One `POST /v1/jobs` job, start to callback (runs in a worker thread).
+
+    parse the A1111 body -> render -> PNGs + manifest to S3 -> publish callback
+
+A failure of the task itself (bad parameter, unknown model, out of memory,
+cancelled, or a bug while rendering) still writes the manifest and publishes a
+failed callback: the task is over, the dispatcher must not retry it. Only an
+`OutputError` (S3/SNS unreachable) escapes, with nothing published, so the
+dispatcher can retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from runtime.a1111 import (
+    ExtrasSingleImageRequest,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    parse_request,
+)
+from runtime.outputs import OutputError, OutputWriter
+from runtime.render import JobControl, Renderer, RenderResult, encode_png
+from sdeks.callback import Callback, ErrorInfo, Manifest, TaskStatus, Timings
+from sdeks.envelope import TaskType, requested_model
+from sdeks.errors import SdeksError, TaskCancelledError
+from sdeks.job import Job
+
+log = logging.getLogger(__name__)
+
+
+def render_task(
+    job: Job, renderer: Renderer, options: Mapping[str, Any], control: JobControl
+) -> RenderResult:
+    task = job.task
+    request = parse_request(task.tasktype, task.content)
+    model = job.model or requested_model(task.content)
+    if task.tasktype is TaskType.TEXT_TO_IMAGE:
+        assert isinstance(request, Txt2ImgRequest)
+        return renderer.txt2img(request, options=options, model=model, control=control)
+    if task.tasktype is TaskType.IMAGE_TO_IMAGE:
+        assert isinstance(request, Img2ImgRequest)
+        return renderer.img2img(request, options=options, model=model, control=control)
+    assert isinstance(request, ExtrasSingleImageRequest)
+    return renderer.extras(request)
+
+
+def run_job(
+    job: Job,
+    *,
+    renderer: Renderer,
+    writer: OutputWriter,
+    options: Mapping[str, Any],
+    control: JobControl,
+    received_at: float | None = None,
+) -> Callback:
+    """Render `job`, store its outputs, publish its callback, and return that callback."""
+    task = job.task
+    received_at = received_at or time.time()
+    started = time.time()
+    timings = Timings(download_ms=job.download_ms)
+    if job.published_at:
+        timings.queued_ms = max(0, int((started - job.published_at) * 1000))
+
+    result: RenderResult | None = None
+    error: ErrorInfo | None = None
+    status = TaskStatus.SUCCEEDED
+    try:
+        result = render_task(job, renderer, options, control)
+        timings.model_load_ms = result.model_load_ms
+        timings.inference_ms = max(0, int((time.time() - started) * 1000) - result.model_load_ms)
+    except TaskCancelledError as exc:
+        status, error = TaskStatus.CANCELLED, ErrorInfo.from_exception(exc)
+    except SdeksError as exc:
+        status, error = TaskStatus.FAILED, ErrorInfo.from_exception(exc)
+    except Exception as exc:  # a bug while rendering still ends the task with a callback
+        log.exception("render failed", extra={"task_id": task.id})
+        status, error = TaskStatus.FAILED, ErrorInfo.from_exception(exc)
+    if error:
+        log.info("task %s %s: %s", task.id, status.value, error.code, extra={"task_id": task.id})
+
+    upload_start = time.time()
+    keys: list[str] = []
+    if result is not None:
+        pngs = [
+            encode_png(image, text)
+            for image, text in zip(result.images, result.infotexts, strict=True)
+        ]
+        keys = writer.write_images(task, pngs)
+    manifest = Manifest(
+        id=task.id,
+        runtime=task.runtime,
+        tasktype=task.tasktype.value,
+        status=status,
+        model=result.model if result else (job.model or requested_model(task.content)),
+        output_location=writer.output_location(task),
+        images=keys,
+        seeds=result.seeds if result else [],
+        parameters=result.parameters if result else {},
+        info=result.info if result else None,
+        timings=timings,
+        error=error,
+        context=task.context,
+    )
+    timings.upload_ms = int((time.time() - upload_start) * 1000)
+    timings.total_ms = int((time.time() - received_at) * 1000) + timings.download_ms
+    manifest.timings = timings
+    manifest_key = writer.write_manifest(task, manifest)
+
+    callback = Callback(
+        id=task.id,
+        runtime=task.runtime,
+        tasktype=task.tasktype.value,
+        status=status,
+        result=status is TaskStatus.SUCCEEDED,
+        output_location=writer.output_location(task),
+        image_url=[writer.url(k) for k in keys],
+        output_url=writer.url(manifest_key),
+        seeds=manifest.seeds,
+        context=task.context,
+        error=error,
+        timings=timings,
+        info=manifest.info,
+    )
+    writer.publish(callback)
+    return callback
+
+
+__all__ = ["OutputError", "render_task", "run_job"]

@@ -1,0 +1,52 @@
+"""Runtime pod settings, read once at start-up from `SDEKS_*` variables.
+
+`python -m runtime --models ... --device ...` overrides the matching fields.
+Importing this module must not import torch (the dispatcher and the local
+stack read these names too).
+
+`callback_topic_arn` and `output_bucket` are optional here, unlike the other
+services: a pod started standalone serves the A1111 API without any AWS, and
+answers `POST /v1/jobs` with 503 until both are set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from sdeks.settings import ServiceSettings
+
+
+class RuntimeSettings(ServiceSettings):
+    callback_topic_arn: str | None = None  # type: ignore[assignment]
+    output_bucket: str | None = None  # type: ignore[assignment]
+
+    #: This pod's runtime name (goes into every callback).
+    runtime: str = "sdruntime"
+    #: `s3://BUCKET[/PREFIX]` or a local directory holding `Stable-diffusion/`, `Lora/`, `VAE/`.
+    models: str | None = None
+    #: Checkpoint used when a task names none (A1111 naming).
+    default_model: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Weights dtype on CUDA; CPU always runs float32.
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    #: Local disk cache for models fetched from S3.
+    cache_dir: Path = Path("/tmp/sdeks-models")
+
+    #: Jobs rendered at once; the pod answers 429 beyond this.
+    slots: int = Field(default=1, ge=1, le=16)
+    #: Largest width x height accepted (2048 x 2048 by default).
+    max_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
+    max_steps: int = Field(default=150, ge=1)
+    #: Largest batch_size x n_iter.
+    max_images: int = Field(default=16, ge=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    #: Largest upscaled output of extra-single-image, in pixels.
+    max_upscale_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+
+    #: Decode with VAE tiling when width x height is above this (saves GPU memory).
+    vae_tiling_pixels: int = Field(default=1024 * 1024, ge=0)
+    #: `torch.compile` the UNet on CUDA (slow first job, faster after).
+    compile: bool = False

@@ -1,0 +1,245 @@
+"""`POST /v1/jobs` end to end against moto: PNGs and manifest in S3, callback on SNS."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from runtime import infotext
+from sdeks.callback import Callback, Manifest
+
+CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
+
+
+@pytest.fixture
+def pod(stack, aws, tiny_models_dir: Path, tmp_path: Path):
+    from runtime.app import create_app
+    from runtime.outputs import OutputWriter
+    from runtime.pipelines import FolderSource
+    from runtime.settings import RuntimeSettings
+
+    settings = RuntimeSettings(
+        callback_topic_arn=stack.callback_topic_arn,
+        output_bucket=stack.output_bucket,
+        runtime="sdruntime",
+        default_model="tiny-sd15",
+        models=str(tiny_models_dir),
+        device="cpu",
+    )
+    writer = OutputWriter(
+        s3=aws.s3, sns=aws.sns, bucket=stack.output_bucket, topic_arn=stack.callback_topic_arn
+    )
+    app = create_app(
+        settings, source=FolderSource(tiny_models_dir, device="cpu"), writer=writer, device="cpu"
+    )
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def callbacks(stack, aws):
+    """An SQS queue subscribed (raw delivery) to the callback topic."""
+    url = aws.sqs.create_queue(QueueName=f"cb-{time.time_ns()}")["QueueUrl"]
+    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    aws.sns.subscribe(
+        TopicArn=stack.callback_topic_arn,
+        Protocol="sqs",
+        Endpoint=arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
+
+    def receive() -> list[Callback]:
+        messages = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        return [Callback.model_validate_json(m["Body"]) for m in messages.get("Messages", [])]
+
+    return receive
+
+
+def job(task_id: str, tasktype: str = "text-to-image", **content) -> dict:
+    body = {"prompt": "a red cube", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    body.update(content)
+    return {
+        "task": {
+            "id": task_id,
+            "runtime": "sdruntime",
+            "tasktype": tasktype,
+            "prefix": "out/pod",
+            "context": CONTEXT,
+            "content": body,
+        },
+        "published_at": time.time() - 1,
+    }
+
+
+def read(aws, url: str) -> bytes:
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    return aws.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def png_b64(width: int = 64, height: int = 64, color=(200, 30, 30)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_post_job_text_to_image_writes_outputs_and_publishes(pod, aws, stack, callbacks):
+    response = pod.post("/v1/jobs", json=job("t2i-1", batch_size=2, n_iter=2, height=48))
+
+    assert response.status_code == 200
+    callback = Callback.model_validate(response.json())
+    assert callback.status == "succeeded", callback.error
+    assert callback.result is True
+    assert callback.seeds == [7, 8, 9, 10]
+    assert callback.context == CONTEXT
+    bucket = stack.output_bucket
+    assert callback.output_location == f"s3://{bucket}/out/pod/t2i-1"
+    assert callback.image_url == [f"s3://{bucket}/out/pod/t2i-1/t2i-1-{n}.png" for n in range(1, 5)]
+    assert callback.output_url == f"s3://{bucket}/out/pod/t2i-1/t2i-1.json"
+    assert callback.timings.queued_ms >= 1000
+    assert callback.info["all_seeds"] == [7, 8, 9, 10]
+    for n, url in enumerate(callback.image_url):
+        image = Image.open(io.BytesIO(read(aws, url)))
+        image.load()
+        assert image.size == (64, 48)
+        parsed = infotext.parse(image.info["parameters"])
+        assert parsed["Seed"] == str(7 + n)
+        assert parsed["Prompt"] == "a red cube"
+        assert image.info["parameters"] == callback.info["infotexts"][n]
+    manifest = Manifest.model_validate_json(read(aws, callback.output_url))
+    assert manifest.status == "succeeded"
+    assert manifest.seeds == callback.seeds
+    assert manifest.context == CONTEXT
+    assert manifest.images == [f"out/pod/t2i-1/t2i-1-{n}.png" for n in range(1, 5)]
+    assert manifest.parameters["steps"] == 2
+
+    published = callbacks()
+    assert [c.id for c in published] == ["t2i-1"]
+    assert published[0].model_dump() == callback.model_dump()
+
+
+def test_post_job_image_to_image(pod, aws, callbacks):
+    response = pod.post(
+        "/v1/jobs",
+        json=job(
+            "i2i-1",
+            "image-to-image",
+            init_images=[png_b64(80, 80)],
+            seed=-1,
+            denoising_strength=0.5,
+        ),
+    )
+
+    callback = Callback.model_validate(response.json())
+    assert callback.status == "succeeded", callback.error
+    assert len(callback.image_url) == 1
+    assert callback.seeds[0] >= 0
+    image = Image.open(io.BytesIO(read(aws, callback.image_url[0])))
+    assert image.size == (64, 64)
+    assert "Denoising strength: 0.5" in image.info["parameters"]
+    assert [c.status for c in callbacks()] == ["succeeded"]
+
+
+def test_post_job_upscale(pod, aws):
+    response = pod.post(
+        "/v1/jobs",
+        json=job(
+            "up-1",
+            "extra-single-image",
+            image=png_b64(32, 16),
+            upscaler_1="Lanczos",
+            upscaling_resize=2,
+        ),
+    )
+
+    callback = Callback.model_validate(response.json())
+    assert callback.status == "succeeded", callback.error
+    image = Image.open(io.BytesIO(read(aws, callback.image_url[0])))
+    assert image.size == (64, 32)
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "needle"),
+    [
+        ({"width": 65}, "invalid_parameter", "`width`"),
+        ({"steps": 100000}, "invalid_parameter", "`steps`"),
+        ({"sampler_name": "DPM fast"}, "invalid_parameter", "Euler a"),
+        ({"steps": "many"}, "invalid_parameter", "steps"),
+        (
+            {"alwayson_scripts": {"sd_model_checkpoint": "nope.safetensors"}},
+            "model_not_found",
+            "nope",
+        ),
+    ],
+)
+def test_post_job_bad_task_gets_failed_callback(pod, aws, callbacks, content, code, needle):
+    response = pod.post("/v1/jobs", json=job("bad-1", **content))
+
+    assert response.status_code == 200
+    callback = Callback.model_validate(response.json())
+    assert callback.status == "failed"
+    assert callback.result is False
+    assert callback.error.code == code
+    assert needle in callback.error.message
+    assert callback.image_url == []
+    assert callback.context == CONTEXT
+    manifest = Manifest.model_validate_json(read(aws, callback.output_url))
+    assert manifest.error.code == code
+    assert [c.error.code for c in callbacks()] == [code]
+
+
+def test_post_job_undecodable_init_image_names_the_field(pod):
+    response = pod.post(
+        "/v1/jobs", json=job("bad-img", "image-to-image", init_images=["bm90IGFuIGltYWdl"])
+    )
+
+    callback = Callback.model_validate(response.json())
+    assert callback.error.code == "invalid_parameter"
+    assert "init_images[0]" in callback.error.message
+
+
+def test_cancel_mid_run_ends_cancelled(pod, callbacks):
+    result: dict = {}
+
+    def post() -> None:
+        result["response"] = pod.post(
+            "/v1/jobs", json=job("slow-1", steps=150, width=256, height=256)
+        )
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    deadline = time.time() + 60
+    running = []
+    while time.time() < deadline:
+        running = pod.get("/v1/state").json()["running"]
+        if running and running[0]["step"] >= 1:
+            break
+        time.sleep(0.02)
+    assert running and running[0]["id"] == "slow-1"
+    busy = pod.post("/v1/jobs", json=job("other-1"))
+    assert busy.status_code == 429
+    assert pod.post("/v1/jobs/slow-1/cancel").json() == {"id": "slow-1", "cancelled": True}
+    thread.join(60)
+
+    callback = Callback.model_validate(result["response"].json())
+    assert callback.status == "cancelled"
+    assert callback.error.code == "cancelled"
+    assert [c.status for c in callbacks()] == ["cancelled"]
+    assert pod.get("/v1/state").json()["free_slots"] == 1
+
+
+def test_state_and_health(pod):
+    assert pod.get("/health").status_code == 200
+    state = pod.get("/v1/state").json()
+    assert state["slots"] == 1 and state["free_slots"] == 1 and state["busy"] is False
+    assert "tiny-sd15" in json.dumps(state["models"])
+    assert pod.post("/v1/jobs/none/cancel").status_code == 404
