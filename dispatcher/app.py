@@ -1,0 +1,120 @@
+"""Wiring: build the clients, inject them, run the dispatcher until `stop` is set.
+
+The one place that creates the dispatcher's AWS clients (through
+`sdeks.aws.aio_client`), its HTTP sessions and its pod discovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
+
+from dispatcher.discovery import KubernetesDiscovery, StaticDiscovery
+from dispatcher.leases import LeaseKeeper
+from dispatcher.links import LinkPolicy, LinkResolver, Resolver, system_resolver
+from dispatcher.metrics import Metrics, start_metrics_server
+from dispatcher.pods import PodClient
+from dispatcher.routing import Router
+from dispatcher.scheduler import AffinityPolicy, CostModel, FifoPolicy, Policy
+from dispatcher.service import Dispatcher, queue_sources, queue_visibility
+from dispatcher.settings import DispatcherSettings
+from sdeks.aws import aio_client
+from sdeks.names import VISIBILITY_TIMEOUT_S
+
+log = logging.getLogger(__name__)
+
+
+def build_policy(settings: DispatcherSettings) -> Policy:
+    if settings.policy == "fifo":
+        return FifoPolicy()
+    return AffinityPolicy(
+        costs=CostModel(
+            inference=settings.inference_estimate_s,
+            ram=settings.load_ram_s,
+            disk=settings.load_disk_s,
+            remote=settings.load_remote_s,
+        ),
+        max_wait=settings.max_wait_s,
+    )
+
+
+async def serve(
+    settings: DispatcherSettings,
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    resolver: Resolver = system_resolver,
+    discovery: Any | None = None,
+) -> None:
+    """Run until `stop` is set, then drain. `resolver` and `discovery` are injectable for tests."""
+    metrics = metrics or Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        sqs = await stack.enter_async_context(aio_client("sqs"))
+        sns = await stack.enter_async_context(aio_client("sns"))
+        s3 = await stack.enter_async_context(aio_client("s3"))
+        # Pod calls last minutes; the pool must not cap the window.
+        pod_session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=False)
+        )
+        links = await stack.enter_async_context(
+            LinkResolver(LinkPolicy.from_settings(settings), s3=s3, resolver=resolver)
+        )
+
+        sources = await queue_sources(sqs, settings)
+        extension = settings.lease_extension_s or (
+            await queue_visibility(sqs, [s.queue_url for s in sources]) or VISIBILITY_TIMEOUT_S
+        )
+        interval = settings.heartbeat_interval_s or extension / 3
+        leases = LeaseKeeper(sqs, extension_s=extension, interval_s=interval)
+        router = Router(
+            build_policy(settings),
+            PodClient(
+                pod_session,
+                job_timeout_s=settings.job_timeout_s,
+                state_timeout_s=settings.state_timeout_s,
+            ),
+            metrics=metrics,
+            state_interval_s=settings.state_interval_s,
+            failure_threshold=settings.pod_failure_threshold,
+        )
+        if discovery is None:
+            discovery = (
+                KubernetesDiscovery.from_settings(settings)
+                if settings.discovery == "kubernetes"
+                else StaticDiscovery(settings.pods)
+            )
+        discovering = asyncio.create_task(discovery.run(router.set_pods), name="discovery")
+        stack.push_async_callback(_cancel, discovering)
+        if settings.metrics_port:
+            runner = await start_metrics_server(
+                metrics, host=settings.metrics_host, port=settings.metrics_port
+            )
+            stack.push_async_callback(runner.cleanup)
+        log.info(
+            "leases: extension %d s, heartbeat every %g s; policy %s",
+            extension,
+            interval,
+            router.policy.name,
+        )
+        dispatcher = Dispatcher(
+            settings,
+            sqs=sqs,
+            sns=sns,
+            s3=s3,
+            links=links,
+            router=router,
+            leases=leases,
+            metrics=metrics,
+            sources=sources,
+        )
+        await dispatcher.run(stop)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

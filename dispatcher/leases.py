@@ -1,0 +1,156 @@
+"""SQS leases: a received message stays invisible to everyone else while the
+dispatcher holds it, for as long as its task waits or runs.
+
+SQS hides a received message for the queue's VisibilityTimeout, then hands it
+out again. Rendering can outlast that, so one heartbeat loop extends every
+held message with `ChangeMessageVisibilityBatch` (10 per call, per queue)
+every `interval_s`, each time by `extension_s`. A message is deleted only
+after its terminal callback exists, or released (visibility 0, or a delay)
+so that SQS counts another receive and, past maxReceiveCount, moves it to
+the DLQ. A lease whose receipt handle SQS no longer accepts is marked lost:
+someone else may now hold the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+log = logging.getLogger(__name__)
+
+_BATCH = 10  # SQS limit per *Batch call
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Lease:
+    queue_url: str
+    receipt_handle: str
+    message_id: str
+    runtime: str | None = None
+    task_id: str | None = None
+    received_at: float = field(default_factory=time.monotonic)
+    lost: bool = False
+    key: str = field(default_factory=lambda: f"l{next(_ids)}")
+
+
+class LeaseKeeper:
+    def __init__(self, sqs: Any, *, extension_s: int, interval_s: float) -> None:
+        if interval_s >= extension_s:
+            raise ValueError(
+                f"heartbeat interval ({interval_s:g} s) must be shorter than the "
+                f"extension ({extension_s} s), or held messages become visible again"
+            )
+        self._sqs = sqs
+        self.extension_s = extension_s
+        self.interval_s = interval_s
+        self._held: dict[str, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def held(self, runtime: str | None = None) -> list[Lease]:
+        return [le for le in self._held.values() if runtime is None or le.runtime == runtime]
+
+    def hold(
+        self, queue_url: str, receipt_handle: str, message_id: str, *, runtime: str | None = None
+    ) -> Lease:
+        lease = Lease(queue_url, receipt_handle, message_id, runtime=runtime)
+        self._held[lease.key] = lease
+        return lease
+
+    def forget(self, lease: Lease) -> None:
+        self._held.pop(lease.key, None)
+
+    async def delete(self, lease: Lease) -> None:
+        """Delete the message: its terminal callback exists."""
+        self.forget(lease)
+        try:
+            await self._sqs.delete_message(
+                QueueUrl=lease.queue_url, ReceiptHandle=lease.receipt_handle
+            )
+        except (ClientError, BotoCoreError):
+            # The task is done; a redelivery is answered idempotently downstream.
+            log.warning(
+                "could not delete message %s",
+                lease.message_id,
+                exc_info=True,
+                extra={"task_id": lease.task_id},
+            )
+
+    async def release(self, lease: Lease, *, delay_s: int = 0) -> None:
+        """Make the message visible again after `delay_s`: SQS counts another receive."""
+        self.forget(lease)
+        try:
+            await self._sqs.change_message_visibility(
+                QueueUrl=lease.queue_url,
+                ReceiptHandle=lease.receipt_handle,
+                VisibilityTimeout=max(0, int(delay_s)),
+            )
+        except (ClientError, BotoCoreError):
+            log.warning(
+                "could not release message %s; it reappears when its visibility lapses",
+                lease.message_id,
+                exc_info=True,
+                extra={"task_id": lease.task_id},
+            )
+
+    async def run(self) -> None:
+        """The heartbeat loop; cancel it to stop."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> int:
+        """Extend every held lease once; returns how many were extended."""
+        by_queue: dict[str, list[Lease]] = defaultdict(list)
+        for lease in list(self._held.values()):
+            if not lease.lost:
+                by_queue[lease.queue_url].append(lease)
+        calls = [
+            self._extend(queue_url, leases[i : i + _BATCH])
+            for queue_url, leases in by_queue.items()
+            for i in range(0, len(leases), _BATCH)
+        ]
+        counts = await asyncio.gather(*calls)
+        return sum(counts)
+
+    async def _extend(self, queue_url: str, leases: list[Lease]) -> int:
+        entries = [
+            {
+                "Id": lease.key,
+                "ReceiptHandle": lease.receipt_handle,
+                "VisibilityTimeout": self.extension_s,
+            }
+            for lease in leases
+        ]
+        try:
+            answer = await self._sqs.change_message_visibility_batch(
+                QueueUrl=queue_url, Entries=entries
+            )
+        except (ClientError, BotoCoreError):
+            # Transient: the next beat retries, well within the extension.
+            log.warning("visibility heartbeat failed for %d messages", len(leases), exc_info=True)
+            return 0
+        by_key = {lease.key: lease for lease in leases}
+        for failure in answer.get("Failed", []):
+            lease = by_key.get(failure.get("Id", ""))
+            if lease is None:
+                continue
+            if failure.get("SenderFault", True):
+                lease.lost = True
+                log.warning(
+                    "lease on message %s lost: %s",
+                    lease.message_id,
+                    failure.get("Code"),
+                    extra={"task_id": lease.task_id},
+                )
+        return len(answer.get("Successful", []))

@@ -1,0 +1,362 @@
+"""The scheduling shell: waiting tasks and known pods in, pods handed out.
+
+Each held task's coroutine calls `Router.run_job`, which registers the task
+as waiting and awaits a pod. One loop (`Router.run`) re-plans whenever
+something changes - a task arrives, a job ends, a pod's state changes - or
+when the policy asked to be woken (a wait bound about to trip), applies the
+pure policy's `Plan`, and resolves the waiting futures. A second loop polls
+each pod's `/v1/state`; a pod that fails `failure_threshold` polls in a row
+is dropped: calls in flight to it are abandoned and their tasks go back to
+waiting for another pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from dispatcher.errors import PodBusyError, PodFailedError
+from dispatcher.metrics import Metrics
+from dispatcher.pods import Pod, PodClient, PodState
+from dispatcher.scheduler import (
+    DEFAULT_MODEL,
+    Assign,
+    PendingTask,
+    Plan,
+    PodView,
+    Policy,
+    Prefetch,
+    Reject,
+)
+from sdeks.callback import Callback
+from sdeks.errors import ModelNotFoundError
+from sdeks.job import Job
+
+log = logging.getLogger(__name__)
+
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def model_key(name: str | None) -> str:
+    """A1111 names one checkpoint several ways: with or without extension, or `name [hash]`."""
+    if not name:
+        return DEFAULT_MODEL
+    key = _HASH_SUFFIX.sub("", name.strip())
+    for ext in _EXTENSIONS:
+        if key.lower().endswith(ext):
+            return key[: -len(ext)]
+    return key
+
+
+def _keys(names: Iterable[str]) -> frozenset[str]:
+    return frozenset(model_key(n) for n in names)
+
+
+class Draining(Exception):
+    """The dispatcher is stopping: a task still waiting for a pod is released instead."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    key: str
+    model: str
+    enqueued_at: float
+    future: asyncio.Future[Pod]
+    received_at: float
+
+
+class Router:
+    def __init__(
+        self,
+        policy: Policy,
+        client: PodClient,
+        *,
+        metrics: Metrics,
+        state_interval_s: float = 2.0,
+        failure_threshold: int = 3,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy
+        self.client = client
+        self.metrics = metrics
+        self.state_interval_s = state_interval_s
+        self.failure_threshold = failure_threshold
+        self.clock = clock
+        self.pods: dict[str, dict[str, Pod]] = {}
+        self.waiting: dict[str, dict[str, _Waiter]] = {}
+        self._changed = asyncio.Event()
+        self._poll_now = asyncio.Event()
+        self._background: set[asyncio.Task[object]] = set()
+        self._seq = 0
+        self._draining = False
+
+    def drain(self) -> None:
+        """Hand out no more pods; every waiting task raises `Draining`."""
+        self._draining = True
+        for waiting in self.waiting.values():
+            for waiter in waiting.values():
+                if not waiter.future.done():
+                    waiter.future.set_exception(Draining())
+
+    # --- pods ---------------------------------------------------------------
+
+    def set_pods(self, runtime: str, urls: Iterable[str]) -> None:
+        """Discovery's view of a runtime. Unlisted pods take no new work; running jobs finish."""
+        current = self.pods.setdefault(runtime, {})
+        wanted = {u.rstrip("/") for u in urls}
+        for url in wanted - set(current):
+            current[url] = Pod(url=url, runtime=runtime)
+            log.info("pod %s joined runtime %s", url, runtime)
+        for url, pod in list(current.items()):
+            pod.listed = url in wanted
+            if not pod.listed and pod.inflight == 0:
+                del current[url]
+                log.info("pod %s left runtime %s", url, runtime)
+        self._poll_now.set()
+        self._changed.set()
+
+    def _pod_failed(self, pod: Pod) -> None:
+        # Unschedulable until a state poll succeeds again.
+        pod.failures += 1
+        pod.state = None
+        self._poll_now.set()
+
+    async def poll_states(self) -> None:
+        """Refresh every pod's state; drop pods that stopped answering."""
+        pods = [p for runtime in self.pods.values() for p in runtime.values()]
+        results = await asyncio.gather(
+            *(self.client.state(p.url) for p in pods), return_exceptions=True
+        )
+        for pod, result in zip(pods, results, strict=True):
+            if isinstance(result, PodState):
+                if pod.gone.is_set():
+                    pod.gone = asyncio.Event()
+                    log.info("pod %s answers again", pod.url)
+                pod.state = result
+                pod.failures = 0
+                pod.last_seen = self.clock()
+                if pod.inflight == 0:
+                    gpu = sorted(_keys(result.gpu))
+                    if pod.active_model not in gpu:
+                        pod.active_model = gpu[0] if gpu else None
+            else:
+                pod.failures += 1
+                pod.state = None
+                if pod.failures >= self.failure_threshold and not pod.gone.is_set():
+                    log.warning(
+                        "pod %s stopped answering (%s); dropping it and rescheduling its tasks",
+                        pod.url,
+                        result,
+                    )
+                    pod.gone.set()
+        for runtime, pods_of in self.pods.items():
+            self.metrics.pods.labels(runtime).set(sum(p.schedulable for p in pods_of.values()))
+        self._changed.set()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await self.poll_states()
+            self._poll_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), self.state_interval_s)
+
+    # --- tasks --------------------------------------------------------------
+
+    async def run_job(
+        self, job: Job, *, enqueued_at: float, attempts: int, received_at: float | None = None
+    ) -> Callback:
+        """Run `job` on a pod chosen by the policy; retry on other pods after pod failures.
+
+        Raises `PodFailedError` after `attempts` failed pods, `PodRejectedError`
+        when a pod refuses the job itself, `ModelNotFoundError` when no pod can
+        obtain the model.
+        """
+        runtime = job.task.runtime
+        failures = 0
+        while True:
+            pod = await self._acquire(
+                runtime, job.model, job.task.id, enqueued_at, received_at or self.clock()
+            )
+            started = time.monotonic()
+            try:
+                answer = await self._call(pod, job)
+                self.metrics.job_seconds.labels(runtime).observe(time.monotonic() - started)
+                return answer
+            except PodBusyError:
+                if pod.state is not None:
+                    pod.state = replace(pod.state, free_slots=0)
+                log.info("pod %s is full; rescheduling", pod.url, extra={"task_id": job.task.id})
+            except PodFailedError as exc:
+                failures += 1
+                self._pod_failed(pod)
+                log.warning(
+                    "attempt %d/%d failed: %s",
+                    failures,
+                    attempts,
+                    exc.message,
+                    extra={"task_id": job.task.id},
+                )
+                if failures >= attempts:
+                    raise
+                self.metrics.pod_retries.labels(runtime).inc()
+            finally:
+                self._release(pod)
+
+    async def _call(self, pod: Pod, job: Job) -> Callback:
+        """`client.submit`, abandoned if the pod is dropped meanwhile."""
+        submit = asyncio.ensure_future(self.client.submit(pod.url, job))
+        gone = asyncio.ensure_future(pod.gone.wait())
+        try:
+            await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not submit.done():
+                submit.cancel()
+        if submit.done() and not submit.cancelled():
+            return submit.result()
+        raise PodFailedError(
+            f"pod {pod.url} was dropped while running job {job.task.id}",
+            pod=pod.url,
+            task_id=job.task.id,
+        )
+
+    async def _acquire(
+        self, runtime: str, model: str | None, task_id: str, enqueued_at: float, received_at: float
+    ) -> Pod:
+        if self._draining:
+            raise Draining()
+        self._seq += 1
+        key = f"{task_id}#{self._seq}"
+        future: asyncio.Future[Pod] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(key, model_key(model), enqueued_at, future, received_at)
+        waiting = self.waiting.setdefault(runtime, {})
+        waiting[key] = waiter
+        self._changed.set()
+        try:
+            pod = await future
+        except asyncio.CancelledError:
+            # Assigned, then cancelled before this coroutine resumed: give the slot back.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._release(future.result())
+            raise
+        finally:
+            waiting.pop(key, None)
+            self._update_backlog(runtime)
+        self.metrics.dispatch_latency.labels(runtime).observe(max(0.0, self.clock() - received_at))
+        return pod
+
+    def _release(self, pod: Pod) -> None:
+        pod.inflight = max(0, pod.inflight - 1)
+        if not pod.listed and pod.inflight == 0:
+            self.pods.get(pod.runtime, {}).pop(pod.url, None)
+        self._changed.set()
+
+    # --- planning -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """The planning loop (and the state poller beside it); cancel to stop."""
+        poller = asyncio.create_task(self._poll_loop())
+        try:
+            while True:
+                self._changed.clear()
+                wake_at = self.schedule()
+                timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+        finally:
+            poller.cancel()
+            for task in list(self._background):
+                task.cancel()
+
+    def schedule(self) -> float | None:
+        """One planning pass over every runtime; returns the earliest wake-up asked for."""
+        wakes = []
+        for runtime in list(self.waiting):
+            plan = self._plan(runtime)
+            if plan is not None:
+                self._apply(runtime, plan)
+                if plan.wake_at is not None:
+                    wakes.append(plan.wake_at)
+        return min(wakes) if wakes else None
+
+    def _plan(self, runtime: str) -> Plan | None:
+        if self._draining:
+            return None
+        waiting = {k: w for k, w in self.waiting.get(runtime, {}).items() if not w.future.done()}
+        if not waiting:
+            return None
+        pods = [p for p in self.pods.get(runtime, {}).values() if p.schedulable]
+        default = next(
+            (model_key(p.state.default_model) for p in pods if p.state and p.state.default_model),
+            DEFAULT_MODEL,
+        )
+        tasks = [PendingTask(k, w.model or default, w.enqueued_at) for k, w in waiting.items()]
+        views = [
+            PodView(
+                name=p.url,
+                free_slots=p.free_slots,
+                active_model=p.active_model,
+                gpu=_keys(p.state.gpu) if p.state else frozenset(),
+                ram=_keys(p.state.ram) if p.state else frozenset(),
+                disk=_keys(p.state.disk) if p.state else frozenset(),
+                available=_keys(p.state.available)
+                if p.state and p.state.available is not None
+                else None,
+            )
+            for p in pods
+        ]
+        return self.policy.plan(self.clock(), tasks, views)
+
+    def _apply(self, runtime: str, plan: Plan) -> None:
+        waiting = self.waiting.get(runtime, {})
+        pods = self.pods.get(runtime, {})
+        for decision in plan.decisions:
+            if isinstance(decision, Assign):
+                waiter = waiting.pop(decision.task, None)
+                pod = pods.get(decision.pod)
+                if waiter is None or pod is None or waiter.future.done():
+                    continue
+                pod.inflight += 1
+                if decision.switch:
+                    self.metrics.switches.labels(runtime).inc()
+                pod.active_model = decision.model
+                waiter.future.set_result(pod)
+            elif isinstance(decision, Reject):
+                waiter = waiting.pop(decision.task, None)
+                if waiter is not None and not waiter.future.done():
+                    waiter.future.set_exception(
+                        ModelNotFoundError(f"model {decision.model!r}: {decision.reason}")
+                    )
+            elif isinstance(decision, Prefetch):
+                pod = pods.get(decision.pod)
+                if pod and pod.prefetch_supported and pod.last_prefetch != decision.model:
+                    pod.last_prefetch = decision.model
+                    self.metrics.prefetches.labels(runtime).inc()
+                    self._spawn(self._prefetch(pod, decision.model))
+        self._update_backlog(runtime)
+
+    async def _prefetch(self, pod: Pod, model: str) -> None:
+        if not await self.client.prefetch(pod.url, model):
+            pod.prefetch_supported = False
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _update_backlog(self, runtime: str) -> None:
+        gauge = self.metrics.backlog
+        counts: dict[str, int] = {}
+        for waiter in self.waiting.get(runtime, {}).values():
+            counts[waiter.model or "default"] = counts.get(waiter.model or "default", 0) + 1
+        for labels in list(gauge._metrics):  # reset this runtime's models that drained
+            if labels[0] == runtime and labels[1] not in counts:
+                gauge.labels(*labels).set(0)
+        for model, count in counts.items():
+            gauge.labels(runtime, model).set(count)

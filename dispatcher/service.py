@@ -1,0 +1,468 @@
+"""The consumer: receive, hold, resolve, dispatch, delete.
+
+One receive loop per queue (each runtime queue and the catch-all) keeps at
+most `window` messages of its queue in hand; each message gets one coroutine
+(`_handle`) that owns its lease from receipt to deletion or release:
+
+    unwrap SNS -> parse_task -> (catch-all or misrouted: forward, done)
+    -> resolve links -> Router.run_job (waits for a pod, retries elsewhere)
+    -> pod answered 200: its callback is published -> delete
+
+A message that cannot become a task gets a failed callback and its raw body
+is kept under `rejected/` in the output bucket; a task that fails here (link
+refused, model nowhere, pod refused it) gets a failed callback. Either way
+the message is deleted only once that callback is published. When pods keep
+failing, the message is released so SQS counts the receive; on the last
+receive before the DLQ the dispatcher publishes a `dispatch_failed` callback
+first, and SQS moves the message to the DLQ on its next receive.
+
+SIGTERM (`stop`): receiving stops, tasks still waiting for a pod are released
+at once for another replica, running jobs get `grace_period_s`, then are
+released too. Several replicas are safe side by side: SQS visibility gives
+each message to one of them at a time, and heartbeats keep it that way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dispatcher.errors import DispatchFailedError, PodFailedError, PodRejectedError
+from dispatcher.leases import Lease, LeaseKeeper
+from dispatcher.links import LinkResolver
+from dispatcher.metrics import Metrics
+from dispatcher.routing import Draining, Router
+from dispatcher.settings import DispatcherSettings
+from sdeks.callback import Callback, ErrorInfo, TaskStatus
+from sdeks.envelope import Notification, Task, parse_task, unwrap_sns
+from sdeks.errors import (
+    InvalidEnvelopeError,
+    LinkError,
+    ModelNotFoundError,
+    SdeksError,
+    UnknownRuntimeError,
+)
+from sdeks.job import Job
+from sdeks.names import REJECTED_PREFIX, RUNTIME_ATTRIBUTE
+
+log = logging.getLogger(__name__)
+
+#: SQS message attribute carrying the original publish time of a forwarded task.
+PUBLISHED_AT_ATTRIBUTE = "published_at"
+_SQS_BATCH = 10
+
+
+@dataclass(frozen=True)
+class Source:
+    """One queue the dispatcher consumes."""
+
+    queue_url: str
+    #: The runtime this queue serves; None for the catch-all.
+    runtime: str | None
+    max_receive_count: int
+
+    @property
+    def name(self) -> str:
+        return self.runtime or "catch-all"
+
+
+class Window:
+    """At most `size` messages of one queue held at once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def reserve(self, most: int) -> int:
+        while self.used >= self.size:
+            self._room.clear()
+            await self._room.wait()
+        n = min(most, self.size - self.used)
+        self.used += n
+        return n
+
+    def free(self, n: int = 1) -> None:
+        self.used -= n
+        self._room.set()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        *,
+        sqs: Any,
+        sns: Any,
+        s3: Any,
+        links: LinkResolver,
+        router: Router,
+        leases: LeaseKeeper,
+        metrics: Metrics,
+        sources: list[Source],
+    ) -> None:
+        self.settings = settings
+        self.sqs, self.sns, self.s3 = sqs, sns, s3
+        self.links = links
+        self.router = router
+        self.leases = leases
+        self.metrics = metrics
+        self.sources = sources
+        self._windows = {s.queue_url: Window(settings.window) for s in sources}
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        background = [
+            asyncio.create_task(self.leases.run(), name="heartbeat"),
+            asyncio.create_task(self.router.run(), name="router"),
+        ]
+        receivers = [
+            asyncio.create_task(self._receive_loop(s), name=f"receive-{s.name}")
+            for s in self.sources
+        ]
+        log.info("dispatcher consuming %s", ", ".join(s.name for s in self.sources))
+        await stop.wait()
+
+        # 1. Stop receiving.
+        for task in receivers:
+            task.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
+        # 2. Release what waits for a pod; give running jobs the grace period.
+        self.router.drain()
+        log.info(
+            "draining: %d messages held, grace %g s",
+            len(self._handlers),
+            self.settings.grace_period_s,
+        )
+        if self._handlers:
+            _, pending = await asyncio.wait(
+                set(self._handlers), timeout=self.settings.grace_period_s
+            )
+            # 3. Release the rest; a job the pod still renders may then run again elsewhere
+            #    (outputs are idempotent by key, callbacks deduplicated by task id).
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                log.warning(
+                    "released %d running tasks at the end of the grace period", len(pending)
+                )
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        log.info("dispatcher stopped")
+
+    async def _receive_loop(self, source: Source) -> None:
+        window = self._windows[source.queue_url]
+        backoff = 1.0
+        while True:
+            n = await window.reserve(_SQS_BATCH)
+            try:
+                answer = await self.sqs.receive_message(
+                    QueueUrl=source.queue_url,
+                    MaxNumberOfMessages=n,
+                    WaitTimeSeconds=self.settings.receive_wait_s,
+                    AttributeNames=["All"],
+                    MessageAttributeNames=["All"],
+                )
+            except (ClientError, BotoCoreError):
+                window.free(n)
+                log.warning("receive from %s failed", source.name, exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            except BaseException:
+                window.free(n)
+                raise
+            backoff = 1.0
+            messages = answer.get("Messages", [])
+            window.free(n - len(messages))
+            for message in messages:
+                handler = asyncio.create_task(self._handle(source, message))
+                self._handlers.add(handler)
+                handler.add_done_callback(self._handlers.discard)
+                handler.add_done_callback(lambda _: window.free(1))
+
+    # --- one message --------------------------------------------------------
+
+    async def _handle(self, source: Source, message: dict[str, Any]) -> None:
+        lease = self.leases.hold(
+            source.queue_url, message["ReceiptHandle"], message["MessageId"], runtime=source.runtime
+        )
+        self.metrics.leases.labels(source.name).inc()
+        try:
+            await self._process(source, message, lease)
+        except Draining:
+            await self.leases.release(lease)
+            self.metrics.completed.labels(source.name, "released").inc()
+        except asyncio.CancelledError:
+            await self.leases.release(lease)
+            self.metrics.completed.labels(source.name, "released").inc()
+            raise
+        except Exception:
+            # Unexpected (SNS or SQS down, a bug): keep the message; it reappears
+            # when its visibility lapses and is retried, up to the DLQ.
+            log.exception(
+                "message %s not processed; it will be retried",
+                lease.message_id,
+                extra={"task_id": lease.task_id},
+            )
+            self.leases.forget(lease)
+        finally:
+            self.leases.forget(lease)
+            self.metrics.leases.labels(source.name).dec()
+
+    async def _process(self, source: Source, message: dict[str, Any], lease: Lease) -> None:
+        received_at = time.time()
+        note = unwrap_sns(message.get("Body", ""))
+        attributes = _message_attributes(message)
+        hint = note.runtime or attributes.get(RUNTIME_ATTRIBUTE) or source.runtime
+        system = message.get("Attributes") or {}
+        receive_count = int(system.get("ApproximateReceiveCount", "1"))
+        published_at = (
+            note.published_at
+            or _float(attributes.get(PUBLISHED_AT_ATTRIBUTE))
+            or (_float(system.get("SentTimestamp")) or 0) / 1000
+            or received_at
+        )
+        try:
+            task = parse_task(
+                note.body, runtime=hint, fallback_id=note.message_id or lease.message_id
+            )
+        except InvalidEnvelopeError as exc:
+            await self._reject(lease, message, note, exc, runtime=hint)
+            return
+        lease.task_id = task.id
+        if task.runtime not in self.settings.queues:
+            known = sorted(self.settings.queues)
+            error = UnknownRuntimeError(
+                f"runtime {task.runtime!r} is not served here; known runtimes: {known}",
+                task_id=task.id,
+            )
+            await self._reject(lease, message, note, error, runtime=task.runtime, task=task)
+            return
+        if task.runtime != source.runtime:
+            await self._forward(lease, task, published_at)
+            return
+        await self._dispatch(source, lease, task, receive_count, published_at, received_at)
+
+    async def _dispatch(
+        self,
+        source: Source,
+        lease: Lease,
+        task: Task,
+        receive_count: int,
+        published_at: float,
+        received_at: float,
+    ) -> None:
+        runtime = task.runtime
+        # 1. Links become base64 before any pod sees the task.
+        try:
+            resolved = await self.links.resolve_content(task.content)
+        except LinkError as exc:
+            await self._fail(lease, task, exc)
+            return
+        job = Job(
+            task=task.model_copy(update={"content": resolved.content}),
+            model=task.model,
+            attempt=receive_count,
+            published_at=published_at,
+            download_ms=resolved.download_ms,
+        )
+        # 2. A pod renders it and publishes the callback.
+        try:
+            callback = await self.router.run_job(
+                job,
+                enqueued_at=published_at,
+                attempts=self.settings.pod_attempts,
+                received_at=received_at,
+            )
+        except ModelNotFoundError as exc:
+            await self._fail(lease, task, exc)
+            return
+        except PodRejectedError as exc:
+            await self._fail(lease, task, _coded(exc.error_code, exc.message))
+            return
+        except PodFailedError as exc:
+            if receive_count >= source.max_receive_count:
+                # Last receive: report, then let SQS move the message to the DLQ.
+                error = DispatchFailedError(
+                    f"no pod completed the task in {receive_count} receives; last: {exc.message}",
+                    task_id=task.id,
+                )
+                await self._publish(_failed(task, error))
+                await self.leases.release(lease)
+                self.metrics.completed.labels(runtime, "dead-lettered").inc()
+            else:
+                await self.leases.release(lease, delay_s=min(2**receive_count, 60))
+                self.metrics.completed.labels(runtime, "released").inc()
+            return
+        # 3. The callback exists: the message is done.
+        log.info(
+            "task %s %s (attempt %d)",
+            task.id,
+            callback.status.value,
+            receive_count,
+            extra={"task_id": task.id},
+        )
+        await self.leases.delete(lease)
+        self.metrics.completed.labels(runtime, "done").inc()
+
+    # --- outcomes -----------------------------------------------------------
+
+    async def _forward(self, lease: Lease, task: Task, published_at: float) -> None:
+        """A valid task from the catch-all (or the wrong queue) goes to its runtime's queue."""
+        # The normalized envelope, not the raw body: a serverless task's id came
+        # from the SNS message id, which the forwarded copy would not have.
+        await self.sqs.send_message(
+            QueueUrl=self.settings.queues[task.runtime],
+            MessageBody=json.dumps(task.to_envelope()),
+            MessageAttributes={
+                RUNTIME_ATTRIBUTE: {"DataType": "String", "StringValue": task.runtime},
+                PUBLISHED_AT_ATTRIBUTE: {"DataType": "Number", "StringValue": repr(published_at)},
+            },
+        )
+        log.info(
+            "task %s forwarded to runtime %s", task.id, task.runtime, extra={"task_id": task.id}
+        )
+        await self.leases.delete(lease)
+        self.metrics.completed.labels(task.runtime, "forwarded").inc()
+
+    async def _reject(
+        self,
+        lease: Lease,
+        message: dict[str, Any],
+        note: Notification,
+        error: SdeksError,
+        *,
+        runtime: str | None,
+        task: Task | None = None,
+    ) -> None:
+        """Not a task we can serve: keep the raw body for audit, publish the failure, delete."""
+        await self._keep_rejected(message, note, error)
+        if task is not None:
+            callback = _failed(task, error)
+        else:
+            callback = Callback(
+                id=error.task_id,
+                runtime=runtime,
+                status=TaskStatus.FAILED,
+                result=False,
+                error=ErrorInfo.from_exception(error),
+            )
+        log.warning(
+            "message %s rejected: %s",
+            lease.message_id,
+            error.message,
+            extra={"task_id": error.task_id},
+        )
+        await self._publish(callback)
+        await self.leases.delete(lease)
+        self.metrics.completed.labels(runtime or "catch-all", "failed").inc()
+
+    async def _fail(self, lease: Lease, task: Task, error: SdeksError) -> None:
+        log.warning("task %s failed: %s", task.id, error.message, extra={"task_id": task.id})
+        await self._publish(_failed(task, error))
+        await self.leases.delete(lease)
+        self.metrics.completed.labels(task.runtime, "failed").inc()
+
+    async def _publish(self, callback: Callback) -> None:
+        # Raises on failure: the message is then kept and retried, never deleted silently.
+        await self.sns.publish(**callback.sns_publish_kwargs(self.settings.callback_topic_arn))
+        if callback.error is not None:
+            self.metrics.failures.labels(callback.error.code).inc()
+
+    async def _keep_rejected(
+        self, message: dict[str, Any], note: Notification, error: SdeksError
+    ) -> None:
+        key = f"{REJECTED_PREFIX}{time.strftime('%Y/%m/%d', time.gmtime())}/{message.get('MessageId') or uuid.uuid4()}.json"
+        record = {
+            "error": error.to_error(),
+            "task_id": error.task_id,
+            "message_id": note.message_id or message.get("MessageId"),
+            "attributes": note.attributes or _message_attributes(message),
+            "published_at": note.published_at,
+            "body": note.body,
+        }
+        try:
+            await self.s3.put_object(
+                Bucket=self.settings.output_bucket,
+                Key=key,
+                Body=json.dumps(record).encode(),
+                ContentType="application/json",
+            )
+        except (ClientError, BotoCoreError):
+            log.warning("could not keep rejected message at %s", key, exc_info=True)
+
+
+def _failed(task: Task, error: SdeksError) -> Callback:
+    return Callback(
+        id=task.id,
+        runtime=task.runtime,
+        tasktype=task.tasktype.value,
+        status=TaskStatus.FAILED,
+        result=False,
+        context=task.context,
+        error=ErrorInfo.from_exception(error),
+    )
+
+
+def _coded(code: str, message: str) -> SdeksError:
+    error = SdeksError(message)
+    error.code = code  # type: ignore[misc]  # the pod's own code, passed through
+    return error
+
+
+def _message_attributes(message: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for name, attr in (message.get("MessageAttributes") or {}).items():
+        if isinstance(attr, dict) and isinstance(attr.get("StringValue"), str):
+            out[name] = attr["StringValue"]
+    return out
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+async def queue_sources(sqs: Any, settings: DispatcherSettings) -> list[Source]:
+    """The queues to consume, with each one's maxReceiveCount read from its RedrivePolicy."""
+    sources = []
+    queues: list[tuple[str, str | None]] = [(url, rt) for rt, url in settings.queues.items()]
+    if settings.catch_all_queue_url:
+        queues.append((settings.catch_all_queue_url, None))
+    for url, runtime in queues:
+        max_receive = settings.max_receive_count
+        with contextlib.suppress(ClientError, BotoCoreError, ValueError, KeyError):
+            attributes = (
+                await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+            )["Attributes"]
+            max_receive = int(json.loads(attributes["RedrivePolicy"])["maxReceiveCount"])
+        sources.append(Source(url, runtime, max_receive))
+    return sources
+
+
+async def queue_visibility(sqs: Any, urls: list[str]) -> int | None:
+    """The shortest VisibilityTimeout of `urls`, the default lease extension."""
+    values = []
+    for url in urls:
+        with contextlib.suppress(ClientError, BotoCoreError, ValueError, KeyError):
+            attributes = (
+                await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])
+            )["Attributes"]
+            values.append(int(attributes["VisibilityTimeout"]))
+    return min(values) if values else None

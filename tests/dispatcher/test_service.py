@@ -1,0 +1,138 @@
+"""The consumer end to end on the moto stack: SNS -> SQS -> dispatcher -> fake pod."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+from aiohttp import web
+from PIL import Image
+
+from tests.dispatcher.conftest import (
+    envelope,
+    eventually,
+    publish,
+    queue_depth,
+    running,
+    settings_for,
+)
+
+
+def png_bytes(size: tuple[int, int] = (8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_dispatch_task_runs_on_pod_and_is_deleted(aws, stack, make_pod, callbacks):
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(aws, stack, envelope("t-one", model="v1-5-pruned-emaonly.safetensors"))
+        got = await callbacks.wait_for(1)
+        await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
+    assert [c["id"] for c in got] == ["t-one"]
+    assert got[0]["status"] == "succeeded" and got[0]["context"] == {"n": "t-one"}
+    (job,) = pod.jobs
+    assert job.model == "v1-5-pruned-emaonly.safetensors"
+    assert job.attempt == 1 and job.published_at is not None
+
+
+async def test_dispatch_invalid_envelope_fails_with_id_and_keeps_audit_copy(
+    aws, stack, make_pod, callbacks
+):
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(aws, stack, "this is not json")
+        bad = envelope("bad-one")
+        bad["task"]["metadata"]["tasktype"] = "paint-a-house"
+        publish(aws, stack, bad)
+        got = await callbacks.wait_for(2)
+        await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
+    assert sorted((c["id"] or "", c["error"]["code"]) for c in got) == [
+        ("", "invalid_envelope"),
+        ("bad-one", "invalid_envelope"),
+    ]
+    assert all(c["status"] == "failed" and c["result"] is False for c in got)
+    assert pod.jobs == []
+    kept = aws.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix="rejected/")["Contents"]
+    bodies = [
+        json.loads(aws.s3.get_object(Bucket=stack.output_bucket, Key=o["Key"])["Body"].read())
+        for o in kept
+    ]
+    assert sorted(b["body"][:8] for b in bodies) == sorted(["this is ", json.dumps(bad)[:8]])
+
+
+async def test_dispatch_unknown_runtime_fails_through_catch_all(aws, stack, make_pod, callbacks):
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(aws, stack, envelope("lost-one", runtime="nosuchruntime"), runtime="nosuchruntime")
+        (got,) = await callbacks.wait_for(1)
+        await eventually(lambda: queue_depth(aws, stack.catch_all_queue_url) == 0)
+    assert got["id"] == "lost-one" and got["error"]["code"] == "unknown_runtime"
+    assert got["context"] == {"n": "lost-one"}
+    kept = aws.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix="rejected/")["KeyCount"]
+    assert kept == 1
+
+
+async def test_dispatch_catch_all_forwards_task_without_runtime_attribute(
+    aws, stack, make_pod, callbacks
+):
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(aws, stack, envelope("no-attr"), runtime=None)
+        (got,) = await callbacks.wait_for(1)
+        await eventually(lambda: queue_depth(aws, stack.catch_all_queue_url) == 0)
+        await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
+    assert got["id"] == "no-attr" and got["status"] == "succeeded"
+    assert [j.task.id for j in pod.jobs] == ["no-attr"]
+    assert pod.jobs[0].published_at is not None
+
+
+async def test_dispatch_resolves_http_and_s3_links_to_base64(aws, stack, make_pod, callbacks):
+    image = png_bytes()
+    aws.s3.put_object(Bucket=stack.models_bucket, Key="inputs/cat.png", Body=image)
+
+    async def serve_png(_: web.Request) -> web.Response:
+        return web.Response(body=image, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/cat.png", serve_png)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    pod = await make_pod()
+    try:
+        async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+            publish(
+                aws,
+                stack,
+                envelope(
+                    "linked",
+                    init_images=[f"http://127.0.0.1:{port}/cat.png"],
+                    mask=f"s3://{stack.models_bucket}/inputs/cat.png",
+                ),
+            )
+            (got,) = await callbacks.wait_for(1)
+    finally:
+        await runner.cleanup()
+    assert got["status"] == "succeeded"
+    content = pod.jobs[0].task.content
+    assert base64.b64decode(content["init_images"][0]) == image
+    assert base64.b64decode(content["mask"]) == image
+
+
+async def test_dispatch_unreachable_link_fails_task(aws, stack, make_pod, callbacks):
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        # Port 9 on loopback: allow-listed, nothing listens.
+        publish(aws, stack, envelope("dead-link", init_images=["http://127.0.0.1:9/x.png"]))
+        publish(aws, stack, envelope("private-link", init_images=["http://10.1.2.3/x.png"]))
+        got = await callbacks.wait_for(2)
+        await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
+    codes = {c["id"]: c["error"]["code"] for c in got}
+    assert codes == {"dead-link": "link_unreachable", "private-link": "link_forbidden"}
+    assert "127.0.0.1:9" in next(c for c in got if c["id"] == "dead-link")["error"]["message"]
+    assert pod.jobs == []
