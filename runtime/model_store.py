@@ -1,0 +1,677 @@
+"""The model store: S3 -> local disk -> host RAM -> GPU, each tier LRU by bytes.
+
+    source (S3Source | LocalSource)     what exists; ranged, verified downloads
+      └─ disk (DiskCache)               copies of S3 objects; a local source is used in place
+          └─ ram (CPU pipelines)        loaded with diffusers, `dtype` weights
+              └─ device (pipelines)     on CUDA: clones of the RAM weights on the GPU,
+                                        as many as `gpu_bytes` allows; on CPU the RAM
+                                        pipelines are the device pipelines
+
+Renders run in worker threads: `acquire()`/`use()` pins the model (no tier
+evicts a pinned model) and hands out a fresh pipeline object of the asked
+kind (`from_pipe`: shared weights, own scheduler and tokenizers), so two
+renders never share per-call state. Loads of one model are single-flight:
+whoever asks second waits for the first load instead of starting another.
+
+Errors: an unknown name is `ModelNotFoundError` before anything is
+downloaded; anything that stops a model from loading (corrupt file, missing
+config, bad folder) is `ModelLoadError`; running out of GPU memory while
+moving weights is `OutOfMemoryError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sdeks.errors import ModelLoadError, ModelNotFoundError, OutOfMemoryError
+from sdeks.names import MODELS_CHECKPOINT_PREFIX
+
+from .families import (
+    Family,
+    PipelineKind,
+    build_like,
+    check_safetensors_size,
+    derive,
+    detect,
+    detect_from_keys,
+    parse_safetensors_header,
+    pipeline_class,
+    safetensors_header_length,
+    tensor_shapes,
+)
+from .model_catalog import MODELS_CONFIG_PREFIX, Catalog, ModelEntry, folder_sha256
+from .model_disk import DiskCache, file_sha256
+from .model_source import ModelSource
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["gpu", "ram", "disk", "source"]
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Byte budgets per tier (settings map `SDEKS_*` variables onto these)."""
+
+    disk_bytes: int = 200 * GiB
+    ram_bytes: int = 48 * GiB
+    #: GPU bytes for resident weights; None: total GPU memory less `gpu_reserve_bytes`.
+    gpu_bytes: int | None = None
+    #: Left free on the GPU for activations, VAE decode and LoRAs.
+    gpu_reserve_bytes: int = 8 * GiB
+    #: Wait at least this long between re-listings caused by unknown names.
+    relist_after_s: float = 10.0
+
+
+@dataclass
+class LoadTimings:
+    """How one `acquire` got its model: where it was found and what each step cost."""
+
+    #: The tier the model was found in ("source": not on this machine yet).
+    found_in: Tier
+    download_ms: float = 0.0
+    #: disk -> RAM (diffusers load; includes the family check and config fetch).
+    ram_ms: float = 0.0
+    #: RAM -> device (GPU copy; 0 on CPU).
+    device_ms: float = 0.0
+    #: Waiting for a load another request started.
+    wait_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @property
+    def model_load_ms(self) -> int:
+        """The callback's `timings.model_load_ms`."""
+        return round(self.total_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class _Loaded:
+    """A model in RAM (and maybe on the device)."""
+
+    entry: ModelEntry
+    family: Family
+    pipe: Any
+    bytes: int
+    #: The GPU copy on CUDA; on CPU the RAM pipeline itself.
+    device_pipe: Any | None = None
+    pins: int = 0
+    #: Spare tokenizer sets: fast tokenizers keep padding state and must not be shared by threads.
+    tokenizers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ModelLease:
+    """A pinned model and a pipeline of the asked kind, for one render."""
+
+    name: str
+    title: str
+    #: A1111 short hash (10 hex), None until known.
+    hash: str | None
+    sha256: str | None
+    family: Family
+    kind: PipelineKind
+    pipeline: Any
+    timings: LoadTimings
+    device: str
+    _release: Any = field(repr=False, default=None)
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release(self)
+
+
+def dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name now warns); pass the one it knows."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def module_bytes(pipe: Any) -> int:
+    import torch
+
+    total = 0
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in comp.parameters())
+            total += sum(t.numel() * t.element_size() for t in comp.buffers())
+    return total
+
+
+def clone_pipeline(pipe: Any, device: str, dtype: Any = None) -> Any:
+    """A copy of `pipe` on `device` without a second host copy of the weights.
+
+    Each module is rebuilt from its config with empty (meta) weights, then
+    takes the tensors moved straight to the device (`assign=True`). On the
+    same device and dtype the clone shares storage with `pipe`.
+    """
+    import torch
+    from accelerate import init_empty_weights
+
+    replaced: dict[str, Any] = {}
+    for name, comp in pipe.components.items():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        with init_empty_weights():
+            if hasattr(comp, "from_config") and hasattr(comp, "register_to_config"):
+                clone = type(comp).from_config(comp.config)  # diffusers ModelMixin
+            else:
+                clone = type(comp)(comp.config)  # transformers PreTrainedModel
+        state = {
+            k: v.to(device=device, dtype=dtype or v.dtype) for k, v in comp.state_dict().items()
+        }
+        clone.load_state_dict(state, strict=True, assign=True)
+        clone.to(device)  # non-persistent buffers (position ids) built on the host
+        clone.eval().requires_grad_(False)
+        replaced[name] = clone
+    return build_like(type(pipe), pipe, scheduler=pipe.scheduler, **replaced)
+
+
+class ModelStore:
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        cache_dir: Path,
+        limits: StoreLimits | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        shipped_configs: Path | None = None,
+        channels_last: bool = False,
+        prefetch_workers: int = 1,
+    ) -> None:
+        import torch
+
+        self.source = source
+        self.limits = limits or StoreLimits()
+        self.device = device
+        self.on_cuda = device.startswith("cuda")
+        if self.on_cuda and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available")
+        # fp32 on CPU: half precision is slow there and some ops lack kernels.
+        self.dtype_name = (dtype or "float16") if self.on_cuda else "float32"
+        self.dtype = getattr(torch, self.dtype_name)
+        self.shipped_configs = shipped_configs
+        self.channels_last = channels_last
+        self.disk = DiskCache(cache_dir, self.limits.disk_bytes)
+        self.gpu_bytes = self._gpu_budget() if self.on_cuda else 0
+
+        self._lock = threading.RLock()
+        self._ram: OrderedDict[str, _Loaded] = OrderedDict()
+        self._gpu: OrderedDict[str, _Loaded] = OrderedDict()
+        self._ram_inflight: dict[str, Future[_Loaded]] = {}
+        self._gpu_inflight: dict[str, Future[None]] = {}
+        self._hashes: dict[tuple[str, tuple[str | None, ...]], str] = {}
+        self._catalog: Catalog | None = None
+        self._listed_at = 0.0
+        self._executor = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="model-prefetch")
+
+    def _gpu_budget(self) -> int:
+        import torch
+
+        if self.limits.gpu_bytes is not None:
+            return self.limits.gpu_bytes
+        _, total = torch.cuda.mem_get_info(torch.device(self.device))
+        return max(0, total - self.limits.gpu_reserve_bytes)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- catalog ----------------------------------------------------------
+
+    def refresh(self) -> Catalog:
+        """List the source again (A1111 `/refresh-checkpoints`)."""
+        catalog = Catalog(self.source.list(""), source=self.source.url)
+        with self._lock:
+            for entry in catalog.checkpoints + catalog.loras + catalog.vaes:
+                entry.sha256 = self._known_hash(entry)
+            self._catalog = catalog
+            self._listed_at = time.monotonic()
+        log.info(
+            "models in %s: %d checkpoints, %d LoRAs, %d VAEs",
+            self.source.url,
+            len(catalog.checkpoints),
+            len(catalog.loras),
+            len(catalog.vaes),
+        )
+        return catalog
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog or self.refresh()
+
+    def _known_hash(self, entry: ModelEntry) -> str | None:
+        memo = self._hashes.get(_version(entry))
+        if memo:
+            return memo
+        cached = self.disk.get(entry) if self.source.local_path(entry.key) is None else None
+        return cached.sha256 if cached else None
+
+    def _remember_hash(self, entry: ModelEntry, sha256: str) -> None:
+        with self._lock:
+            self._hashes[_version(entry)] = sha256
+            entry.sha256 = sha256
+            if self._catalog is not None:
+                for e in self._catalog.checkpoints + self._catalog.loras + self._catalog.vaes:
+                    if e.key == entry.key:
+                        e.sha256 = sha256
+
+    def resolve(self, requested: str, kind: str = "checkpoint") -> ModelEntry:
+        """The entry an A1111 name means; `ModelNotFoundError` without downloading anything."""
+        if not isinstance(requested, str) or not requested.strip():
+            raise ModelNotFoundError(
+                f"{kind} name must be a non-empty string, got {requested!r:.80}"
+            )
+        entry = self.catalog.find(requested, kind)
+        if entry is None and time.monotonic() - self._listed_at >= self.limits.relist_after_s:
+            entry = self.refresh().find(requested, kind)  # uploaded since the last listing?
+        if entry is None:
+            return self.catalog.resolve(requested, kind)  # raises with the list of names
+        return entry
+
+    def checkpoints(self) -> list[ModelEntry]:
+        return list(self.catalog.checkpoints)
+
+    def loras(self) -> list[ModelEntry]:
+        return list(self.catalog.loras)
+
+    def vaes(self) -> list[ModelEntry]:
+        return list(self.catalog.vaes)
+
+    # --- disk tier --------------------------------------------------------
+
+    def _local(self, entry: ModelEntry) -> tuple[Path, float]:
+        """The entry on this disk, and the download time (0 when it was there)."""
+        path = self.source.local_path(entry.key)
+        if path is not None:
+            if not path.exists():
+                raise ModelNotFoundError(f"{entry.key} is gone from {self.source.url}")
+            return path, 0.0
+        started = time.perf_counter()
+        cached = self.disk.get(entry)
+        if cached is None:
+            cached = self.disk.fetch(self.source, entry)
+            self._remember_hash(entry, cached.sha256)
+            return cached.path, (time.perf_counter() - started) * 1000
+        return cached.path, 0.0
+
+    def _fetch_aux(self, requested: str, kind: str) -> Path:
+        entry = self.resolve(requested, kind)
+        path, _ = self._local(entry)
+        return path
+
+    def fetch_lora(self, name: str) -> Path:
+        """A LoRA file from `Lora/` on local disk (`<lora:name:w>`: name with or without extension)."""
+        return self._fetch_aux(name, "lora")
+
+    def fetch_vae(self, name: str) -> Path:
+        """A VAE (`sd_vae`) from `VAE/` on local disk: a `.safetensors` file or a diffusers folder."""
+        return self._fetch_aux(name, "vae")
+
+    def _check_remote_header(self, entry: ModelEntry) -> Family:
+        """Family of a single file from its header: fails a corrupt file before a download."""
+        what = entry.name
+        head = self.source.read_range(entry.key, 0, 8)
+        length = safetensors_header_length(head, what=what)
+        header = parse_safetensors_header(
+            head + self.source.read_range(entry.key, 8, length), what=what
+        )
+        check_safetensors_size(header, entry.size - 8 - length, what=what)
+        return detect_from_keys(tensor_shapes(header), what=what)
+
+    def _config_dir(self, entry: ModelEntry, family: Family) -> Path:
+        """Diffusers configs for a single file: its own `.config/`, the bucket's, or the image's."""
+        catalog = self.catalog
+        for key in (entry.config_key, f"{MODELS_CONFIG_PREFIX}{family.name}/"):
+            if not key:
+                continue
+            files = catalog.config_folder(key)
+            if any(f.key == key + "model_index.json" for f in files):
+                folder = ModelEntry(name=key, kind="folder", key=key, files=files)
+                path, _ = self._local(folder)
+                return path
+        if (
+            self.shipped_configs
+            and (self.shipped_configs / family.name / "model_index.json").is_file()
+        ):
+            return self.shipped_configs / family.name
+        stem = entry.key[: -len(".safetensors")]
+        raise ModelLoadError(
+            f"{entry.name} is a single-file {family.label} checkpoint with no config: upload a "
+            f"diffusers config folder (no weights needed) to {stem}.config/ or "
+            f"{MODELS_CONFIG_PREFIX}{family.name}/"
+        )
+
+    # --- RAM tier ---------------------------------------------------------
+
+    def _ensure_ram(self, entry: ModelEntry, timings: LoadTimings) -> _Loaded:
+        with self._lock:
+            loaded = self._ram.get(entry.key)
+            if loaded is not None and _version(loaded.entry) == _version(entry):
+                self._ram.move_to_end(entry.key)
+                return loaded
+            future = self._ram_inflight.get(entry.key)
+            owner = future is None
+            if owner:
+                future = Future()
+                self._ram_inflight[entry.key] = future
+        assert future is not None
+        if not owner:
+            started = time.perf_counter()
+            try:
+                return future.result()
+            finally:
+                timings.wait_ms += (time.perf_counter() - started) * 1000
+        try:
+            loaded = self._load_to_ram(entry, timings)
+        except BaseException as exc:
+            with self._lock:
+                del self._ram_inflight[entry.key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            old = self._ram.pop(entry.key, None)
+            if old is not None:
+                self._gpu.pop(entry.key, None)
+            self._ram[entry.key] = loaded
+            del self._ram_inflight[entry.key]
+            self._trim_ram()
+        future.set_result(loaded)
+        return loaded
+
+    def _load_to_ram(self, entry: ModelEntry, timings: LoadTimings) -> _Loaded:
+        import torch
+
+        if entry.kind == "file" and self.source.local_path(entry.key) is None:
+            self._check_remote_header(entry)
+        if entry.size > self.limits.ram_bytes:
+            raise ModelLoadError(
+                f"{entry.name} ({entry.size} bytes on disk) is larger than the RAM budget "
+                f"({self.limits.ram_bytes} bytes)"
+            )
+        path, download_ms = self._local(entry)
+        timings.download_ms += download_ms
+        started = time.perf_counter()
+        family = detect(path)
+        cls = pipeline_class(family, "txt2img")
+        kwargs: dict[str, Any] = {**dtype_kwargs(self.dtype), "local_files_only": True}
+        if family.name == "sdxl":
+            kwargs["add_watermarker"] = False
+        else:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            if entry.kind == "folder":
+                pipe = cls.from_pretrained(str(path), **kwargs)
+            else:
+                config = self._config_dir(entry, family)
+                pipe = cls.from_single_file(str(path), config=str(config), **kwargs)
+        except (ModelLoadError, ModelNotFoundError):
+            raise
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            raise OutOfMemoryError(f"out of host memory loading {entry.name}") from exc
+        except (
+            Exception
+        ) as exc:  # diffusers raises OSError, ValueError, KeyError, SafetensorError...
+            raise ModelLoadError(f"cannot load {entry.name}: {type(exc).__name__}: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        for comp in pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                comp.eval().requires_grad_(False)
+        nbytes = module_bytes(pipe)
+        timings.ram_ms += (time.perf_counter() - started) * 1000
+        log.info(
+            "loaded %s (%s) into RAM: %d bytes in %.0f ms",
+            entry.name,
+            family.label,
+            nbytes,
+            timings.ram_ms,
+        )
+        if entry.sha256 is None and self.source.local_path(entry.key) is not None:
+            self._executor.submit(self._hash_local, entry, path)
+        return _Loaded(entry=entry, family=family, pipe=pipe, bytes=nbytes)
+
+    def _hash_local(self, entry: ModelEntry, path: Path) -> None:
+        """A1111 hash of a model in a local folder, computed off the render path."""
+        try:
+            if entry.kind == "folder":
+                sha = folder_sha256(
+                    (entry.relpath(o), file_sha256(path / entry.relpath(o))) for o in entry.files
+                )
+            else:
+                sha = file_sha256(path)
+        except OSError as exc:
+            log.warning("cannot hash %s: %s", path, exc)
+            return
+        self._remember_hash(entry, sha)
+
+    def _trim_ram(self) -> None:
+        """Evict least recently used, unpinned RAM models over budget. Lock held."""
+        for key in list(self._ram):
+            if sum(m.bytes for m in self._ram.values()) <= self.limits.ram_bytes:
+                return
+            loaded = self._ram[key]
+            if loaded.pins:
+                continue
+            log.info("RAM tier: evicting %s (%d bytes)", loaded.entry.name, loaded.bytes)
+            del self._ram[key]
+            self._gpu.pop(key, None)
+
+    # --- device tier ------------------------------------------------------
+
+    def _ensure_device(self, loaded: _Loaded, timings: LoadTimings) -> Any:
+        if not self.on_cuda:
+            loaded.device_pipe = loaded.pipe
+            return loaded.pipe
+        key = loaded.entry.key
+        with self._lock:
+            if key in self._gpu and loaded.device_pipe is not None:
+                self._gpu.move_to_end(key)
+                return loaded.device_pipe
+            future = self._gpu_inflight.get(key)
+            owner = future is None
+            if owner:
+                future = Future()
+                self._gpu_inflight[key] = future
+                self._trim_gpu(need=loaded.bytes)
+        assert future is not None
+        if not owner:
+            future.result()
+            return loaded.device_pipe
+        started = time.perf_counter()
+        try:
+            loaded.device_pipe = self._to_device(loaded)
+        except BaseException as exc:
+            with self._lock:
+                del self._gpu_inflight[key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self._gpu[key] = loaded
+            del self._gpu_inflight[key]
+        future.set_result(None)
+        timings.device_ms += (time.perf_counter() - started) * 1000
+        return loaded.device_pipe
+
+    def _to_device(self, loaded: _Loaded) -> Any:
+        import torch
+
+        try:
+            pipe = clone_pipeline(loaded.pipe, self.device, self.dtype)
+            if self.channels_last:
+                pipe.unet.to(memory_format=torch.channels_last)
+            torch.cuda.synchronize(self.device)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"out of GPU memory moving {loaded.entry.name} ({loaded.bytes} bytes) to {self.device}"
+            ) from exc
+        return pipe
+
+    def _trim_gpu(self, need: int) -> None:
+        """Evict least recently used, unpinned GPU models until `need` fits. Lock held."""
+        import torch
+
+        freed = False
+        for key in list(self._gpu):
+            if sum(m.bytes for m in self._gpu.values()) + need <= self.gpu_bytes:
+                break
+            loaded = self._gpu[key]
+            if loaded.pins:
+                continue
+            log.info("GPU tier: evicting %s (%d bytes)", loaded.entry.name, loaded.bytes)
+            del self._gpu[key]
+            loaded.device_pipe = None
+            freed = True
+        if freed:
+            torch.cuda.empty_cache()
+
+    # --- public: leases, prefetch, state ------------------------------------
+
+    def acquire(self, requested: str, kind: PipelineKind = "txt2img") -> ModelLease:
+        """The model on the device, pinned, as a fresh pipeline of `kind`. Call `release()`."""
+        started = time.perf_counter()
+        entry = self.resolve(requested)
+        timings = LoadTimings(found_in=self._tier_of(entry))
+        loaded = self._ensure_ram(entry, timings)
+        with self._lock:
+            loaded.pins += 1
+        try:
+            device_pipe = self._ensure_device(loaded, timings)
+            tokenizers = self._take_tokenizers(loaded, device_pipe)
+            pipe = derive(device_pipe, loaded.family, kind, **tokenizers)
+        except BaseException:
+            self._unpin(loaded)
+            raise
+        timings.total_ms = (time.perf_counter() - started) * 1000
+        entry = loaded.entry
+
+        def release(lease: ModelLease) -> None:
+            with self._lock:
+                loaded.tokenizers.append(tokenizers)
+            self._unpin(loaded)
+
+        return ModelLease(
+            name=entry.name,
+            title=entry.title,
+            hash=entry.hash,
+            sha256=entry.sha256,
+            family=loaded.family,
+            kind=kind,
+            pipeline=pipe,
+            timings=timings,
+            device=self.device,
+            _release=release,
+        )
+
+    @contextmanager
+    def use(self, requested: str, kind: PipelineKind = "txt2img") -> Iterator[ModelLease]:
+        lease = self.acquire(requested, kind)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def _take_tokenizers(self, loaded: _Loaded, pipe: Any) -> dict[str, Any]:
+        with self._lock:
+            if loaded.tokenizers:
+                return loaded.tokenizers.pop()
+        return {
+            name: copy.deepcopy(comp)
+            for name, comp in pipe.components.items()
+            if name.startswith("tokenizer") and comp is not None
+        }
+
+    def _unpin(self, loaded: _Loaded) -> None:
+        with self._lock:
+            loaded.pins -= 1
+            if not loaded.pins:
+                self._trim_ram()
+
+    def load(self, requested: str) -> LoadTimings:
+        """Bring a model onto the device now (warm-up), without rendering."""
+        with self.use(requested) as lease:
+            return lease.timings
+
+    def prefetch(self, requested: str) -> Future[LoadTimings]:
+        """Bring a model to disk and RAM in the background (not onto the GPU).
+
+        The name is resolved first, so an unknown model raises here, at once.
+        """
+        entry = self.resolve(requested)
+
+        def run() -> LoadTimings:
+            started = time.perf_counter()
+            timings = LoadTimings(found_in=self._tier_of(entry))
+            self._ensure_ram(entry, timings)
+            timings.total_ms = (time.perf_counter() - started) * 1000
+            return timings
+
+        future = self._executor.submit(run)
+
+        def report(done: Future[LoadTimings]) -> None:
+            exc = done.exception()
+            if exc is not None:
+                log.warning("prefetch of %s failed: %s", entry.name, exc)
+
+        future.add_done_callback(report)
+        return future
+
+    def _tier_of(self, entry: ModelEntry) -> Tier:
+        with self._lock:
+            loaded = self._ram.get(entry.key)
+            if loaded is not None:
+                if not self.on_cuda or entry.key in self._gpu:
+                    return "gpu"
+                return "ram"
+        if self.source.local_path(entry.key) is not None or self.disk.get(entry) is not None:
+            return "disk"
+        return "source"
+
+    def state(self) -> dict[str, Any]:
+        """Models per tier for `GET /v1/state` (A1111 names, most recently used last)."""
+        with self._lock:
+            ram = [m.entry.name for m in self._ram.values()]
+            gpu = [m.entry.name for m in self._gpu.values()] if self.on_cuda else list(ram)
+            loading = sorted({k for k in self._ram_inflight} | {k for k in self._gpu_inflight})
+            ram_bytes = sum(m.bytes for m in self._ram.values())
+            gpu_bytes = sum(m.bytes for m in self._gpu.values()) if self.on_cuda else ram_bytes
+            pinned = [m.entry.name for m in self._ram.values() if m.pins]
+        catalog = self._catalog
+        by_key = {e.key: e.name for e in catalog.checkpoints} if catalog else {}
+        if self.source.local_path("") is not None:
+            disk = sorted(by_key.values())
+        else:
+            disk = [by_key[k] for k in self.disk.keys() if k in by_key]
+        return {
+            "device": self.device,
+            "dtype": self.dtype_name,
+            "gpu": gpu,
+            "ram": ram,
+            "disk": disk,
+            "loading": [k.removeprefix(MODELS_CHECKPOINT_PREFIX).rstrip("/") for k in loading],
+            "in_use": pinned,
+            "bytes": {"gpu": gpu_bytes, "ram": ram_bytes, "disk": self.disk.used_bytes},
+            "budget_bytes": {
+                "gpu": self.gpu_bytes if self.on_cuda else self.limits.ram_bytes,
+                "ram": self.limits.ram_bytes,
+                "disk": self.limits.disk_bytes,
+            },
+        }
+
+
+def _version(entry: ModelEntry) -> tuple[str, tuple[str | None, ...]]:
+    return entry.key, tuple(f"{o.key}:{o.size}:{o.etag}" for o in entry.files)
