@@ -1,0 +1,315 @@
+"""The one stack: builds each concern's construct and wires grants between them."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import Aws, CfnOutput, Stack
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from infra import k8s, nag
+from infra.autoscaling import Karpenter, Keda
+from infra.cluster import Cluster
+from infra.config import DeployConfig
+from infra.images import Images
+from infra.messaging import Messaging
+from infra.state import TaskState
+from infra.storage import Storage
+from infra.workloads import Workloads
+from sdeks.names import REJECTED_PREFIX
+
+#: Name prefix of the temporary callback queues `sdeks submit --wait` creates (sdeks.client).
+CLI_QUEUE_PREFIX = "sdeks-cli-"
+
+
+class SdeksStack(Stack):
+    def __init__(
+        self, scope: Construct, id: str, *, config: DeployConfig, **kwargs: object
+    ) -> None:
+        super().__init__(scope, id, **kwargs)  # type: ignore[arg-type]
+        names = config.names
+
+        storage = Storage(
+            self,
+            "Storage",
+            names=names,
+            models_bucket_name=config.models_bucket_name,
+            output_expiry_days=config.output_expiry_days,
+            destroy_data_on_delete=config.destroy_data_on_delete,
+        )
+        messaging = Messaging(self, "Messaging", names=names, runtimes=config.runtime_names)
+        state = TaskState(
+            self, "State", names=names, destroy_data_on_delete=config.destroy_data_on_delete
+        )
+        cluster = Cluster(
+            self,
+            "Cluster",
+            name=names.prefix,
+            kubernetes_version=config.kubernetes_version,
+            system_instance_type=config.system_instance_type,
+            system_nodes=config.system_nodes,
+            nat_gateways=config.nat_gateways,
+            api_allowed_cidrs=config.api_allowed_cidrs,
+            admin_principal_arns=config.admin_principal_arns,
+        )
+        longest_task_s = max(r.task_time_limit_s for r in config.runtimes)
+        karpenter = Karpenter(
+            self,
+            "Karpenter",
+            cluster=cluster,
+            version=config.karpenter_version,
+            gpu_instance_types=config.gpu_instance_types,
+            gpu_limit=sum(r.max_replicas for r in config.runtimes),
+            # Pods drain within their grace period; the node waits a little longer.
+            drain_s=k8s.grace_period_s(longest_task_s) + 300,
+        )
+        keda = Keda(self, "Keda", cluster=cluster, version=config.keda_version)
+        images = Images(
+            self,
+            "Images",
+            dispatcher_image=config.dispatcher_image,
+            runtime_image=config.runtime_image,
+        )
+
+        queues = messaging.runtime_queues
+        link_buckets = [
+            storage.models_bucket.bucket_name,
+            storage.output_bucket.bucket_name,
+            *config.extra_link_buckets,
+        ]
+        models_uri = f"s3://{storage.models_bucket.bucket_name}"
+        workloads = Workloads(
+            self,
+            "Workloads",
+            cluster=cluster,
+            config=config,
+            dispatcher_image=images.dispatcher_uri,
+            runtime_image=images.runtime_uri,
+            common_env={
+                "SDEKS_CALLBACK_TOPIC_ARN": messaging.callback_topic.topic_arn,
+                "SDEKS_OUTPUT_BUCKET": storage.output_bucket.bucket_name,
+                "SDEKS_TASK_TABLE": state.table.table_name,
+                "SDEKS_LOG_FORMAT": "json",
+                "AWS_REGION": Aws.REGION,
+            },
+            dispatcher_env={
+                "SDEKS_QUEUES": json.dumps({r: q.queue.queue_url for r, q in queues.items()}),
+                "SDEKS_CATCH_ALL_QUEUE_URL": messaging.catch_all.queue.queue_url,
+                "SDEKS_S3_ALLOW_BUCKETS": json.dumps(link_buckets),
+            },
+            queue_urls={r: q.queue.queue_url for r, q in queues.items()},
+            models_uri=models_uri,
+        )
+        # Pods in the namespace must not start before their Pod Identity associations
+        # (they would get no credentials); KEDA objects need the KEDA CRDs.
+        workloads.objects.node.add_dependency(
+            workloads.dispatcher_role, workloads.runtime_role, keda.chart, karpenter.gpu_pool
+        )
+
+        grant_data_plane(
+            dispatcher=workloads.dispatcher_role,
+            runtime=workloads.runtime_role,
+            keda=keda.operator_role,
+            storage=storage,
+            messaging=messaging,
+            state=state,
+            extra_link_buckets=config.extra_link_buckets,
+        )
+        client_policy = client_managed_policy(
+            self,
+            "ClientPolicy",
+            name=f"{names.prefix}-client",
+            storage=storage,
+            messaging=messaging,
+        )
+        self._outputs(config, storage, messaging, state, cluster, client_policy)
+        self.storage, self.messaging, self.state, self.cluster = storage, messaging, state, cluster
+        self.karpenter, self.keda, self.workloads = karpenter, keda, workloads
+
+    def _outputs(
+        self,
+        config: DeployConfig,
+        storage: Storage,
+        messaging: Messaging,
+        state: TaskState,
+        cluster: Cluster,
+        client_policy: iam.ManagedPolicy,
+    ) -> None:
+        first = config.runtimes[0]
+        message = json.dumps(
+            {
+                "task": {
+                    "metadata": {
+                        "id": "first-task",
+                        "runtime": first.name,
+                        "tasktype": "text-to-image",
+                        "prefix": "output",
+                    },
+                    "content": {"prompt": "a lighthouse at dawn", "steps": 20},
+                }
+            },
+            separators=(",", ":"),
+        )
+        attrs = json.dumps({"runtime": {"DataType": "String", "StringValue": first.name}})
+        outputs = {
+            "TaskTopicArn": messaging.task_topic.topic_arn,
+            "CallbackTopicArn": messaging.callback_topic.topic_arn,
+            "OutputBucketName": storage.output_bucket.bucket_name,
+            "ModelsBucketName": storage.models_bucket.bucket_name,
+            "TaskTableName": state.table.table_name,
+            "ClusterName": cluster.name,
+            "ClientPolicyArn": client_policy.managed_policy_arn,
+            "KubeconfigCommand": (
+                f"aws eks update-kubeconfig --region {Aws.REGION} --name {cluster.name}"
+            ),
+            "PublishFirstTaskCommand": (
+                f"aws sns publish --region {Aws.REGION} --topic-arn "
+                f"{messaging.task_topic.topic_arn} --message '{message}' "
+                f"--message-attributes '{attrs}'"
+            ),
+        }
+        for key, value in outputs.items():
+            CfnOutput(self, key, value=value)
+
+
+def _send_and_receive(queues: list[str]) -> iam.PolicyStatement:
+    # Batch variants (DeleteMessageBatch, ChangeMessageVisibilityBatch, ...) are
+    # authorized by these same action names.
+    return iam.PolicyStatement(
+        actions=[
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueAttributes",
+            "sqs:SendMessage",
+        ],
+        resources=queues,
+    )
+
+
+def _use_key(*keys: str) -> iam.PolicyStatement:
+    """Encrypt into / decrypt from KMS-encrypted topics and queues (SSE data keys)."""
+    return iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Decrypt"], resources=list(keys))
+
+
+def grant_data_plane(
+    *,
+    dispatcher: iam.Role,
+    runtime: iam.Role,
+    keda: iam.Role,
+    storage: Storage,
+    messaging: Messaging,
+    state: TaskState,
+    extra_link_buckets: list[str],
+) -> None:
+    """Least privilege for the pods, on exact ARNs; no statement has a bare `*` resource."""
+    callback = messaging.callback_topic.topic_arn
+    runtime_queues = [q.queue.queue_arn for q in messaging.runtime_queues.values()]
+    all_queues = [q.queue.queue_arn for q in messaging.all_pairs]
+
+    # 1. Dispatcher: consume every task queue, forward catch-all tasks to runtime queues,
+    #    publish failure callbacks, resolve s3:// image links, keep rejected messages.
+    link_objects = [
+        storage.models_bucket.arn_for_objects("*"),
+        storage.output_bucket.arn_for_objects("*"),
+        *(f"arn:{Aws.PARTITION}:s3:::{b}/*" for b in extra_link_buckets),
+    ]
+    for statement in (
+        _send_and_receive(all_queues),
+        _use_key(messaging.queue_key.key_arn, messaging.topic_key.key_arn),
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[callback]),
+        iam.PolicyStatement(actions=["s3:GetObject"], resources=link_objects),
+        iam.PolicyStatement(
+            actions=["s3:PutObject"],
+            resources=[storage.output_bucket.arn_for_objects(f"{REJECTED_PREFIX}*")],
+        ),
+    ):
+        dispatcher.add_to_principal_policy(statement)
+    state.table.grant_read_write_data(dispatcher)
+    nag.acknowledge(
+        dispatcher,
+        "Object ARNs: `s3://` image links may name any key of the allow-listed buckets "
+        "(GetObject only), and rejected messages are kept under `rejected/` (PutObject only).",
+        *nag.bucket_objects(storage.models_bucket),
+        *nag.bucket_objects(storage.output_bucket),
+        *nag.bucket_objects(storage.output_bucket, f"{REJECTED_PREFIX}*"),
+        *(nag.literal_bucket_objects(b) for b in extra_link_buckets),
+    )
+
+    # 2. Runtime pods: read models, write outputs, publish callbacks, record status.
+    for statement in (
+        iam.PolicyStatement(
+            actions=["s3:ListBucket"], resources=[storage.models_bucket.bucket_arn]
+        ),
+        iam.PolicyStatement(
+            actions=["s3:GetObject"], resources=[storage.models_bucket.arn_for_objects("*")]
+        ),
+        iam.PolicyStatement(
+            actions=["s3:PutObject"], resources=[storage.output_bucket.arn_for_objects("*")]
+        ),
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[callback]),
+        _use_key(messaging.topic_key.key_arn),
+    ):
+        runtime.add_to_principal_policy(statement)
+    state.table.grant_read_write_data(runtime)
+    nag.acknowledge(
+        runtime,
+        "Object ARNs: pods read any checkpoint under the models bucket's A1111 folders and "
+        "write `{prefix}/{id}/...` outputs, whose prefix each task chooses.",
+        *nag.bucket_objects(storage.models_bucket),
+        *nag.bucket_objects(storage.output_bucket),
+    )
+
+    # 3. KEDA's operator reads queue depth (visible + in-flight) of each runtime queue.
+    keda.add_to_principal_policy(
+        iam.PolicyStatement(actions=["sqs:GetQueueAttributes"], resources=runtime_queues)
+    )
+
+
+def client_managed_policy(
+    scope: Construct, id: str, *, name: str, storage: Storage, messaging: Messaging
+) -> iam.ManagedPolicy:
+    """What a user or app needs to publish tasks, wait for callbacks and read outputs."""
+    policy = iam.ManagedPolicy(
+        scope,
+        id,
+        managed_policy_name=name,
+        description="sdeks: publish tasks, wait for callbacks (sdeks submit --wait), read outputs",
+        statements=[
+            iam.PolicyStatement(
+                actions=["sns:Publish"], resources=[messaging.task_topic.topic_arn]
+            ),
+            # Both topics are encrypted: publishing needs a data key.
+            _use_key(messaging.topic_key.key_arn),
+            iam.PolicyStatement(
+                actions=["sns:Subscribe", "sns:Unsubscribe"],
+                resources=[messaging.callback_topic.topic_arn],
+            ),
+            # `sdeks submit --wait` listens on a temporary queue it names sdeks-cli-<random>.
+            iam.PolicyStatement(
+                actions=[
+                    "sqs:CreateQueue",
+                    "sqs:DeleteQueue",
+                    "sqs:GetQueueAttributes",
+                    "sqs:SetQueueAttributes",
+                    "sqs:ReceiveMessage",
+                    "sqs:DeleteMessage",
+                ],
+                resources=[
+                    f"arn:{Aws.PARTITION}:sqs:{Aws.REGION}:{Aws.ACCOUNT_ID}:{CLI_QUEUE_PREFIX}*"
+                ],
+            ),
+            iam.PolicyStatement(
+                actions=["s3:GetObject"], resources=[storage.output_bucket.arn_for_objects("*")]
+            ),
+        ],
+    )
+    nag.acknowledge(
+        policy,
+        "Clients read any output (keys are chosen per task) and create their own temporary "
+        f"callback queues, named `{CLI_QUEUE_PREFIX}<random>` at run time.",
+        *nag.bucket_objects(storage.output_bucket),
+        f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:sqs:<AWS::Region>:<AWS::AccountId>:{CLI_QUEUE_PREFIX}*]",
+    )
+    return policy

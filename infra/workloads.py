@@ -1,0 +1,153 @@
+"""The sdeks workloads on the cluster: the dispatcher and one GPU pool per runtime."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import Aws
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from infra import k8s
+from infra.cluster import Cluster
+from infra.config import DeployConfig
+
+DISPATCHER_SERVICE_ACCOUNT = "sdeks-dispatcher"
+RUNTIME_SERVICE_ACCOUNT = "sdeks-runtime"
+
+
+class Workloads(Construct):
+    """Namespace, service accounts (Pod Identity roles as attributes), Deployments, Services,
+    PodDisruptionBudgets and KEDA ScaledObjects.
+
+    `common_env`, `dispatcher_env` and `queue_urls` carry CloudFormation tokens; the
+    manifests are rendered by `infra.k8s` and applied through the kubectl provider.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        cluster: Cluster,
+        config: DeployConfig,
+        dispatcher_image: str,
+        runtime_image: str,
+        common_env: dict[str, str],
+        dispatcher_env: dict[str, str],
+        queue_urls: dict[str, str],
+        models_uri: str,
+    ) -> None:
+        super().__init__(scope, id)
+        ns = config.namespace
+        self.dispatcher_role: iam.Role = cluster.pod_identity_role(
+            self, "DispatcherRole", namespace=ns, service_account=DISPATCHER_SERVICE_ACCOUNT
+        )
+        self.runtime_role: iam.Role = cluster.pod_identity_role(
+            self, "RuntimeRole", namespace=ns, service_account=RUNTIME_SERVICE_ACCOUNT
+        )
+        self.manifests: list[dict] = render(
+            config=config,
+            dispatcher_image=dispatcher_image,
+            runtime_image=runtime_image,
+            common_env=common_env,
+            dispatcher_env=dispatcher_env,
+            queue_urls=queue_urls,
+            models_uri=models_uri,
+            region=Aws.REGION,
+        )
+        namespace, *rest = self.manifests
+        self.namespace: eks.KubernetesManifest = cluster.cluster.add_manifest(
+            "SdeksNamespace", namespace
+        )
+        self.objects: eks.KubernetesManifest = cluster.cluster.add_manifest("SdeksWorkloads", *rest)
+        self.objects.node.add_dependency(self.namespace)
+
+
+def render(
+    *,
+    config: DeployConfig,
+    dispatcher_image: str,
+    runtime_image: str,
+    common_env: dict[str, str],
+    dispatcher_env: dict[str, str],
+    queue_urls: dict[str, str],
+    models_uri: str,
+    region: str,
+) -> list[dict]:
+    """Every workload manifest, namespace first. Pure: tests call it with plain strings."""
+    ns = config.namespace
+    longest_task_s = max(r.task_time_limit_s for r in config.runtimes)
+    services = {r.name: k8s.runtime_workload_name(r.name) for r in config.runtimes}
+    manifests: list[dict] = [
+        k8s.namespace(ns),
+        k8s.service_account(name=DISPATCHER_SERVICE_ACCOUNT, namespace=ns),
+        k8s.service_account(name=RUNTIME_SERVICE_ACCOUNT, namespace=ns),
+        *k8s.dispatcher_rbac(namespace=ns, service_account=DISPATCHER_SERVICE_ACCOUNT),
+        k8s.dispatcher_deployment(
+            namespace=ns,
+            image=dispatcher_image,
+            env={
+                **common_env,
+                **dispatcher_env,
+                "SDEKS_DISCOVERY": "kubernetes",
+                "SDEKS_K8S_NAMESPACE": ns,
+                "SDEKS_K8S_SERVICES": json.dumps(services, sort_keys=True),
+                "SDEKS_METRICS_PORT": str(k8s.DISPATCHER_METRICS_PORT),
+            },
+            replicas=config.dispatcher_replicas,
+            service_account=DISPATCHER_SERVICE_ACCOUNT,
+            task_time_limit_s=longest_task_s,
+        ),
+        k8s.pod_disruption_budget(
+            name=k8s.DISPATCHER,
+            namespace=ns,
+            labels=k8s._labels(k8s.DISPATCHER),
+            minAvailable=1,
+        ),
+        k8s.keda_trigger_authentication(namespace=ns),
+    ]
+    for runtime in config.runtimes:
+        name = k8s.runtime_workload_name(runtime.name)
+        env = {
+            **common_env,
+            "SDEKS_RUNTIME": runtime.name,
+            "SDEKS_DEFAULT_MODEL": runtime.default_model,
+            "SDEKS_MODELS": models_uri,
+            "SDEKS_DEVICE": "cuda",
+            "SDEKS_CACHE_DIR": "/var/cache/sdeks",
+            "SDEKS_DYNAMIC_MODELS": "true" if runtime.dynamic_models else "false",
+            "SDEKS_TASK_TIME_LIMIT_S": str(runtime.task_time_limit_s),
+            "HF_HUB_OFFLINE": "1",
+        }
+        manifests += [
+            k8s.runtime_deployment(
+                namespace=ns,
+                runtime=runtime.name,
+                image=runtime_image,
+                env=env,
+                models_uri=models_uri,
+                instance_types=runtime.instance_types,
+                service_account=RUNTIME_SERVICE_ACCOUNT,
+                task_time_limit_s=runtime.task_time_limit_s,
+                cpu=runtime.cpu,
+                memory=runtime.memory,
+            ),
+            k8s.runtime_service(namespace=ns, runtime=runtime.name),
+            # One pod at a time may be evicted (node consolidation, upgrades); each
+            # evicted pod still drains its running job within its grace period.
+            k8s.pod_disruption_budget(
+                name=name, namespace=ns, labels=k8s.runtime_labels(runtime.name), maxUnavailable=1
+            ),
+            k8s.runtime_scaled_object(
+                namespace=ns,
+                runtime=runtime.name,
+                queue_url=queue_urls[runtime.name],
+                region=region,
+                min_replicas=runtime.min_replicas,
+                max_replicas=runtime.max_replicas,
+                tasks_per_replica=runtime.tasks_per_replica,
+            ),
+        ]
+    return manifests
