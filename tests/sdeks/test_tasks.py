@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 
@@ -29,6 +30,31 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(autouse=True)
+def atomic_dynamodb_writes(monkeypatch):
+    """Give moto DynamoDB's per-item atomicity of conditional writes.
+
+    moto's server handles each request on its own thread and checks a
+    condition, then applies the write, with no lock between: two racing
+    conditional writes to one item can both succeed (seen here about half the
+    time). DynamoDB makes each conditional write atomic, and the claim relies on
+    exactly that. Serializing moto's writes restores the guarantee, so these
+    tests check our conditions, not moto's threading. The local stack needs the
+    same (reported in issue 5).
+    """
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(self, *args, _original=original, **kwargs):
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(DynamoDBBackend, name, locked)
 
 
 def create_task_table(dynamodb) -> str:

@@ -1,0 +1,252 @@
+"""Reporter: claim-then-publish on the embedded stack, callbacks read back from an
+SQS queue subscribed to the callback topic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from sdeks import aws as sdeks_aws
+from sdeks.aws import aio_client
+from sdeks.callback import Callback, TaskStatus
+from sdeks.lifecycle import Reporter, describe, estimate_eta_s
+from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable
+from tests.sdeks.test_tasks import (  # noqa: F401 (an autouse fixture)
+    FakeClock,
+    atomic_dynamodb_writes,
+    create_task_table,
+    finished,
+    make_task,
+)
+
+
+@pytest.fixture(scope="module")
+def aws(moto_endpoint):
+    """boto3 clients built once: building them is most of a test's setup time."""
+    return SimpleNamespace(
+        **{n: sdeks_aws.client(n, endpoint_url=moto_endpoint) for n in ("sns", "sqs", "dynamodb")}
+    )
+
+
+@pytest.fixture
+def stack(aws):
+    """The part of the stack a reporter needs: a callback topic of its own."""
+    name = f"cb-{uuid.uuid4().hex[:10]}"
+    return SimpleNamespace(callback_topic_arn=aws.sns.create_topic(Name=name)["TopicArn"])
+
+
+@pytest.fixture
+def callbacks_queue(aws, stack) -> str:
+    """Everything published to the callback topic lands here."""
+    url = aws.sqs.create_queue(QueueName=f"q-{uuid.uuid4().hex[:10]}")["QueueUrl"]
+    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    aws.sns.subscribe(TopicArn=stack.callback_topic_arn, Protocol="sqs", Endpoint=arn)
+    return url
+
+
+def published(aws, queue_url: str) -> list[Callback]:
+    out = []
+    while True:
+        got = aws.sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)
+        messages = got.get("Messages", [])
+        if not messages:
+            return out
+        for message in messages:
+            out.append(Callback.model_validate_json(json.loads(message["Body"])["Message"]))
+            aws.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+@pytest.fixture
+async def clients(moto_endpoint):
+    async with (
+        aio_client("sns", endpoint_url=moto_endpoint) as sns,
+        aio_client("dynamodb", endpoint_url=moto_endpoint) as ddb,
+    ):
+        yield sns, ddb
+
+
+@pytest.fixture
+def table_name(aws) -> str:
+    return create_task_table(aws.dynamodb)
+
+
+@pytest.fixture
+def table(clients, table_name) -> TaskTable:
+    return TaskTable(clients[1], table_name)
+
+
+@pytest.fixture
+def reporter(clients, stack, table) -> Reporter:
+    return Reporter(clients[0], stack.callback_topic_arn, table=table)
+
+
+async def test_finish_race_publishes_exactly_one_callback(
+    aws, clients, stack, table_name, callbacks_queue
+):
+    # GIVEN two services with their own reporters racing to end the same task
+    sns, ddb = clients
+    pod = Reporter(sns, stack.callback_topic_arn, table=TaskTable(ddb, table_name))
+    dispatcher = Reporter(sns, stack.callback_topic_arn, table=TaskTable(ddb, table_name))
+    task = make_task()
+    await pod.table.record_queued(task)
+    await pod.running(task, pod="pod-a")
+
+    # WHEN both finish at once
+    results = await asyncio.gather(
+        pod.finish(finished(status=TaskStatus.SUCCEEDED)),
+        dispatcher.finish(finished(status=TaskStatus.FAILED)),
+    )
+
+    # THEN exactly one callback is on the topic: the winner's
+    assert sorted(results) == [False, True]
+    callbacks = published(aws, callbacks_queue)
+    assert [c.status for c in callbacks] == [
+        [TaskStatus.SUCCEEDED, TaskStatus.FAILED][results.index(True)]
+    ]
+    # and a late third attempt (a redelivery) publishes nothing
+    assert not await pod.finish(finished(status=TaskStatus.FAILED))
+    assert published(aws, callbacks_queue) == []
+    assert (await pod.table.get(task.id)).callback_published is True
+
+
+async def test_finish_without_table_publishes_every_time(aws, clients, stack, callbacks_queue):
+    # The weaker guarantee without a table: at-least-once.
+    reporter = Reporter(clients[0], stack.callback_topic_arn)
+    assert await reporter.finish(finished())
+    assert await reporter.finish(finished())
+    assert len(published(aws, callbacks_queue)) == 2
+
+
+async def test_finish_refuses_a_running_status(reporter):
+    with pytest.raises(ValueError, match="terminal"):
+        await reporter.finish(Callback(id="t-1", status=TaskStatus.RUNNING))
+
+
+async def test_running_callback_only_when_switched_on(aws, clients, stack, table, callbacks_queue):
+    quiet = Reporter(clients[0], stack.callback_topic_arn, table=table)
+    chatty = Reporter(clients[0], stack.callback_topic_arn, table=table, publish_running=True)
+    first, second = make_task("r-1"), make_task("r-2")
+    await table.record_queued(first)
+    await table.record_queued(second)
+
+    assert await quiet.running(first, pod="pod-a", total_steps=10)
+    assert await chatty.running(second, pod="pod-a", total_steps=10)
+
+    callbacks = published(aws, callbacks_queue)
+    assert [(c.id, c.status) for c in callbacks] == [("r-2", TaskStatus.RUNNING)]
+    assert callbacks[0].context == {"user": "u1"}
+    assert (await table.get("r-1")).status is TaskStatus.RUNNING
+
+
+async def test_cancel_while_queued_publishes_one_cancelled_callback(
+    aws, reporter, table, callbacks_queue
+):
+    task = make_task()
+    await table.record_queued(task)
+
+    assert await reporter.cancel(task.id) is CancelOutcome.CANCELLED
+
+    callbacks = published(aws, callbacks_queue)
+    assert [(c.id, c.status, c.error.code) for c in callbacks] == [
+        ("t-1", TaskStatus.CANCELLED, "cancelled")
+    ]
+    assert callbacks[0].context == {"user": "u1"}
+    # The dispatcher then receives the message: the pod refuses to start it,
+    # and a failure report for it publishes nothing.
+    assert not await reporter.running(task, pod="pod-a")
+    assert not await reporter.finish(finished(status=TaskStatus.FAILED))
+    assert await reporter.cancel(task.id) is CancelOutcome.ALREADY_FINISHED
+    assert published(aws, callbacks_queue) == []
+
+
+async def test_cancel_while_running_stops_between_steps(aws, reporter, table, callbacks_queue):
+    task = make_task()
+    await table.record_queued(task)
+    assert await reporter.running(task, pod="pod-a", total_steps=20)
+    assert await reporter.progress(task.id, 1, 20)
+
+    assert await reporter.cancel(task.id) is CancelOutcome.CANCEL_REQUESTED
+    assert published(aws, callbacks_queue) == []  # the pod reports, not the canceller
+
+    reporter._last_progress.clear()  # the next step is past the throttle interval
+    assert not await reporter.progress(task.id, 2, 20)  # the pod's step callback: stop
+    assert await reporter.finish(finished(status=TaskStatus.CANCELLED))
+    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.CANCELLED]
+
+
+async def test_progress_writes_are_throttled(clients, stack, table):
+    clock = FakeClock(100.0)
+    reporter = Reporter(
+        clients[0], stack.callback_topic_arn, table=table, progress_interval_s=1.0, monotonic=clock
+    )
+    task = make_task()
+    await table.record_queued(task)
+    await reporter.running(task, total_steps=10)
+
+    assert await reporter.progress(task.id, 1, 10)
+    clock.now += 0.5
+    assert await reporter.progress(task.id, 2, 10)  # skipped: within the interval
+    assert (await table.get(task.id)).progress_done == 1
+    clock.now += 0.6
+    assert await reporter.progress(task.id, 3, 10)
+    assert (await table.get(task.id)).progress_done == 3
+    clock.now += 0.1
+    assert await reporter.progress(task.id, 10, 10)  # the last step is always written
+    assert (await table.get(task.id)).progress_done == 10
+
+
+async def test_recover_republishes_a_claim_whose_publish_was_lost(
+    aws, reporter, table, callbacks_queue
+):
+    await table.record_queued(make_task())
+    await table.claim_terminal(finished())  # the winner crashed before publishing
+
+    assert await reporter.recover("t-1", stale_after_s=0)
+    assert not await reporter.recover("t-1", stale_after_s=0)  # confirmed now
+
+    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.SUCCEEDED]
+
+
+async def test_describe_gives_queue_position_and_eta(clients, table_name):
+    clock = FakeClock()
+    table = TaskTable(clients[1], table_name, clock=clock)
+    # One finished task of the runtime took 4 s.
+    await table.record_queued(make_task("done"))
+    await table.mark_running("done")
+    clock.now += 4
+    await table.claim_terminal(finished("done"))
+    for n in range(3):
+        clock.now += 1
+        await table.record_queued(make_task(f"w-{n}"))
+
+    view = await describe(table, "w-2")
+
+    assert view.record.status is TaskStatus.QUEUED
+    assert view.queue_position == 2
+    assert view.eta_s == pytest.approx((2 + 1) * 4.0)
+    assert (await describe(table, "w-2", workers=2)).eta_s == pytest.approx((1 + 1) * 4.0)
+    finished_view = await describe(table, "done")
+    assert (finished_view.queue_position, finished_view.eta_s) == (None, 0.0)
+    assert await describe(table, "unknown") is None
+
+
+def test_estimate_eta_running_uses_time_per_step():
+    record = TaskRecord(
+        id="x", status=TaskStatus.RUNNING, started_at=10_000, progress_done=5, progress_total=20
+    )
+    # 5 steps in 2 s: 15 steps left at 0.4 s each.
+    assert estimate_eta_s(record, ahead=0, mean_ms=None, workers=1, now_ms=12_000) == 6.0
+    before_first_step = record.model_copy(update={"progress_done": 0})
+    assert estimate_eta_s(before_first_step, ahead=0, mean_ms=5000, workers=1, now_ms=12_000) == 3
+    assert estimate_eta_s(before_first_step, ahead=0, mean_ms=None, workers=1, now_ms=0) is None
+
+
+def test_estimate_eta_queued_without_history_is_unknown():
+    record = TaskRecord(id="x", status=TaskStatus.QUEUED, received_at=1)
+    assert estimate_eta_s(record, ahead=3, mean_ms=None, workers=1, now_ms=2) is None
