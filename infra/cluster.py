@@ -137,9 +137,11 @@ class Cluster(Construct):
                 )
             ),
         )
+        # A child of the role: whatever depends on the role (a chart, the workloads)
+        # then also waits for the association, without which pods get no credentials.
         association = eks.CfnPodIdentityAssociation(
-            scope,
-            f"{id}Association",
+            role,
+            "PodIdentity",
             cluster_name=self.cluster.cluster_name,
             namespace=namespace,
             service_account=service_account,

@@ -28,6 +28,7 @@ class SdeksStack(Stack):
         self, scope: Construct, id: str, *, config: DeployConfig, **kwargs: object
     ) -> None:
         super().__init__(scope, id, **kwargs)  # type: ignore[arg-type]
+        self.config = config
         names = config.names
 
         storage = Storage(

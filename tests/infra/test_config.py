@@ -1,0 +1,97 @@
+"""The deployment config: defaults, cdk.json, overrides, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.config import ConfigError, DeployConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(context: dict[str, Any], base_dir: Path | None = None) -> DeployConfig:
+    return load_config(context.get, base_dir=base_dir)
+
+
+def test_config_from_cdk_json_is_valid() -> None:
+    context = json.loads((ROOT / "cdk.json").read_text())["context"]
+    config = _load(context)
+    assert config.runtime_names == ["sdruntime"]
+    assert config.runtimes[0].min_replicas == 0
+    assert config.kubernetes_version == "1.34"
+
+
+def test_config_defaults_without_context() -> None:
+    config = _load({})
+    assert config.prefix == "sdeks"
+    assert config.runtimes[0].instance_types == ["g6.xlarge", "g5.xlarge"]
+
+
+def test_config_error_names_the_field_and_value() -> None:
+    # GIVEN a runtime that can never scale up
+    context = {"sdeks": {"runtimes": [{"name": "sd", "defaultModel": "m", "maxReplicas": 0}]}}
+    # THEN the error points at it
+    with pytest.raises(
+        ConfigError, match=r"runtimes\.0\.maxReplicas: .*greater than or equal to 1.*got 0"
+    ):
+        _load(context)
+
+
+def test_config_rejects_min_above_max() -> None:
+    context = {
+        "sdeks": {
+            "runtimes": [{"name": "sd", "defaultModel": "m", "minReplicas": 3, "maxReplicas": 2}]
+        }
+    }
+    with pytest.raises(ConfigError, match=r"minReplicas \(3\) must not exceed maxReplicas \(2\)"):
+        _load(context)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        ({"name": "Bad_Name", "defaultModel": "m"}, "runtime name must be"),
+        ({"name": "sd", "defaultModel": "m", "instanceTypes": ["p4d.24xlarge"]}, "instanceTypes.0"),
+        (
+            {"name": "sd", "defaultModel": "m", "minReplica": 1},
+            "minReplica: Extra inputs are not permitted",
+        ),
+        ({"name": "sd"}, "defaultModel: Field required"),
+    ],
+)
+def test_config_rejects_bad_runtimes(runtime: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load({"sdeks": {"runtimes": [runtime]}})
+
+
+def test_config_rejects_duplicate_runtimes() -> None:
+    runtime = {"name": "sd", "defaultModel": "m"}
+    with pytest.raises(ConfigError, match=r"duplicates \['sd'\]"):
+        _load({"sdeks": {"runtimes": [runtime, runtime]}})
+
+
+def test_config_command_line_keys_override_the_object() -> None:
+    # `-c sdeks:systemNodes=3` arrives as the string "3"
+    config = _load({"sdeks": {"systemNodes": 2}, "sdeks:systemNodes": "3", "sdeks:prefix": "prod"})
+    assert config.system_nodes == 3
+    assert config.names.task_topic == "prod-tasks"
+
+
+def test_config_file_overlays_the_context(tmp_path: Path) -> None:
+    (tmp_path / "deploy.yaml").write_text(
+        "runtimes:\n  - name: anime\n    defaultModel: anything-v5\n    maxReplicas: 8\n"
+        "outputExpiryDays: 7\n"
+    )
+    config = _load({"sdeks": {"prefix": "team"}, "sdeks:config": "deploy.yaml"}, base_dir=tmp_path)
+    assert config.prefix == "team"
+    assert config.runtime_names == ["anime"]
+    assert config.output_expiry_days == 7
+
+
+def test_config_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        _load({"sdeks:config": "nope.yaml"}, base_dir=tmp_path)

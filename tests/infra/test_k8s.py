@@ -1,0 +1,151 @@
+"""Every manifest the app renders, validated offline against the cluster version's schemas."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from infra import k8s
+from infra.config import DeployConfig
+from infra.workloads import render
+from tests.infra.conftest import TEST_CONFIG, Synth, strip_markers
+
+#: Custom resources: kubernetes-validate ships only the built-in schemas, so these are
+#: checked against the fields their controllers require (KEDA 2.x, Karpenter v1 APIs).
+CUSTOM_KINDS: dict[tuple[str, str], list[str]] = {
+    ("keda.sh/v1alpha1", "ScaledObject"): ["spec.scaleTargetRef.name", "spec.triggers"],
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): ["spec.podIdentity.provider"],
+    ("karpenter.sh/v1", "NodePool"): [
+        "spec.template.spec.nodeClassRef.name",
+        "spec.template.spec.requirements",
+    ],
+    ("karpenter.k8s.aws/v1", "EC2NodeClass"): [
+        "spec.role",
+        "spec.amiSelectorTerms",
+        "spec.subnetSelectorTerms",
+        "spec.securityGroupSelectorTerms",
+    ],
+}
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _rendered(config: DeployConfig) -> list[dict[str, Any]]:
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/sdeks-{}-tasks"
+    workloads = render(
+        config=config,
+        dispatcher_image="registry.example/sdeks-dispatcher:1",
+        runtime_image="registry.example/sdeks-runtime:1",
+        common_env={
+            "SDEKS_CALLBACK_TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:sdeks-callbacks",
+            "SDEKS_OUTPUT_BUCKET": "sdeks-outputs-123456789012-us-east-1",
+            "SDEKS_TASK_TABLE": "sdeks-tasks",
+            "SDEKS_LOG_FORMAT": "json",
+            "AWS_REGION": "us-east-1",
+        },
+        dispatcher_env={
+            "SDEKS_QUEUES": json.dumps({r: queue.format(r) for r in config.runtime_names})
+        },
+        queue_urls={r: queue.format(r) for r in config.runtime_names},
+        models_uri="s3://sdeks-models-123456789012-us-east-1",
+        region="us-east-1",
+    )
+    nodes = [
+        k8s.gpu_node_class(
+            node_role="sdeks-karpenter-node",
+            subnet_ids=["subnet-0a", "subnet-0b"],
+            security_group_ids=["sg-0c"],
+            tags={"sdeks.io/cluster": "sdeks"},
+        ),
+        k8s.gpu_node_pool(instance_types=config.gpu_instance_types, gpu_limit=8, drain_s=1200),
+    ]
+    return workloads + nodes
+
+
+def _validate(manifest: dict[str, Any], version: str) -> None:
+    key = (manifest["apiVersion"], manifest["kind"])
+    assert DNS_LABEL.match(manifest["metadata"]["name"]), manifest["metadata"]["name"]
+    if key in CUSTOM_KINDS:
+        for path in CUSTOM_KINDS[key]:
+            value: Any = manifest
+            for part in path.split("."):
+                assert isinstance(value, dict) and part in value, f"{key[1]} lacks {path}"
+                value = value[part]
+            assert value not in (None, "", [], {}), f"{key[1]} has an empty {path}"
+        return
+    kubernetes_validate.validate(manifest, f"{version}.0", strict=True)
+
+
+CONFIG = DeployConfig.model_validate(TEST_CONFIG)
+
+
+@pytest.mark.parametrize(
+    "manifest", _rendered(CONFIG), ids=lambda m: f"{m['kind']}-{m['metadata']['name']}"
+)
+def test_rendered_manifest_is_valid_for_the_cluster_version(manifest: dict[str, Any]) -> None:
+    _validate(manifest, CONFIG.kubernetes_version)
+
+
+def test_manifests_applied_by_the_stack_are_valid(synth: Synth) -> None:
+    # The stack's own manifests, with CloudFormation references replaced by a placeholder.
+    manifests = synth.manifests()
+    kinds = {m["kind"] for m in manifests}
+    assert {
+        "Namespace",
+        "Deployment",
+        "Service",
+        "ScaledObject",
+        "NodePool",
+        "EC2NodeClass",
+    } <= kinds
+    for manifest in manifests:
+        _validate(json.loads(strip_markers(json.dumps(manifest))), synth.config.kubernetes_version)
+
+
+def test_invalid_manifest_is_rejected_by_the_validator() -> None:
+    # GIVEN a Service with a field Kubernetes does not know THEN validation fails (the check bites)
+    service = k8s.runtime_service(namespace="sdeks", runtime="sdruntime")
+    service["spec"]["clusterIp"] = "None"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, f"{CONFIG.kubernetes_version}.0", strict=True)
+
+
+def test_dispatcher_rbac_only_reads_endpoint_slices() -> None:
+    role, binding = k8s.dispatcher_rbac(namespace="sdeks", service_account="sdeks-dispatcher")
+    assert role["kind"] == "Role"  # namespaced, not a ClusterRole
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert binding["subjects"][0]["name"] == "sdeks-dispatcher"
+
+
+def test_grace_period_covers_prestop_a_whole_task_and_upload() -> None:
+    assert k8s.grace_period_s(600) == k8s.PRESTOP_SLEEP_S + 600 + k8s.DRAIN_MARGIN_S
+
+
+def test_runtime_pods_follow_the_restricted_pod_security_profile() -> None:
+    deployment = k8s.runtime_deployment(
+        namespace="sdeks",
+        runtime="sdruntime",
+        image="img",
+        env={},
+        models_uri="s3://models",
+        instance_types=["g6.xlarge"],
+        service_account="sdeks-runtime",
+        task_time_limit_s=600,
+        cpu="3",
+        memory="12Gi",
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
