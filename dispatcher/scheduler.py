@@ -117,6 +117,11 @@ class CostModel:
     disk: float = 15.0
     remote: float = 30.0
 
+    @classmethod
+    def uniform(cls, inference: float, switch: float) -> CostModel:
+        """Every switch costs the same, whatever tier the model sits on (the simulator's pods)."""
+        return cls(inference=inference, gpu=0.0, ram=switch, disk=switch, remote=switch)
+
     def load(self, pod: PodView, model: str) -> float:
         if pod.holds(model):
             return self.gpu
@@ -178,21 +183,33 @@ class AffinityPolicy:
         for task in sorted(state.waiting, key=lambda t: (t.enqueued_at, t.key)):
             if now - task.enqueued_at < self.max_wait or state.servers[task.model] > 0:
                 continue
-            candidates = [p for p in state.free_pods() if state.can_switch(p)]
+            wait = now - task.enqueued_at
+            candidates = [
+                p for p in state.free_pods() if state.may_leave(p, wait, self.max_wait / 2)
+            ]
             if not candidates:
-                break
+                continue
             pod = min(candidates, key=lambda p: state.harm(p, task.model))
             plan.decisions.append(state.assign(pod, task.model))
 
-        # 3 + 4. Affinity, then switching, pod by pod until nothing moves.
-        progress = True
-        while progress:
-            progress = False
+        # 3 + 4. Affinity first; then one switch at a time, the most pressing
+        # model onto the pod that loads it cheapest, until nothing moves.
+        while True:
             for pod in state.free_pods():
-                target = self._choose(state, pod)
-                if target is not None:
+                current = pod.active_model
+                while pod.free_slots > 0 and current is not None and state.backlog[current] > 0:
+                    target = self._stay_or_spread(state, pod)
                     plan.decisions.append(state.assign(pod, target))
-                    progress = True
+                    pod = state.pods[pod.name]
+                    current = pod.active_model
+            best: tuple[tuple[float, ...], PodView, str] | None = None
+            for pod in state.free_pods():
+                choice = self._next_model(state, pod)
+                if choice is not None and (best is None or choice[0] > best[0]):
+                    best = (choice[0], pod, choice[1])
+            if best is None:
+                break
+            plan.decisions.append(state.assign(best[1], best[2]))
 
         # 5. Prefetch for busy pods about to run out of their model.
         for pod in state.pods.values():
@@ -200,25 +217,25 @@ class AffinityPolicy:
                 continue
             if state.backlog[pod.active_model] > 0:
                 continue
-            target = self._next_model(state, pod)
-            if target is not None and target not in pod.ram and not pod.holds(target):
-                plan.decisions.append(Prefetch(pod.name, target))
+            choice = self._next_model(state, pod)
+            if choice is not None and choice[1] not in pod.ram and not pod.holds(choice[1]):
+                plan.decisions.append(Prefetch(pod.name, choice[1]))
 
         plan.wake_at = self._wake_at(state)
         return plan
 
-    def _choose(self, state: _State, pod: PodView) -> str | None:
+    def _stay_or_spread(self, state: _State, pod: PodView) -> str:
         current = pod.active_model
-        if current is not None and state.backlog[current] > 0:
-            # Spread: leave a model others also serve for an unserved one under pressure.
-            if state.servers[current] >= 2:
-                best = state.best_unserved(pod, self.switch_factor)
-                if best is not None:
-                    return best
-            return current
-        return self._next_model(state, pod)
+        assert current is not None
+        # Spread: leave a model others also serve for an unserved one under pressure.
+        if state.servers[current] >= 2:
+            best = state.best_unserved(pod, self.switch_factor)
+            if best is not None:
+                return best
+        return current
 
-    def _next_model(self, state: _State, pod: PodView) -> str | None:
+    def _next_model(self, state: _State, pod: PodView) -> tuple[tuple[float, ...], str] | None:
+        """The model a pod with nothing of its own to do should switch to, with its priority."""
         best: tuple[float, ...] | None = None
         choice = None
         for model, count in state.backlog.items():
@@ -228,10 +245,10 @@ class AffinityPolicy:
             load = state.costs.load(pod, model)
             if servers > 0 and count * state.costs.inference <= servers * load:
                 continue  # the servers it has finish sooner than this pod could help
-            key = (float(servers == 0), count / (servers + 1), -load, -state.oldest(model))
+            key = (float(servers == 0), count / (servers + 1), -state.oldest(model), -load)
             if best is None or key > best:
                 best, choice = key, model
-        return choice
+        return None if best is None or choice is None else (best, choice)
 
     def _wake_at(self, state: _State) -> float | None:
         """The next time a wait bound or a pressure threshold trips without any event."""
@@ -293,9 +310,18 @@ class _State:
     def free_pods(self) -> list[PodView]:
         return [p for p in self.pods.values() if p.free_slots > 0]
 
-    def can_switch(self, pod: PodView) -> bool:
-        # A pod with jobs of its model still in flight cannot change models under them.
-        return pod.free_slots > 0
+    def may_leave(self, pod: PodView, wait: float, margin: float) -> bool:
+        """May `pod` drop its model for a task that has waited `wait`?
+
+        Yes when nothing of its model waits, when another pod serves it too, or
+        when the task has waited `margin` longer than anything of its model.
+        The margin is what stops two starving models from taking a pod back
+        and forth on every job.
+        """
+        current = pod.active_model
+        if current is None or self.backlog[current] <= 0 or self.servers[current] >= 2:
+            return True
+        return wait - (self.now - self.oldest(current)) >= margin
 
     def harm(self, pod: PodView, model: str) -> tuple[float, ...]:
         current = pod.active_model

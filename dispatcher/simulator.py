@@ -1,0 +1,313 @@
+"""A deterministic discrete-event simulator for the scheduling policies.
+
+It drives a `dispatcher.scheduler.Policy` through the same `plan()` calls
+the dispatcher makes, in virtual time: tasks arrive, pods render one job at a
+time (`inference_time`, plus `switch_cost` when the job's model is not the
+pod's active model), and the policy is asked again whenever a task arrives,
+a pod finishes, or the policy asked to be woken. Same inputs, same result.
+
+Driving it from a benchmark::
+
+    from dispatcher.simulator import zipf_workload, simulate, lower_bound, compare
+    from dispatcher.scheduler import AffinityPolicy, CostModel, FifoPolicy
+
+    tasks = zipf_workload(n_tasks=2000, n_models=8, exponent=1.1, seed=0)
+    fifo = simulate(FifoPolicy(), tasks, pods=4, inference_time=1, switch_cost=10)
+    aff = simulate(AffinityPolicy(costs=CostModel.uniform(1, 10), max_wait=120), tasks,
+                   pods=4, inference_time=1, switch_cost=10)
+    aff.throughput / fifo.throughput, aff.makespan / lower_bound(tasks, 4, 1, 10)
+
+    # or the whole grid at once, as rows ready to print:
+    for row in compare(switch_costs=(0, 2, 10, 30)): print(row)
+
+`SimResult` holds makespan, throughput, switches, and waits (max, mean, p95,
+per model). `window` limits the policy's view to the oldest `window` waiting
+tasks, like the dispatcher's bounded window of held messages (None: all).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dispatcher.scheduler import (
+    AffinityPolicy,
+    Assign,
+    CostModel,
+    FifoPolicy,
+    PendingTask,
+    PodView,
+    Policy,
+    Prefetch,
+    Reject,
+)
+
+
+@dataclass(frozen=True)
+class SimTask:
+    key: str
+    model: str
+    arrival: float
+
+
+@dataclass
+class SimResult:
+    policy: str
+    n_tasks: int
+    makespan: float
+    switches: int
+    waits: dict[str, float]  # task key -> seconds from arrival to start
+    models: dict[str, str] = field(default_factory=dict)  # task key -> model
+    rejected: int = 0
+    prefetches: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return self.n_tasks / self.makespan if self.makespan > 0 else math.inf
+
+    @property
+    def max_wait(self) -> float:
+        return max(self.waits.values(), default=0.0)
+
+    @property
+    def mean_wait(self) -> float:
+        return sum(self.waits.values()) / len(self.waits) if self.waits else 0.0
+
+    @property
+    def p95_wait(self) -> float:
+        ordered = sorted(self.waits.values())
+        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else 0.0
+
+    def max_wait_by_model(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for key, wait in self.waits.items():
+            model = self.models[key]
+            out[model] = max(out[model], wait)
+        return dict(sorted(out.items()))
+
+
+def zipf_workload(
+    *,
+    n_tasks: int = 2000,
+    n_models: int = 8,
+    exponent: float = 1.1,
+    seed: int = 0,
+    arrival_rate: float | None = None,
+) -> list[SimTask]:
+    """Tasks whose models follow Zipf(`exponent`) over `n_models` models.
+
+    `arrival_rate` None: every task arrives at time 0 (a burst). Otherwise a
+    Poisson process of that many tasks per time unit.
+    """
+    rng = random.Random(seed)
+    weights = [1.0 / (k**exponent) for k in range(1, n_models + 1)]
+    models = [f"model-{k}" for k in range(1, n_models + 1)]
+    tasks = []
+    now = 0.0
+    for i in range(n_tasks):
+        if arrival_rate:
+            now += rng.expovariate(arrival_rate)
+        tasks.append(SimTask(f"t{i:05d}", rng.choices(models, weights)[0], now))
+    return tasks
+
+
+def lower_bound(
+    tasks: Sequence[SimTask], pods: int, inference_time: float, switch_cost: float
+) -> float:
+    """No schedule finishes sooner: all work spread evenly over the pods, each
+    model loaded at least once (pods start empty), and the last arrival rendered."""
+    if not tasks:
+        return 0.0
+    n_models = len({t.model for t in tasks})
+    work = (len(tasks) * inference_time + n_models * switch_cost) / pods
+    last = max(t.arrival for t in tasks) + inference_time
+    return max(work, last, inference_time + switch_cost)
+
+
+@dataclass
+class _SimPod:
+    name: str
+    active: str | None = None
+    busy_until: float | None = None
+
+
+def simulate(
+    policy: Policy,
+    tasks: Sequence[SimTask],
+    *,
+    pods: int = 4,
+    inference_time: float = 1.0,
+    switch_cost: float = 10.0,
+    window: int | None = None,
+    initial_models: Sequence[str | None] | None = None,
+) -> SimResult:
+    """Run `tasks` through `policy` on `pods` identical single-slot pods."""
+    fleet = [_SimPod(f"pod-{i}") for i in range(pods)]
+    for pod, model in zip(fleet, initial_models or [], strict=False):
+        pod.active = model
+    arrivals = sorted(tasks, key=lambda t: (t.arrival, t.key))
+    by_key = {t.key: t for t in arrivals}
+    waiting: dict[str, SimTask] = {}
+    waits: dict[str, float] = {}
+    switches = rejected = prefetches = 0
+    # Events: (time, order, kind, payload); kind 0 = pod done, 1 = arrival, 2 = wake.
+    events: list[tuple[float, int, int, str]] = []
+    order = 0
+    for task in arrivals:
+        heapq.heappush(events, (task.arrival, order, 1, task.key))
+        order += 1
+    now = 0.0
+    last_finish = 0.0
+    pending_wake: float | None = None
+
+    while events:
+        now = events[0][0]
+        # Apply every event at this instant before asking the policy once.
+        while events and events[0][0] == now:
+            _, _, kind, payload = heapq.heappop(events)
+            if kind == 1:
+                waiting[payload] = by_key[payload]
+            elif kind == 0:
+                pod = fleet[int(payload)]
+                pod.busy_until = None
+            elif kind == 2 and pending_wake == now:
+                pending_wake = None
+        if not waiting:
+            continue
+        visible = sorted(waiting.values(), key=lambda t: (t.arrival, t.key))
+        if window is not None:
+            visible = visible[:window]
+        views = [
+            PodView(
+                name=p.name,
+                free_slots=0 if p.busy_until is not None else 1,
+                active_model=p.active,
+                gpu=frozenset({p.active}) if p.active else frozenset(),
+            )
+            for p in fleet
+        ]
+        plan = policy.plan(now, [PendingTask(t.key, t.model, t.arrival) for t in visible], views)
+        for decision in plan.decisions:
+            if isinstance(decision, Assign):
+                index = int(decision.pod.rsplit("-", 1)[1])
+                pod = fleet[index]
+                task = waiting.pop(decision.task)
+                if pod.busy_until is not None:
+                    raise RuntimeError(f"{policy.name} assigned {task.key} to busy {pod.name}")
+                cost = inference_time
+                if task.model != pod.active:
+                    cost += switch_cost
+                    switches += 1
+                pod.active = task.model
+                pod.busy_until = now + cost
+                last_finish = max(last_finish, pod.busy_until)
+                waits[task.key] = now - task.arrival
+                heapq.heappush(events, (pod.busy_until, order, 0, str(index)))
+                order += 1
+            elif isinstance(decision, Reject):
+                waiting.pop(decision.task, None)
+                rejected += 1
+            elif isinstance(decision, Prefetch):
+                prefetches += 1
+        if plan.wake_at is not None and plan.wake_at > now and pending_wake != plan.wake_at:
+            pending_wake = plan.wake_at
+            heapq.heappush(events, (plan.wake_at, order, 2, ""))
+            order += 1
+        if waiting and not events:
+            raise RuntimeError(
+                f"{policy.name} left {len(waiting)} tasks waiting with idle pods and no wake-up"
+            )
+    return SimResult(
+        policy=policy.name,
+        n_tasks=len(waits),
+        makespan=last_finish,
+        switches=switches,
+        waits=waits,
+        models={k: by_key[k].model for k in waits},
+        rejected=rejected,
+        prefetches=prefetches,
+    )
+
+
+def affinity_for(
+    inference_time: float, switch_cost: float, *, max_wait: float | None = None
+) -> AffinityPolicy:
+    """The affinity policy with costs matching the simulated pods."""
+    return AffinityPolicy(
+        costs=CostModel.uniform(inference_time, switch_cost),
+        max_wait=max_wait
+        if max_wait is not None
+        else default_max_wait(inference_time, switch_cost),
+    )
+
+
+def default_max_wait(inference_time: float, switch_cost: float) -> float:
+    # Long enough for a pod to work through a model's batch, short enough that a
+    # rare model is not starved: a few dozen jobs' worth, or a few switches.
+    return max(60 * inference_time, 6 * switch_cost)
+
+
+@dataclass(frozen=True)
+class Row:
+    switch_cost: float
+    fifo_throughput: float
+    affinity_throughput: float
+    ratio: float
+    fifo_makespan: float
+    affinity_makespan: float
+    lower_bound: float
+    makespan_vs_bound: float
+    fifo_switches: int
+    affinity_switches: int
+    fifo_max_wait: float
+    affinity_max_wait: float
+
+
+def compare(
+    *,
+    switch_costs: Sequence[float] = (0, 2, 10, 30),
+    n_tasks: int = 2000,
+    n_models: int = 8,
+    exponent: float = 1.1,
+    pods: int = 4,
+    inference_time: float = 1.0,
+    seed: int = 0,
+    arrival_rate: float | None = None,
+    window: int | None = None,
+) -> list[Row]:
+    """FIFO against affinity on one Zipf workload, one row per switch cost."""
+    tasks = zipf_workload(
+        n_tasks=n_tasks, n_models=n_models, exponent=exponent, seed=seed, arrival_rate=arrival_rate
+    )
+    rows = []
+    for cost in switch_costs:
+        common = {
+            "pods": pods,
+            "inference_time": inference_time,
+            "switch_cost": cost,
+            "window": window,
+        }
+        fifo = simulate(FifoPolicy(), tasks, **common)  # type: ignore[arg-type]
+        aff = simulate(affinity_for(inference_time, cost), tasks, **common)  # type: ignore[arg-type]
+        bound = lower_bound(tasks, pods, inference_time, cost)
+        rows.append(
+            Row(
+                switch_cost=cost,
+                fifo_throughput=fifo.throughput,
+                affinity_throughput=aff.throughput,
+                ratio=aff.throughput / fifo.throughput,
+                fifo_makespan=fifo.makespan,
+                affinity_makespan=aff.makespan,
+                lower_bound=bound,
+                makespan_vs_bound=aff.makespan / bound,
+                fifo_switches=fifo.switches,
+                affinity_switches=aff.switches,
+                fifo_max_wait=fifo.max_wait,
+                affinity_max_wait=aff.max_wait,
+            )
+        )
+    return rows
