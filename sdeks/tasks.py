@@ -458,8 +458,9 @@ class TaskTable:
         now_s = self._now()[1]
         records: list[TaskRecord] = []
         for one in statuses:
-            items = await self._query_status(one, limit=limit, newest_first=True)
-            records.extend(r for r in map(_record, items) if not self._expired(r, now_s))
+            answer = await self._query_index(one, limit=limit)
+            items = map(_record, answer.get("Items", []))
+            records.extend(r for r in items if not self._expired(r, now_s))
         records.sort(key=lambda r: r.received_at or 0, reverse=True)
         return records[:limit]
 
@@ -469,25 +470,15 @@ class TaskTable:
         than `max_pages` pages would be needed."""
         if record.received_at is None:
             return 0
-        count = 0
-        start_key = None
+        count, start_key = 0, None
         for _ in range(max_pages):
-            u = _Update()
-            kwargs: dict[str, Any] = {
-                "TableName": self.table_name,
-                "IndexName": STATUS_INDEX,
-                "KeyConditionExpression": (
-                    f"{u.name('status')} = {u.value(TaskStatus.QUEUED.value)} AND "
-                    f"{u.name('received_at')} < {u.value(record.received_at)}"
-                ),
-                "FilterExpression": f"{u.name('runtime')} = {u.value(record.runtime or '')}",
-                "ExpressionAttributeNames": u.names,
-                "ExpressionAttributeValues": u.values,
-                "Select": "COUNT",
-            }
-            if start_key:
-                kwargs["ExclusiveStartKey"] = start_key
-            answer = await self._query(kwargs)
+            answer = await self._query_index(
+                TaskStatus.QUEUED,
+                received_before=record.received_at,
+                runtime=record.runtime or "",
+                count_only=True,
+                start_key=start_key,
+            )
             count += int(answer.get("Count", 0))
             start_key = answer.get("LastEvaluatedKey")
             if not start_key:
@@ -501,17 +492,13 @@ class TaskTable:
         out: list[int] = []
         start_key = None
         for _ in range(max_pages):
-            items = await self._query_status(
-                TaskStatus.SUCCEEDED,
-                limit=max(count, 25),
-                newest_first=True,
-                runtime=runtime,
-                start_key=start_key,
+            answer = await self._query_index(
+                TaskStatus.SUCCEEDED, limit=max(count, 25), runtime=runtime, start_key=start_key
             )
-            for record in map(_record, items):
+            for record in map(_record, answer.get("Items", [])):
                 if record.execution_ms is not None:
                     out.append(record.execution_ms)
-            start_key = getattr(items, "last_key", None)
+            start_key = answer.get("LastEvaluatedKey")
             if len(out) >= count or not start_key:
                 break
         return out[:count]
@@ -591,55 +578,55 @@ class TaskTable:
         self, task_id: str, u: _Update, condition: str | None, **extra: Any
     ) -> dict[str, Any]:
         try:
-            return await self._client.update_item(
+            answer: dict[str, Any] = await self._client.update_item(
                 TableName=self.table_name,
                 Key={"id": {"S": task_id}},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 **u.kwargs(condition),
                 **extra,
             )
+            return answer
         except ClientError as exc:
             if _is_condition_failure(exc):
                 raise _ConditionFailed(exc.response.get("Item")) from exc
             raise _table_error(exc, task_id) from exc
 
-    async def _query_status(
+    async def _query_index(
         self,
         status: TaskStatus,
         *,
-        limit: int,
-        newest_first: bool,
+        received_before: int | None = None,
         runtime: str | None = None,
+        limit: int | None = None,
+        count_only: bool = False,
         start_key: Mapping[str, Any] | None = None,
-    ) -> _Page:
+    ) -> dict[str, Any]:
+        """One page of `STATUS_INDEX` for `status`, newest first."""
         u = _Update()
+        key = f"{u.name('status')} = {u.value(status.value)}"
+        if received_before is not None:
+            key += f" AND {u.name('received_at')} < {u.value(received_before)}"
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": STATUS_INDEX,
-            "KeyConditionExpression": f"{u.name('status')} = {u.value(status.value)}",
-            "ScanIndexForward": not newest_first,
-            "Limit": limit,
+            "KeyConditionExpression": key,
+            "ScanIndexForward": False,
         }
-        if runtime is not None:
+        if runtime is not None:  # filters after the read: costs reads, not correctness
             kwargs["FilterExpression"] = f"{u.name('runtime')} = {u.value(runtime)}"
         kwargs["ExpressionAttributeNames"] = u.names
         kwargs["ExpressionAttributeValues"] = u.values
+        if limit is not None:
+            kwargs["Limit"] = limit
+        if count_only:
+            kwargs["Select"] = "COUNT"
         if start_key:
             kwargs["ExclusiveStartKey"] = start_key
-        answer = await self._query(kwargs)
-        page = _Page(answer.get("Items", []))
-        page.last_key = answer.get("LastEvaluatedKey")
-        return page
-
-    async def _query(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await self._client.query(**kwargs)
+            answer: dict[str, Any] = await self._client.query(**kwargs)
+            return answer
         except ClientError as exc:
             raise _table_error(exc, None) from exc
-
-
-class _Page(list[dict[str, Any]]):
-    last_key: Mapping[str, Any] | None = None
 
 
 class _ConditionFailed(Exception):
@@ -671,7 +658,7 @@ def _descriptive_fields(task: Task) -> dict[str, Any]:
 
 
 def _is_condition_failure(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+    return bool(exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
 
 
 def _table_error(exc: ClientError, task_id: str | None) -> TaskTableError:

@@ -130,8 +130,8 @@ class RetryPolicy:
     def delay_s(self, retry: int, retry_after_s: float | None = None) -> float:
         """Backoff before retry number `retry` (1-based): exponential, half jittered,
         so a fleet of senders does not hammer a recovering receiver in step."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (retry - 1))
-        delay = ceiling * random.uniform(0.5, 1.0)
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** (retry - 1))
+        delay: float = ceiling * random.uniform(0.5, 1.0)
         if retry_after_s is not None:  # the receiver said when; within our ceiling
             delay = max(delay, min(retry_after_s, self.max_delay_s))
         return delay
