@@ -167,11 +167,11 @@ def dispatcher_deployment(
                                 "limits": {"memory": "1Gi"},
                             },
                             "readinessProbe": {
-                                "httpGet": {"path": "/metrics", "port": "metrics"},
+                                "httpGet": {"path": "/health", "port": "metrics"},
                                 "periodSeconds": 10,
                             },
                             "livenessProbe": {
-                                "httpGet": {"path": "/metrics", "port": "metrics"},
+                                "httpGet": {"path": "/health", "port": "metrics"},
                                 "periodSeconds": 20,
                                 "timeoutSeconds": 5,
                                 "failureThreshold": 3,

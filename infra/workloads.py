@@ -92,9 +92,15 @@ def render(
                 **common_env,
                 **dispatcher_env,
                 "SDEKS_DISCOVERY": "kubernetes",
-                "SDEKS_K8S_NAMESPACE": ns,
-                "SDEKS_K8S_SERVICES": json.dumps(services, sort_keys=True),
+                "SDEKS_KUBERNETES_NAMESPACE": ns,
+                "SDEKS_KUBERNETES_SERVICES": json.dumps(services, sort_keys=True),
+                "SDEKS_KUBERNETES_PORT_NAME": "http",
                 "SDEKS_METRICS_PORT": str(k8s.DISPATCHER_METRICS_PORT),
+                # A forwarded job may take the longest runtime's whole time limit, and
+                # on SIGTERM the dispatcher waits that long for running jobs (its pod's
+                # terminationGracePeriodSeconds is longer still).
+                "SDEKS_JOB_TIMEOUT_S": str(longest_task_s + k8s.DRAIN_MARGIN_S),
+                "SDEKS_GRACE_PERIOD_S": str(longest_task_s + k8s.DRAIN_MARGIN_S),
             },
             replicas=config.dispatcher_replicas,
             service_account=DISPATCHER_SERVICE_ACCOUNT,
@@ -117,8 +123,8 @@ def render(
             "SDEKS_MODELS": models_uri,
             "SDEKS_DEVICE": "cuda",
             "SDEKS_CACHE_DIR": "/var/cache/sdeks",
+            # Read by the runtime once it supports pinning a pool to its default model.
             "SDEKS_DYNAMIC_MODELS": "true" if runtime.dynamic_models else "false",
-            "SDEKS_TASK_TIME_LIMIT_S": str(runtime.task_time_limit_s),
             "HF_HUB_OFFLINE": "1",
         }
         manifests += [

@@ -11,9 +11,12 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from infra.config import DeployConfig
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
@@ -36,6 +39,44 @@ TEST_CONFIG: dict[str, Any] = {
     "dispatcherImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/sdeks-dispatcher:test",
     "runtimeImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/sdeks-runtime:test",
 }
+
+
+def render_plain(config: DeployConfig) -> list[dict[str, Any]]:
+    """Every manifest the app renders, with plain strings where the stack has tokens."""
+    from infra import k8s
+    from infra.workloads import render
+
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/sdeks-{}-tasks"
+    workloads = render(
+        config=config,
+        dispatcher_image="registry.example/sdeks-dispatcher:1",
+        runtime_image="registry.example/sdeks-runtime:1",
+        common_env={
+            "SDEKS_CALLBACK_TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:sdeks-callbacks",
+            "SDEKS_OUTPUT_BUCKET": "sdeks-outputs-123456789012-us-east-1",
+            "SDEKS_TASK_TABLE": "sdeks-tasks",
+            "SDEKS_LOG_FORMAT": "json",
+            "AWS_REGION": "us-east-1",
+        },
+        dispatcher_env={
+            "SDEKS_QUEUES": json.dumps({r: queue.format(r) for r in config.runtime_names}),
+            "SDEKS_CATCH_ALL_QUEUE_URL": queue.format("catch-all").replace("-tasks", ""),
+            "SDEKS_S3_ALLOW_BUCKETS": json.dumps(["sdeks-models-123456789012-us-east-1"]),
+        },
+        queue_urls={r: queue.format(r) for r in config.runtime_names},
+        models_uri="s3://sdeks-models-123456789012-us-east-1",
+        region="us-east-1",
+    )
+    nodes = [
+        k8s.gpu_node_class(
+            node_role="sdeks-karpenter-node",
+            subnet_ids=["subnet-0a", "subnet-0b"],
+            security_group_ids=["sg-0c"],
+            tags={"sdeks.io/cluster": "sdeks"},
+        ),
+        k8s.gpu_node_pool(instance_types=config.gpu_instance_types, gpu_limit=8, drain_s=1200),
+    ]
+    return workloads + nodes
 
 
 @dataclass

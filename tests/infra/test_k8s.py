@@ -11,8 +11,7 @@ import pytest
 
 from infra import k8s
 from infra.config import DeployConfig
-from infra.workloads import render
-from tests.infra.conftest import TEST_CONFIG, Synth, strip_markers
+from tests.infra.conftest import TEST_CONFIG, Synth, render_plain, strip_markers
 
 #: Custom resources: kubernetes-validate ships only the built-in schemas, so these are
 #: checked against the fields their controllers require (KEDA 2.x, Karpenter v1 APIs).
@@ -33,38 +32,6 @@ CUSTOM_KINDS: dict[tuple[str, str], list[str]] = {
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def _rendered(config: DeployConfig) -> list[dict[str, Any]]:
-    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/sdeks-{}-tasks"
-    workloads = render(
-        config=config,
-        dispatcher_image="registry.example/sdeks-dispatcher:1",
-        runtime_image="registry.example/sdeks-runtime:1",
-        common_env={
-            "SDEKS_CALLBACK_TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:sdeks-callbacks",
-            "SDEKS_OUTPUT_BUCKET": "sdeks-outputs-123456789012-us-east-1",
-            "SDEKS_TASK_TABLE": "sdeks-tasks",
-            "SDEKS_LOG_FORMAT": "json",
-            "AWS_REGION": "us-east-1",
-        },
-        dispatcher_env={
-            "SDEKS_QUEUES": json.dumps({r: queue.format(r) for r in config.runtime_names})
-        },
-        queue_urls={r: queue.format(r) for r in config.runtime_names},
-        models_uri="s3://sdeks-models-123456789012-us-east-1",
-        region="us-east-1",
-    )
-    nodes = [
-        k8s.gpu_node_class(
-            node_role="sdeks-karpenter-node",
-            subnet_ids=["subnet-0a", "subnet-0b"],
-            security_group_ids=["sg-0c"],
-            tags={"sdeks.io/cluster": "sdeks"},
-        ),
-        k8s.gpu_node_pool(instance_types=config.gpu_instance_types, gpu_limit=8, drain_s=1200),
-    ]
-    return workloads + nodes
-
-
 def _validate(manifest: dict[str, Any], version: str) -> None:
     key = (manifest["apiVersion"], manifest["kind"])
     assert DNS_LABEL.match(manifest["metadata"]["name"]), manifest["metadata"]["name"]
@@ -83,7 +50,7 @@ CONFIG = DeployConfig.model_validate(TEST_CONFIG)
 
 
 @pytest.mark.parametrize(
-    "manifest", _rendered(CONFIG), ids=lambda m: f"{m['kind']}-{m['metadata']['name']}"
+    "manifest", render_plain(CONFIG), ids=lambda m: f"{m['kind']}-{m['metadata']['name']}"
 )
 def test_rendered_manifest_is_valid_for_the_cluster_version(manifest: dict[str, Any]) -> None:
     _validate(manifest, CONFIG.kubernetes_version)

@@ -406,11 +406,11 @@ def test_dispatcher_env_names_the_deployed_resources(synth: Synth) -> None:
         r: ref(_queue_id(synth, NAMES.task_queue(r))) for r in RUNTIMES
     }
     assert env["SDEKS_CATCH_ALL_QUEUE_URL"] == ref(_queue_id(synth, NAMES.catch_all_queue))
-    assert json.loads(env["SDEKS_K8S_SERVICES"]) == {
+    assert json.loads(env["SDEKS_KUBERNETES_SERVICES"]) == {
         r: k8s.runtime_workload_name(r) for r in RUNTIMES
     }
     assert env["SDEKS_DISCOVERY"] == "kubernetes"
-    assert env["SDEKS_K8S_NAMESPACE"] == "sdeks"
+    assert env["SDEKS_KUBERNETES_NAMESPACE"] == "sdeks"
     assert env["SDEKS_METRICS_PORT"] == "9100"
     assert env["SDEKS_LOG_FORMAT"] == "json"
     assert env["SDEKS_CALLBACK_TOPIC_ARN"] == ref(
