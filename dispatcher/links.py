@@ -259,7 +259,9 @@ def check_image(data: bytes, *, url: str, max_pixels: int) -> None:
     except NotAnImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise NotAnImageError(f"image at {_shorten(url)} is a decompression bomb") from exc
+        raise NotAnImageError(
+            f"image at {_shorten(url)} is a decompression bomb: {exc}"[:400]
+        ) from exc
     except Exception as exc:  # PIL raises many types for undecodable bytes
         raise NotAnImageError(
             f"{_shorten(url)} is not a {'/'.join(IMAGE_FORMATS)} image: {exc}"[:400]
