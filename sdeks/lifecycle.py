@@ -2,6 +2,8 @@
 and end a task, so that "exactly one terminal callback per id" holds whoever
 ends it (pod, dispatcher, `sdeks cancel`). See docs/lifecycle.md.
 
+    reporter.admit(task)        dispatcher, on every receipt: record it; False = drop the message
+    reporter.pin_seed(task)     dispatcher, before dispatch: resolve seed -1 once for all attempts
     reporter.finish(callback)   claim the terminal state in the table, then publish
     reporter.running(task)      mark running (False: do not render); optional `running` callback
     reporter.progress(id, d, t) throttled progress write (False: stop, cancel requested)
@@ -15,6 +17,7 @@ ETA estimate.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sdeks.callback import Callback, TaskStatus, Timings
-from sdeks.envelope import Task
+from sdeks.envelope import Task, TaskType
 from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class Reporter:
         table: TaskTable | None = None,
         publish_running: bool = False,
         progress_interval_s: float = 1.0,
+        republish_after_s: float = 120.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sns = sns
@@ -53,8 +57,40 @@ class Reporter:
         self.table = table
         self.publish_running = publish_running
         self._progress_interval_s = progress_interval_s
+        self.republish_after_s = republish_after_s
         self._monotonic = monotonic
         self._last_progress: dict[str, float] = {}
+
+    async def admit(self, task: Task, *, published_at: float | None = None) -> bool:
+        """The dispatcher received `task`. True: dispatch it. False: delete the message
+        and do nothing else: the task already ended (its callback is out, or is
+        republished here if its publisher died), or it was cancelled while a pod
+        that has since died was running it (this call publishes the `cancelled`)."""
+        if self.table is None:
+            return True
+        record = await self.table.record_queued(task, published_at=published_at)
+        if record.status.terminal:
+            if record.callback_published is False:
+                await self.recover(task.id, stale_after_s=self.republish_after_s)
+            return False
+        if record.cancel_requested:
+            message = "cancelled while running; its pod stopped before reporting"
+            await self.finish(record.cancelled_callback(int(time.time() * 1000), message))
+            return False
+        return True
+
+    async def pin_seed(self, task: Task) -> Task:
+        """Resolve a random seed (absent or -1) once per task id, so every attempt renders
+        the same image. The first attempt's draw is kept in the table; returns the task
+        with ``content.seed`` set. Unchanged without a table or for upscales."""
+        if self.table is None or task.tasktype is TaskType.EXTRA_SINGLE_IMAGE:
+            return task
+        seed = task.content.get("seed", -1)
+        if seed is not None and seed != -1:
+            return task
+        # A1111 draws random seeds from the same range (modules/processing.py).
+        chosen = await self.table.remember_seed(task.id, random.randrange(4294967294))
+        return task.model_copy(update={"content": {**task.content, "seed": chosen}})
 
     async def finish(self, callback: Callback) -> bool:
         """End the task with `callback` (succeeded, failed or cancelled).
@@ -130,13 +166,14 @@ class Reporter:
                 await self._confirm(callback)
         return outcome
 
-    async def recover(self, task_id: str, *, stale_after_s: float = 120.0) -> bool:
+    async def recover(self, task_id: str, *, stale_after_s: float | None = None) -> bool:
         """Republish the stored terminal callback of a task whose winner claimed it but
         did not confirm the publish within `stale_after_s` (crash, SNS error). The
-        dispatcher calls this when `record_queued` returns such a task. True: published."""
+        dispatcher's `admit` calls this for such a task. True: published."""
         if self.table is None:
             return False
-        callback = await self.table.claim_republish(task_id, stale_after_s=stale_after_s)
+        stale = self.republish_after_s if stale_after_s is None else stale_after_s
+        callback = await self.table.claim_republish(task_id, stale_after_s=stale)
         if callback is None:
             return False
         log.warning(

@@ -174,8 +174,8 @@ class TaskRecord(BaseModel):
     def terminal_callback(self) -> Callback | None:
         return Callback.model_validate_json(self.callback) if self.callback else None
 
-    def cancelled_callback(self, now_ms: int) -> Callback:
-        """The callback of a task cancelled before it started, from what the table knows."""
+    def cancelled_callback(self, now_ms: int, message: str = "cancelled while queued") -> Callback:
+        """The `cancelled` callback of a task no pod is reporting, from what the table knows."""
         start = self.published_at or self.received_at or now_ms
         return Callback(
             id=self.id,
@@ -184,7 +184,7 @@ class TaskRecord(BaseModel):
             status=TaskStatus.CANCELLED,
             result=False,
             context=self.context,
-            error=ErrorInfo(code="cancelled", message="cancelled while queued"),
+            error=ErrorInfo(code="cancelled", message=message),
             timings=Timings(queued_ms=max(0, now_ms - start), total_ms=max(0, now_ms - start)),
         )
 

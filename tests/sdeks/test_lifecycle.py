@@ -180,6 +180,49 @@ async def test_cancel_while_running_stops_between_steps(aws, reporter, table, ca
     assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.CANCELLED]
 
 
+async def test_admit_drops_finished_and_recovers_unpublished(aws, reporter, table, callbacks_queue):
+    task = make_task()
+    assert await reporter.admit(task, published_at=1_800_000_000.0)  # first delivery
+    assert await reporter.admit(task)  # redelivery of an unfinished task: dispatch again
+    assert (await table.get(task.id)).attempts == 2
+
+    await table.claim_terminal(finished())  # its winner died before publishing
+    reporter.republish_after_s = 0
+    assert not await reporter.admit(task)  # republish of a finished id: no second render
+    assert not await reporter.admit(task)
+    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.SUCCEEDED]
+
+
+async def test_admit_ends_a_cancel_requested_task_whose_pod_died(
+    aws, reporter, table, callbacks_queue
+):
+    task = make_task()
+    assert await reporter.admit(task)
+    assert await reporter.running(task, pod="pod-a")
+    await reporter.cancel(task.id)  # flag set; then pod-a dies and SQS redelivers
+
+    assert not await reporter.admit(task)
+
+    [callback] = published(aws, callbacks_queue)
+    assert (callback.status, callback.error.code) == (TaskStatus.CANCELLED, "cancelled")
+
+
+async def test_pin_seed_keeps_the_first_attempts_draw(reporter, table):
+    task = make_task(content={"prompt": "cat", "seed": -1})
+    await reporter.admit(task)
+
+    first = await reporter.pin_seed(task)
+    second = await reporter.pin_seed(task)
+
+    assert first.content["seed"] == second.content["seed"] >= 0
+    assert task.content["seed"] == -1  # the caller's task is not mutated
+    fixed = make_task("fixed", content={"seed": 7})
+    assert await reporter.pin_seed(fixed) is fixed
+    absent = make_task("absent", content={"prompt": "cat"})
+    await reporter.admit(absent)
+    assert (await reporter.pin_seed(absent)).content["seed"] == (await table.get("absent")).seed
+
+
 async def test_progress_writes_are_throttled(clients, stack, table):
     clock = FakeClock(100.0)
     reporter = Reporter(
