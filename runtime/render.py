@@ -451,6 +451,7 @@ class Renderer:
         scheduler_cls = getattr(diffusers, choice.scheduler_class)
         scheduler = scheduler_cls.from_config(base.scheduler.config, **choice.scheduler_kwargs)
         pipe = pipeline_for(base, kind, scheduler)  # type: ignore[arg-type]
+        _clip_skip_compat(pipe)
         vae = self._vae(loaded, vae_name)
         if vae is not None:
             pipe.vae = vae
@@ -555,6 +556,20 @@ class Renderer:
             }
             if request.eta is not None:
                 kwargs["eta"] = request.eta
+            if init_image is not None and strength == 0:
+                # Nothing to denoise (diffusers refuses zero steps): the init image is the result.
+                out = [init_image.copy() for _ in idx]
+                images.extend(out)
+                infotexts.extend(
+                    self._infotext(
+                        request, img, plan, choice, loaded, vae_name, clip_skip, i, lora_note
+                    )
+                    for i in idx
+                )
+                continue
+            if init_image is not None and int(request.steps * strength) < 1:
+                # A1111 runs int(steps * strength) steps; diffusers needs at least one.
+                kwargs["num_inference_steps"] = math.ceil(1 / strength)
             if mask is not None:
                 assert img is not None
                 kwargs.update(image=init_image, mask_image=mask, strength=strength)
@@ -746,6 +761,20 @@ def _fill_masked(image: Image.Image, mask: Image.Image, mode: int) -> Image.Imag
     else:
         raise InvalidParameterError(f"`inpainting_fill` must be 0, 1, 2 or 3, got {mode}")
     return Image.composite(filler, image, mask.point(lambda v: 255 if v > 127 else 0))
+
+
+def _clip_skip_compat(pipe: Any) -> None:
+    """Let diffusers' `clip_skip` find `text_encoder.text_model.final_layer_norm`.
+
+    diffusers 0.42's SD 1.x/2.x `encode_prompt` reads that path, but
+    transformers 5 flattened `CLIPTextModel` (no `.text_model`). The alias is set
+    outside `nn.Module` registration so it adds no parameters or cycles.
+    """
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is None or hasattr(encoder, "text_model"):
+        return
+    if hasattr(encoder, "final_layer_norm"):
+        object.__setattr__(encoder, "text_model", encoder)
 
 
 def _inject_noise(pipe: Any, noise: Any) -> None:
