@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from sdeks.callback import Callback, TaskStatus, Timings
 from sdeks.envelope import Task, TaskType
-from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable
+from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable, call
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Reporter:
         return True
 
     async def _publish(self, callback: Callback) -> None:
-        await self._sns.publish(**callback.sns_publish_kwargs(self._topic_arn))
+        await call(self._sns, "publish", **callback.sns_publish_kwargs(self._topic_arn))
         log.info("task %s: published %s callback", callback.id, callback.status)
 
     async def _confirm(self, callback: Callback) -> None:

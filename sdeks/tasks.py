@@ -30,6 +30,7 @@ an item past ``expires_at`` as absent and `record_queued` starts it afresh.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -239,7 +240,8 @@ class _Update:
 
 
 class TaskTable:
-    """Async access to the task table through an injected aiobotocore DynamoDB client."""
+    """Async access to the task table through an injected DynamoDB client: aiobotocore
+    in services; a boto3 client works too (calls then block, fine for a CLI)."""
 
     def __init__(
         self,
@@ -433,7 +435,9 @@ class TaskTable:
     async def get(self, task_id: str, *, live: bool = True) -> TaskRecord | None:
         """The task, or None when unknown (or, with `live`, expired)."""
         try:
-            answer = await self._client.get_item(
+            answer = await call(
+                self._client,
+                "get_item",
                 TableName=self.table_name,
                 Key={"id": {"S": task_id}},
                 ConsistentRead=True,
@@ -547,7 +551,9 @@ class TaskTable:
         if published_at is not None:
             item["published_at"] = int(published_at * 1000)
         try:
-            await self._client.put_item(
+            await call(
+                self._client,
+                "put_item",
                 TableName=self.table_name,
                 Item={k: _SERIALIZER.serialize(v) for k, v in item.items()},
                 ConditionExpression="attribute_not_exists(#id) OR #ttl <= :now",
@@ -578,7 +584,9 @@ class TaskTable:
         self, task_id: str, u: _Update, condition: str | None, **extra: Any
     ) -> dict[str, Any]:
         try:
-            answer: dict[str, Any] = await self._client.update_item(
+            answer: dict[str, Any] = await call(
+                self._client,
+                "update_item",
                 TableName=self.table_name,
                 Key={"id": {"S": task_id}},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
@@ -623,7 +631,7 @@ class TaskTable:
         if start_key:
             kwargs["ExclusiveStartKey"] = start_key
         try:
-            answer: dict[str, Any] = await self._client.query(**kwargs)
+            answer: dict[str, Any] = await call(self._client, "query", **kwargs)
             return answer
         except ClientError as exc:
             raise _table_error(exc, None) from exc
@@ -633,6 +641,13 @@ class _ConditionFailed(Exception):
     def __init__(self, item: dict[str, Any] | None) -> None:
         super().__init__("condition failed")
         self.item = item
+
+
+async def call(client: Any, operation: str, **kwargs: Any) -> Any:
+    """Call an aiobotocore client, or a plain boto3 one (the CLI, whose core install
+    has no aiobotocore): the same code then serves services and command line."""
+    answer = getattr(client, operation)(**kwargs)
+    return await answer if inspect.isawaitable(answer) else answer
 
 
 def _not_cancelled(u: _Update) -> str:

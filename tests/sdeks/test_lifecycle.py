@@ -293,3 +293,16 @@ def test_estimate_eta_running_uses_time_per_step():
 def test_estimate_eta_queued_without_history_is_unknown():
     record = TaskRecord(id="x", status=TaskStatus.QUEUED, received_at=1)
     assert estimate_eta_s(record, ahead=3, mean_ms=None, workers=1, now_ms=2) is None
+
+
+async def test_plain_boto3_clients_serve_the_cli(aws, stack, table_name, callbacks_queue):
+    # The CLI's core install has boto3 but no aiobotocore: the same classes take it.
+    table = TaskTable(aws.dynamodb, table_name)
+    reporter = Reporter(aws.sns, stack.callback_topic_arn, table=table)
+    await table.record_queued(make_task())
+
+    view = await describe(table, "t-1")
+    assert (view.record.status, view.queue_position) == (TaskStatus.QUEUED, 0)
+    assert [r.id for r in await table.list_recent()] == ["t-1"]
+    assert await reporter.cancel("t-1") is CancelOutcome.CANCELLED
+    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.CANCELLED]
