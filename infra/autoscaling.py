@@ -310,6 +310,7 @@ def _controller_statements(
         iam.PolicyStatement(
             sid="AllowRegionalReadActions",
             actions=[
+                "ec2:DescribeAvailabilityZones",
                 "ec2:DescribeCapacityReservations",
                 "ec2:DescribeImages",
                 "ec2:DescribeInstances",
