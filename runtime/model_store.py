@@ -283,6 +283,30 @@ class ModelStore:
             return self.catalog.resolve(requested, kind)  # raises with the list of names
         return entry
 
+    def ensure_hash(self, requested: str, kind: str = "checkpoint") -> str | None:
+        """The entry's sha256: computed now for a local source, known for a
+        downloaded S3 object, else None (computing it would mean downloading)."""
+        entry = self.resolve(requested, kind)
+        if entry.sha256 is None:
+            path = self.source.local_path(entry.key)
+            if path is not None:
+                self._hash_local(entry, path)
+        return entry.sha256
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        """`GET /sdapi/v1/sd-models` items (A1111 field names)."""
+        return [
+            {
+                "title": e.title,
+                "model_name": e.model_name,
+                "hash": e.hash,
+                "sha256": e.sha256,
+                "filename": f"{self.source.url}/{e.key}".rstrip("/"),
+                "config": None,
+            }
+            for e in self.catalog.checkpoints
+        ]
+
     def checkpoints(self) -> list[ModelEntry]:
         return list(self.catalog.checkpoints)
 
@@ -358,11 +382,15 @@ class ModelStore:
 
     # --- RAM tier ---------------------------------------------------------
 
-    def _ensure_ram(self, entry: ModelEntry, timings: LoadTimings) -> _Loaded:
+    def _ensure_ram(self, entry: ModelEntry, timings: LoadTimings, *, pin: bool) -> _Loaded:
+        """The model in RAM, loaded at most once at a time; pinned in the same
+        locked step that makes it visible when `pin`, so a trim cannot evict it
+        between loading and use."""
         with self._lock:
             loaded = self._ram.get(entry.key)
             if loaded is not None and _version(loaded.entry) == _version(entry):
                 self._ram.move_to_end(entry.key)
+                loaded.pins += pin
                 return loaded
             future = self._ram_inflight.get(entry.key)
             owner = future is None
@@ -373,9 +401,13 @@ class ModelStore:
         if not owner:
             started = time.perf_counter()
             try:
-                return future.result()
+                loaded = future.result()
             finally:
                 timings.wait_ms += (time.perf_counter() - started) * 1000
+            with self._lock:
+                self._ram.setdefault(entry.key, loaded)  # trimmed meanwhile: it is in use again
+                loaded.pins += pin
+            return loaded
         try:
             loaded = self._load_to_ram(entry, timings)
         except BaseException as exc:
@@ -384,10 +416,10 @@ class ModelStore:
             future.set_exception(exc)
             raise
         with self._lock:
-            old = self._ram.pop(entry.key, None)
-            if old is not None:
-                self._gpu.pop(entry.key, None)
+            if self._ram.pop(entry.key, None) is not None:
+                self._gpu.pop(entry.key, None)  # an older version of this model
             self._ram[entry.key] = loaded
+            loaded.pins += pin
             del self._ram_inflight[entry.key]
             self._trim_ram()
         future.set_result(loaded)
@@ -546,9 +578,7 @@ class ModelStore:
         started = time.perf_counter()
         entry = self.resolve(requested)
         timings = LoadTimings(found_in=self._tier_of(entry))
-        loaded = self._ensure_ram(entry, timings)
-        with self._lock:
-            loaded.pins += 1
+        loaded = self._ensure_ram(entry, timings, pin=True)
         try:
             device_pipe = self._ensure_device(loaded, timings)
             tokenizers = self._take_tokenizers(loaded, device_pipe)
@@ -616,7 +646,7 @@ class ModelStore:
         def run() -> LoadTimings:
             started = time.perf_counter()
             timings = LoadTimings(found_in=self._tier_of(entry))
-            self._ensure_ram(entry, timings)
+            self._ensure_ram(entry, timings, pin=False)
             timings.total_ms = (time.perf_counter() - started) * 1000
             return timings
 

@@ -66,3 +66,29 @@ def tiny_models_dir(
     (root / "Lora").mkdir()
     (root / "VAE").mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models_bucket(moto_endpoint: str, tiny_models_dir: Path) -> str:
+    """A bucket on the session's moto server holding `tiny_models_dir` (read-only:
+    tests that add or change objects make their own bucket).
+
+    Objects are uploaded with a SHA256 checksum, as `aws s3 cp
+    --checksum-algorithm SHA256` would, so the disk tier can verify them.
+    """
+    import uuid
+
+    from sdeks import aws
+
+    s3 = aws.client("s3", endpoint_url=moto_endpoint)
+    bucket = f"tiny-models-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    for path in sorted(tiny_models_dir.rglob("*")):
+        if path.is_file():
+            s3.upload_file(
+                str(path),
+                bucket,
+                path.relative_to(tiny_models_dir).as_posix(),
+                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+            )
+    return bucket

@@ -1,0 +1,412 @@
+"""runtime/model_store.py and its tiers: catalog, S3 source, disk cache, RAM, prefetch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.model_catalog import Catalog, folder_sha256
+from runtime.model_disk import DiskCache, file_sha256
+from runtime.model_source import LocalSource, ObjectInfo, S3Source
+from runtime.model_store import ModelStore, StoreLimits, clone_pipeline
+from sdeks.errors import ModelLoadError, ModelNotFoundError
+
+MiB = 2**20
+
+
+# --- helpers ----------------------------------------------------------------
+
+
+class GetObjectLog:
+    """Every GetObject the client sends (key, range): real requests, counted."""
+
+    def __init__(self, client) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+        client.meta.events.register("before-parameter-build.s3.GetObject", self._record)
+
+    def _record(self, params, **_kwargs) -> None:
+        self.calls.append((params["Key"], params.get("Range")))
+
+    def for_key(self, suffix: str) -> list[tuple[str, str | None]]:
+        return [c for c in self.calls if c[0].endswith(suffix)]
+
+
+def _render(pipe, seed: int = 7) -> np.ndarray:
+    out = pipe(
+        "a red cat",
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    return out.images[0]
+
+
+@pytest.fixture
+def models_bucket(tiny_models_bucket: str) -> str:
+    """The session's tiny-models bucket (tests here only read it)."""
+    return tiny_models_bucket
+
+
+@pytest.fixture
+def empty_bucket(aws) -> str:
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    aws.s3.create_bucket(Bucket=bucket)
+    return bucket
+
+
+def _s3_store(aws, bucket: str, cache: Path, **kwargs) -> ModelStore:
+    part_bytes = kwargs.pop("part_bytes", 8 * MiB)
+    return ModelStore(
+        S3Source(aws.s3, bucket, part_bytes=part_bytes, concurrency=4), cache_dir=cache, **kwargs
+    )
+
+
+# --- catalog (pure) ---------------------------------------------------------
+
+
+def _obj(key: str, size: int = 10) -> ObjectInfo:
+    return ObjectInfo(key=key, size=size, etag=f'"{key}"')
+
+
+def test_catalog_names_folders_files_and_config_folders():
+    catalog = Catalog(
+        [
+            _obj("Stable-diffusion/a/model_index.json"),
+            _obj("Stable-diffusion/a/unet/config.json"),
+            _obj("Stable-diffusion/a/unet/diffusion_pytorch_model.safetensors", 100),
+            # Never downloaded: a pickle and an fp16 variant beside the safetensors.
+            _obj("Stable-diffusion/a/unet/diffusion_pytorch_model.bin", 100),
+            _obj("Stable-diffusion/a/unet/diffusion_pytorch_model.fp16.safetensors", 50),
+            _obj("Stable-diffusion/sub/b.safetensors", 1000),
+            _obj("Stable-diffusion/sub/b.config/model_index.json"),
+            _obj("Stable-diffusion/sub/b.config/unet/config.json"),
+            _obj("Stable-diffusion/c.ckpt", 1000),  # pickles are refused outright
+            _obj("Lora/style.safetensors"),
+            _obj("VAE/vae-ft-mse.safetensors"),
+            _obj("VAE/sdxl-vae/config.json"),
+            _obj("VAE/sdxl-vae/diffusion_pytorch_model.safetensors"),
+        ]
+    )
+    names = {e.name: e for e in catalog.checkpoints}
+    assert set(names) == {"a", "sub/b.safetensors"}
+    assert names["a"].kind == "folder"
+    assert {f.key.rsplit("/", 1)[1] for f in names["a"].files} == {
+        "model_index.json",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    }
+    assert names["a"].size == 120
+    assert names["sub/b.safetensors"].config_key == "Stable-diffusion/sub/b.config/"
+    assert names["sub/b.safetensors"].model_name == "sub/b"
+    assert [e.name for e in catalog.loras] == ["style.safetensors"]
+    assert sorted(e.name for e in catalog.vaes) == ["sdxl-vae", "vae-ft-mse.safetensors"]
+
+
+def test_catalog_resolves_a1111_names():
+    catalog = Catalog([_obj("Stable-diffusion/v1-5-pruned-emaonly.safetensors")], source="s3://m")
+    entry = catalog.checkpoints[0]
+    for name in ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly", " v1-5-pruned-emaonly "):
+        assert catalog.resolve(name) is entry
+    # The hash is unknown until the bytes were read; a `[hash]` suffix still resolves by name.
+    assert entry.title == "v1-5-pruned-emaonly.safetensors"
+    assert catalog.resolve("v1-5-pruned-emaonly.safetensors [6ce0161689]") is entry
+    entry.sha256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
+    assert entry.title == "v1-5-pruned-emaonly.safetensors [6ce0161689]"
+    for name in ("6ce0161689", entry.sha256, "v1-5-pruned-emaonly [6ce0161689]", entry.title):
+        assert catalog.resolve(name) is entry
+    # No substring guessing: a prefix of a name is not that model.
+    with pytest.raises(ModelNotFoundError, match="available: v1-5-pruned-emaonly.safetensors"):
+        catalog.resolve("v1-5")
+
+
+# --- local source -------------------------------------------------------------
+
+
+@pytest.fixture
+def local_store(tiny_models_dir: Path, tmp_path: Path):
+    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
+    yield store
+    store.close()
+
+
+def test_local_store_loads_folder_and_single_file_same_image(local_store: ModelStore):
+    with local_store.use("tiny-sd15") as folder:
+        assert folder.family.name == "sd1"
+        assert folder.timings.found_in == "disk"
+        image = _render(folder.pipeline)
+    with local_store.use("tiny-sd15-single", "txt2img") as single:
+        assert single.name == "tiny-sd15-single.safetensors"
+        np.testing.assert_array_equal(image, _render(single.pipeline))
+    # A local folder is used in place: nothing was copied into the cache.
+    assert local_store.disk.keys() == []
+
+
+def test_local_store_hashes_and_name_forms(local_store: ModelStore, tiny_sd15_file: Path):
+    sha = local_store.ensure_hash("tiny-sd15-single")
+    assert sha == file_sha256(tiny_sd15_file)  # A1111: sha256 of the file
+    short = sha[:10]
+    entry = local_store.resolve("tiny-sd15-single.safetensors")
+    assert entry.title == f"tiny-sd15-single.safetensors [{short}]"
+    for name in (
+        f"tiny-sd15-single [{short}]",
+        f"tiny-sd15-single.safetensors [{short}]",
+        short,
+        "tiny-sd15-single [0123456789]",  # stale hash, right name: A1111 picks by name
+    ):
+        assert local_store.resolve(name).key == entry.key
+    folder_sha = local_store.ensure_hash("tiny-sd15")
+    assert folder_sha and local_store.resolve(f"tiny-sd15 [{folder_sha[:10]}]").name == "tiny-sd15"
+    with pytest.raises(ModelNotFoundError):
+        local_store.resolve("tiny-sd15-single.config")  # a config folder is not a model
+    titles = [m["title"] for m in local_store.sd_models()]
+    assert f"tiny-sd15-single.safetensors [{short}]" in titles
+
+
+def test_local_store_ram_lru_evicts_by_bytes(tiny_models_dir: Path, tmp_path: Path):
+    probe = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "probe")
+    with probe.use("tiny-sd15"):
+        one = probe.state()["bytes"]["ram"]
+    probe.close()
+    # Room for one SD 1.x tiny model and a half.
+    store = ModelStore(
+        LocalSource(tiny_models_dir),
+        cache_dir=tmp_path / "cache",
+        limits=StoreLimits(ram_bytes=int(one * 1.5)),
+    )
+    with store.use("tiny-sd15"):
+        pass
+    with store.use("tiny-sd15-single"):
+        pass
+    assert store.state()["ram"] == ["tiny-sd15-single.safetensors"]
+    # A pinned (rendering) model is never evicted, even over budget...
+    with store.use("tiny-sd15-single") as held:
+        with store.use("tiny-sd15"):
+            assert set(store.state()["ram"]) == {"tiny-sd15", "tiny-sd15-single.safetensors"}
+            assert store.state()["in_use"]
+        assert held.pipeline.unet is not None
+    # ...and the budget holds again once nothing is pinned.
+    state = store.state()
+    assert len(state["ram"]) == 1 and state["bytes"]["ram"] <= int(one * 1.5)
+    store.close()
+
+
+def test_concurrent_acquire_loads_once(local_store: ModelStore):
+    barrier = threading.Barrier(2)
+    leases = []
+
+    def worker() -> None:
+        barrier.wait()
+        leases.append(local_store.acquire("tiny-sd15", "img2img"))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(leases) == 2
+    a, b = leases
+    assert a.pipeline.unet is b.pipeline.unet  # one load, shared weights
+    assert a.pipeline is not b.pipeline and a.pipeline.scheduler is not b.pipeline.scheduler
+    assert a.pipeline.tokenizer is not b.pipeline.tokenizer
+    assert sum(1 for lease in leases if lease.timings.ram_ms > 0) == 1
+    for lease in leases:
+        lease.release()
+    assert local_store.state()["in_use"] == []
+
+
+def test_corrupt_models_fail_as_model_load_failed(tiny_models_dir: Path, tmp_path: Path):
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, root)
+    ckpt = root / "Stable-diffusion"
+    (ckpt / "garbage.safetensors").write_bytes(os.urandom(4096))
+    data = (ckpt / "tiny-sd15-single.safetensors").read_bytes()
+    (ckpt / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    shutil.copy2(ckpt / "tiny-sd15-single.safetensors", ckpt / "no-config.safetensors")
+    weights = ckpt / "tiny-sd15" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}' + os.urandom(64))
+    store = ModelStore(LocalSource(root), cache_dir=tmp_path / "cache")
+    for name, match in [
+        ("garbage", "not a safetensors"),
+        ("cut", "truncated"),
+        ("no-config", r"no config: upload .*no-config\.config/"),
+        ("tiny-sd15", "cannot load tiny-sd15"),
+    ]:
+        with pytest.raises(ModelLoadError, match=match) as info:
+            store.acquire(name)
+        assert info.value.code == "model_load_failed"
+    assert store.state()["ram"] == [] and store.state()["in_use"] == []
+    store.close()
+
+
+def test_clone_pipeline_shares_weights_on_same_device(local_store: ModelStore):
+    with local_store.use("tiny-sd15") as lease:
+        base = lease.pipeline
+        clone = clone_pipeline(base, "cpu", torch.float32)
+        assert clone.unet is not base.unet
+        assert clone.unet.conv_in.weight.data_ptr() == base.unet.conv_in.weight.data_ptr()
+        np.testing.assert_array_equal(_render(base), _render(clone))
+
+
+# --- S3 source through the disk tier ----------------------------------------
+
+
+def test_s3_load_goes_through_disk_cache(aws, models_bucket: str, tmp_path: Path, tiny_sd15_dir):
+    cache = tmp_path / "cache"
+    store = _s3_store(aws, models_bucket, cache)
+    with store.use("tiny-sd15") as lease:
+        assert lease.timings.found_in == "source"
+        assert lease.timings.download_ms > 0 and lease.timings.model_load_ms > 0
+        first = _render(lease.pipeline)
+    # The folder's A1111 hash is a content hash: the same as the local folder's.
+    local = folder_sha256(
+        (p.relative_to(tiny_sd15_dir).as_posix(), file_sha256(p))
+        for p in tiny_sd15_dir.rglob("*")
+        if p.is_file()
+    )
+    assert lease.sha256 == local and lease.title == f"tiny-sd15 [{local[:10]}]"
+    state = store.state()
+    assert state["disk"] == ["tiny-sd15"] and state["ram"] == ["tiny-sd15"]
+    assert state["gpu"] == ["tiny-sd15"]  # on CPU the RAM pipelines are the device's
+    store.close()
+
+    # A restarted pod adopts the cache: no object is read again.
+    again = _s3_store(aws, models_bucket, cache)
+    gets = GetObjectLog(aws.s3)
+    with again.use(f"tiny-sd15 [{local[:10]}]") as lease:
+        assert lease.timings.found_in == "disk" and lease.timings.download_ms == 0
+        np.testing.assert_array_equal(first, _render(lease.pipeline))
+    assert gets.calls == []
+    again.close()
+
+
+def test_s3_single_file_ranged_download_verified(
+    aws, models_bucket: str, tmp_path: Path, tiny_sd15_file: Path, tiny_sd15_dir: Path
+):
+    store = _s3_store(aws, models_bucket, tmp_path / "cache", part_bytes=1 * MiB)
+    gets = GetObjectLog(aws.s3)
+    with store.use("tiny-sd15-single.safetensors") as lease:
+        image = _render(lease.pipeline)
+    size = tiny_sd15_file.stat().st_size
+    ranged = [
+        c for c in gets.for_key("tiny-sd15-single.safetensors") if c[1] and c[1] != "bytes=0-7"
+    ]
+    assert len(ranged) >= size // MiB  # parallel parts, not one GET
+    # The config came from the `.config/` folder beside it, through the same cache.
+    assert gets.for_key("tiny-sd15-single.config/model_index.json")
+    assert lease.sha256 == file_sha256(tiny_sd15_file)
+    cached = [p for p in (tmp_path / "cache").rglob("tiny-sd15-single.safetensors")]
+    assert len(cached) == 1 and hashlib.sha256(cached[0].read_bytes()).hexdigest() == lease.sha256
+    # Same weights as the folder model, same pixels.
+    with store.use("tiny-sd15") as folder:
+        np.testing.assert_array_equal(image, _render(folder.pipeline))
+    store.close()
+
+
+def test_s3_missing_model_fails_at_once_without_download(aws, models_bucket: str, tmp_path: Path):
+    store = _s3_store(aws, models_bucket, tmp_path / "cache")
+    gets = GetObjectLog(aws.s3)
+    for name in ("does-not-exist", "tiny", "tiny-sd15.safetensors [0123456789]x"):
+        with pytest.raises(ModelNotFoundError) as info:
+            store.acquire(name)
+        assert info.value.code == "model_not_found"
+        assert "tiny-sd15" in info.value.message  # lists what exists
+    with pytest.raises(ModelNotFoundError):
+        store.prefetch("does-not-exist")
+    with pytest.raises(ModelNotFoundError):
+        store.fetch_lora("nope")
+    assert gets.calls == [] and store.disk.keys() == []
+    store.close()
+
+
+def test_s3_corrupt_file_fails_before_download(aws, empty_bucket: str, tmp_path: Path):
+    aws.s3.put_object(
+        Bucket=empty_bucket, Key="Stable-diffusion/broken.safetensors", Body=os.urandom(3 * MiB)
+    )
+    store = _s3_store(aws, empty_bucket, tmp_path / "cache")
+    gets = GetObjectLog(aws.s3)
+    with pytest.raises(ModelLoadError) as info:
+        store.acquire("broken")
+    assert info.value.code == "model_load_failed"
+    assert gets.calls == [("Stable-diffusion/broken.safetensors", "bytes=0-7")]
+    assert store.disk.keys() == []
+    store.close()
+
+
+def test_s3_prefetch_brings_model_to_disk_and_ram_while_rendering(
+    aws, models_bucket: str, tmp_path: Path
+):
+    store = _s3_store(aws, models_bucket, tmp_path / "cache")
+    with store.use("tiny-sd15") as lease:
+        future = store.prefetch("tiny-sdxl")
+        _render(lease.pipeline)  # renders while the other model downloads and loads
+        timings = future.result(timeout=120)
+    assert timings.found_in == "source" and timings.download_ms > 0 and timings.ram_ms > 0
+    state = store.state()
+    assert "tiny-sdxl" in state["disk"] and "tiny-sdxl" in state["ram"]
+    with store.use("tiny-sdxl") as xl:
+        assert xl.family.name == "sdxl"
+        assert xl.timings.ram_ms == 0 and xl.timings.download_ms == 0
+        assert _render(xl.pipeline).shape == (64, 64, 3)
+    store.close()
+
+
+def test_s3_prefix_and_aux_files(aws, empty_bucket: str, tmp_path: Path):
+    bucket = empty_bucket
+    lora, vae = os.urandom(1000), os.urandom(2000)
+    aws.s3.put_object(Bucket=bucket, Key="team/a/Lora/style.safetensors", Body=lora)
+    aws.s3.put_object(Bucket=bucket, Key="team/a/VAE/vae-ft-mse.safetensors", Body=vae)
+    from runtime.model_source import open_source
+
+    store = ModelStore(open_source(f"s3://{bucket}/team/a/", s3_client=aws.s3), cache_dir=tmp_path)
+    assert store.fetch_lora("style").read_bytes() == lora
+    assert store.fetch_vae("vae-ft-mse.safetensors").read_bytes() == vae
+    assert [e.name for e in store.loras()] == ["style.safetensors"]
+    store.close()
+
+
+def test_disk_cache_lru_evicts_by_bytes_and_survives_restart(
+    aws, empty_bucket: str, tmp_path: Path
+):
+    bucket = empty_bucket
+    for name in "abcd":
+        aws.s3.put_object(Bucket=bucket, Key=f"Lora/{name}.safetensors", Body=os.urandom(MiB))
+    cache = tmp_path / "cache"
+    store = ModelStore(
+        S3Source(aws.s3, bucket),
+        cache_dir=cache,
+        limits=StoreLimits(disk_bytes=int(2.5 * MiB)),
+    )
+    a = store.fetch_lora("a")
+    store.fetch_lora("b")
+    store.fetch_lora("a")  # a is now the most recently used
+    store.fetch_lora("c")  # evicts b, the least recently used
+    assert store.disk.keys() == ["Lora/a.safetensors", "Lora/c.safetensors"]
+    assert a.exists() and store.disk.used_bytes == 2 * MiB
+
+    # Entries being read are never evicted: with both pinned, d does not fit.
+    with store.disk.pinned("Lora/a.safetensors"), store.disk.pinned("Lora/c.safetensors"):
+        with pytest.raises(ModelLoadError, match="disk cache full"):
+            store.fetch_lora("d")
+    store.close()
+
+    # A restarted pod adopts the cache in the same LRU order.
+    adopted = DiskCache(cache, int(2.5 * MiB))
+    assert adopted.keys() == ["Lora/a.safetensors", "Lora/c.safetensors"]
+    too_big = ModelStore(
+        S3Source(aws.s3, bucket),
+        cache_dir=tmp_path / "small",
+        limits=StoreLimits(disk_bytes=MiB // 2),
+    )
+    with pytest.raises(ModelLoadError, match="more than the whole disk cache"):
+        too_big.fetch_lora("d")
+    too_big.close()
