@@ -110,6 +110,8 @@ class Pod:
     prefetch_supported: bool = True
     last_prefetch: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    #: After a 429 the pod is left out of planning until then (the router's clock).
+    full_until: float = 0.0
 
     @property
     def name(self) -> str:
@@ -208,7 +210,13 @@ class PodClient:
             async with self._session.post(
                 url, json={"model": model}, timeout=self._state_timeout
             ) as response:
-                return response.status not in (404, 405)
+                if response.status == 405:
+                    return False
+                if response.status == 404:
+                    # The pod's own 404 names the model; a router's 404 has no error code.
+                    code, _ = _error_of(await response.read())
+                    return code is not None
+                return True
         except (aiohttp.ClientError, OSError, TimeoutError):
             return True  # a hint; the next one may land
 

@@ -189,6 +189,9 @@ class Router:
                 self.metrics.job_seconds.labels(runtime).observe(time.monotonic() - started)
                 return answer
             except PodBusyError:
+                # Full (another replica filled it): plan without it for a while,
+                # so the task can go elsewhere instead of knocking again.
+                pod.full_until = self.clock() + max(1.0, 2 * self.state_interval_s)
                 if pod.state is not None:
                     pod.state = replace(pod.state, free_slots=0)
                 log.info("pod %s is full; rescheduling", pod.url, extra={"task_id": job.task.id})
@@ -291,7 +294,10 @@ class Router:
         waiting = {k: w for k, w in self.waiting.get(runtime, {}).items() if not w.future.done()}
         if not waiting:
             return None
-        pods = [p for p in self.pods.get(runtime, {}).values() if p.schedulable]
+        now = self.clock()
+        pods = [
+            p for p in self.pods.get(runtime, {}).values() if p.schedulable and p.full_until <= now
+        ]
         default = next(
             (model_key(p.state.default_model) for p in pods if p.state and p.state.default_model),
             DEFAULT_MODEL,
@@ -311,7 +317,7 @@ class Router:
             )
             for p in pods
         ]
-        return self.policy.plan(self.clock(), tasks, views)
+        return self.policy.plan(now, tasks, views)
 
     def _apply(self, runtime: str, plan: Plan) -> None:
         waiting = self.waiting.get(runtime, {})

@@ -119,6 +119,7 @@ class Dispatcher:
         self.sources = sources
         self._windows = {s.queue_url: Window(settings.window) for s in sources}
         self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -134,8 +135,12 @@ class Dispatcher:
         log.info("dispatcher consuming %s", ", ".join(s.name for s in self.sources))
         await stop.wait()
 
-        # 1. Stop receiving.
-        for task in receivers:
+        # 1. Stop receiving. A long poll in flight is let finish rather than
+        #    cancelled: cancelling it would hide what it received until the
+        #    visibility timeout lapses. What it returns is released at once.
+        self._stopping.set()
+        _, stuck = await asyncio.wait(receivers, timeout=self.settings.receive_wait_s + 5)
+        for task in stuck:
             task.cancel()
         await asyncio.gather(*receivers, return_exceptions=True)
         # 2. Release what waits for a pod; give running jobs the grace period.
@@ -166,7 +171,7 @@ class Dispatcher:
     async def _receive_loop(self, source: Source) -> None:
         window = self._windows[source.queue_url]
         backoff = 1.0
-        while True:
+        while not self._stopping.is_set():
             n = await window.reserve(_SQS_BATCH)
             try:
                 answer = await self.sqs.receive_message(
@@ -188,11 +193,27 @@ class Dispatcher:
             backoff = 1.0
             messages = answer.get("Messages", [])
             window.free(n - len(messages))
+            if self._stopping.is_set() and messages:
+                await self._release_unprocessed(source, messages)
+                window.free(len(messages))
+                return
             for message in messages:
                 handler = asyncio.create_task(self._handle(source, message))
                 self._handlers.add(handler)
                 handler.add_done_callback(self._handlers.discard)
                 handler.add_done_callback(lambda _: window.free(1))
+
+    async def _release_unprocessed(self, source: Source, messages: list[dict[str, Any]]) -> None:
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+            for i, m in enumerate(messages)
+        ]
+        try:
+            await self.sqs.change_message_visibility_batch(
+                QueueUrl=source.queue_url, Entries=entries
+            )
+        except (ClientError, BotoCoreError):
+            log.warning("could not release %d messages received while stopping", len(entries))
 
     # --- one message --------------------------------------------------------
 
@@ -305,7 +326,8 @@ class Dispatcher:
                 await self.leases.release(lease)
                 self.metrics.completed.labels(runtime, "dead-lettered").inc()
             else:
-                await self.leases.release(lease, delay_s=min(2**receive_count, 60))
+                delay = self.settings.retry_backoff_s * 2 ** (receive_count - 1)
+                await self.leases.release(lease, delay_s=int(min(delay, 300)))
                 self.metrics.completed.labels(runtime, "released").inc()
             return
         # 3. The callback exists: the message is done.

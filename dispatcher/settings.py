@@ -59,6 +59,8 @@ class DispatcherSettings(ServiceSettings):
     job_timeout_s: float = Field(default=1800.0, gt=0)
     #: Attempts on different pods within one receive before the message is released.
     pod_attempts: int = Field(default=3, ge=1)
+    #: A released message reappears after this many seconds, doubled per receive (max 300).
+    retry_backoff_s: float = Field(default=2.0, ge=0)
 
     # --- scheduling -------------------------------------------------------
     #: "affinity" (model affinity, the default) or "fifo" (the reference policy).

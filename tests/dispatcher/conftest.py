@@ -42,6 +42,8 @@ class FakePod:
     runner: web.AppRunner | None = None
     busy: int = 0
     extra_state: dict[str, Any] = field(default_factory=dict)
+    #: Set to e.g. 503 to make `/v1/state` stop answering properly.
+    state_status: int = 200
 
     async def start(self) -> FakePod:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -62,6 +64,8 @@ class FakePod:
 
     async def _state(self, _: web.Request) -> web.Response:
         self.state_calls += 1
+        if self.state_status != 200:
+            return web.Response(status=self.state_status)
         doc = {
             "models": {"gpu": self.gpu, "ram": [], "disk": []},
             "busy": self.busy > 0,
