@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -41,6 +42,33 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLIN
 
 class LocalStackError(Exception):
     pass
+
+
+_ATOMIC_LOCK = threading.RLock()
+
+
+def make_moto_dynamodb_atomic() -> None:
+    """Make moto's conditional DynamoDB writes atomic per request, as DynamoDB's are.
+
+    moto server handles each request on its own thread and checks a write's
+    condition, then applies it, with no lock between: two racing conditional
+    writes to one item can both succeed. The exactly-once terminal callback
+    relies on DynamoDB's atomic conditional writes, so the embedded stack
+    serializes moto's writes. Idempotent; affects this process only.
+    """
+    from moto.dynamodb.models import DynamoDBBackend
+
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+        original = getattr(DynamoDBBackend, name)
+        if getattr(original, "_sdeks_atomic", False):
+            continue
+
+        def locked(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            with _ATOMIC_LOCK:
+                return _original(self, *args, **kwargs)
+
+        locked._sdeks_atomic = True  # type: ignore[attr-defined]
+        setattr(DynamoDBBackend, name, locked)
 
 
 def free_port() -> int:
@@ -112,6 +140,7 @@ class LocalStack:
         from moto.server import ThreadedMotoServer
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        make_moto_dynamodb_atomic()
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
         self._moto.start()
         host, port = self._moto.get_host_and_port()

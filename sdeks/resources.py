@@ -18,6 +18,7 @@ from sdeks.names import (
     catch_all_filter_policy,
     runtime_filter_policy,
 )
+from sdeks.tasks import TTL_ATTRIBUTE, table_schema
 
 
 @dataclass
@@ -96,11 +97,10 @@ def create_stack_resources(
         s3.create_bucket(Bucket=bucket)
 
     try:
-        dynamodb.create_table(
+        dynamodb.create_table(**table_schema(names.task_table))
+        dynamodb.update_time_to_live(
             TableName=names.task_table,
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
         )
     except dynamodb.exceptions.ResourceInUseException:
         pass

@@ -359,10 +359,17 @@ async def test_client_errors_become_task_table_errors(ddb, aws, stack):
         await missing.get("x")
     with pytest.raises(TaskTableError, match="ResourceNotFound"):
         await missing.mark_running("x")
-    # The stack fixture's table predates the GSI: list_recent says what is missing,
+    # A table created before the GSI existed: list_recent says what is missing,
     # and `status_index_update` adds it.
-    without_index = TaskTable(ddb, stack.task_table)
+    bare = f"bare-{uuid.uuid4().hex[:8]}"
+    aws.dynamodb.create_table(
+        TableName=bare,
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    without_index = TaskTable(ddb, bare)
     with pytest.raises(TaskTableError):
         await without_index.list_recent()
-    aws.dynamodb.update_table(TableName=stack.task_table, **status_index_update())
+    aws.dynamodb.update_table(TableName=bare, **status_index_update())
     assert await without_index.list_recent() == []
