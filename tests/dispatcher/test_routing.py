@@ -1,0 +1,84 @@
+"""The scheduling shell and the pod view: model names, pod state shapes, membership."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from dispatcher.metrics import Metrics
+from dispatcher.pods import PodClient, PodState
+from dispatcher.routing import Router, model_key
+from dispatcher.scheduler import FifoPolicy
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly"),
+        ("v1-5-pruned-emaonly", "v1-5-pruned-emaonly"),
+        ("v1-5-pruned-emaonly.safetensors [6ce0161689]", "v1-5-pruned-emaonly"),
+        ("sd_xl_base_1.0.ckpt", "sd_xl_base_1.0"),
+        (None, ""),
+        ("", ""),
+    ],
+)
+def test_model_key_matches_a1111_spellings(name, key):
+    assert model_key(name) == key
+
+
+def test_pod_state_parses_runtime_shape():
+    # The shape runtime/app.py answers (models per tier nested, busy as bool)
+    doc = {
+        "runtime": "sdruntime",
+        "device": "cuda",
+        "models": {"gpu": ["a"], "ram": ["a", "b"], "disk": ["a", "b", "c"], "loading": []},
+        "default_model": "a",
+        "busy": True,
+        "slots": 2,
+        "free_slots": 1,
+        "running": [{"id": "t1", "progress": 0.5}],
+    }
+    state = PodState.parse(doc)
+    assert state.gpu == {"a"} and state.ram == {"a", "b"} and state.disk == {"a", "b", "c"}
+    assert (state.slots, state.free_slots, state.busy, state.default_model) == (2, 1, True, "a")
+    assert state.available is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "slots", "free"),
+    [
+        ({}, 1, 1),
+        ({"gpu": [{"name": "a"}], "busy": 1, "slots": 1}, 1, 0),
+        ({"busy": False, "free_slots": 3}, 3, 3),
+        ({"models": {"error": "listing failed"}}, 1, 1),
+        ("not a mapping", 1, 1),
+    ],
+)
+def test_pod_state_tolerates_other_shapes(doc, slots, free):
+    state = PodState.parse(doc)
+    assert (state.slots, state.free_slots) == (slots, free)
+
+
+def test_pod_state_reads_catalog_when_given():
+    state = PodState.parse({"models": {"gpu": [], "available": ["x.safetensors", "y"]}})
+    assert state.available == {"x.safetensors", "y"}
+
+
+async def test_router_membership_keeps_running_pods_until_they_finish():
+    async with aiohttp.ClientSession() as session:
+        router = Router(
+            FifoPolicy(),
+            PodClient(session, job_timeout_s=5, state_timeout_s=1),
+            metrics=Metrics(),
+        )
+        router.set_pods("rt", ["http://a:1/", "http://b:1"])
+        assert set(router.pods["rt"]) == {"http://a:1", "http://b:1"}
+        router.pods["rt"]["http://a:1"].inflight = 1
+        # WHEN discovery no longer lists either
+        router.set_pods("rt", [])
+        # THEN the idle one is gone, the busy one stays (unlisted) until its job ends
+        assert list(router.pods["rt"]) == ["http://a:1"]
+        pod = router.pods["rt"]["http://a:1"]
+        assert not pod.listed and not pod.schedulable
+        router._release(pod)
+        assert router.pods["rt"] == {}
