@@ -1,6 +1,10 @@
 """The `sdeks` command line.
 
     sdeks submit FILE [--wait] [--out DIR] [--timeout S] [--no-attribute]
+    sdeks status ID [--json]
+    sdeks tasks [--status S] [--limit N]
+    sdeks wait ID [--out DIR] [--timeout S]
+    sdeks cancel ID
     sdeks local up [--runtime NAME ...] [--port N]
     sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
 
@@ -105,6 +109,156 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- lifecycle: status, tasks, wait, cancel -------------------------------------
+
+
+def _table() -> Any:
+    import os
+
+    from sdeks import aws
+    from sdeks.names import StackNames
+    from sdeks.tasks import TaskTable
+
+    name = (
+        os.environ.get("SDEKS_TASK_TABLE")
+        or StackNames(os.environ.get("SDEKS_STACK", "sdeks")).task_table
+    )
+    return TaskTable(aws.client("dynamodb"), name)
+
+
+def _ms(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1000:.1f}s"
+
+
+def _when(epoch_ms: int | None) -> str:
+    if epoch_ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch_ms / 1000)) + "Z"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sdeks.lifecycle import describe
+
+    view = asyncio.run(describe(_table(), args.id, workers=args.workers))
+    if view is None:
+        _print(f"no task {args.id!r} (unknown, or expired from the table)")
+        return EXIT_FAILED
+    record = view.record
+    if args.json:
+        _print(view.model_dump_json(indent=2))
+        return EXIT_OK
+    rows = [
+        ("id", record.id),
+        (
+            "status",
+            record.status.value + (" (cancel requested)" if record.cancel_requested else ""),
+        ),
+        ("runtime / model", f"{record.runtime or '-'} / {record.model or '-'}"),
+        ("attempts", str(record.attempts)),
+        ("received", _when(record.received_at)),
+        ("started", _when(record.started_at)),
+        ("finished", _when(record.finished_at)),
+    ]
+    if record.progress_total:
+        rows.append(("progress", f"{record.progress_done or 0}/{record.progress_total} steps"))
+    if view.queue_position is not None:
+        rows.append(("queue position", str(view.queue_position + 1)))
+    if view.eta_s is not None and not record.status.terminal:
+        rows.append(("eta", f"~{view.eta_s:.0f}s"))
+    rows.append(("queued / execution", f"{_ms(record.queued_ms)} / {_ms(record.execution_ms)}"))
+    if record.output_location:
+        rows.append(("output", record.output_location))
+    for url in record.image_url:
+        rows.append(("image", url))
+    if record.error:
+        rows.append(("error", f"{record.error.code}: {record.error.message}"))
+    if record.webhook_status:
+        rows.append(
+            ("webhook", f"{record.webhook_status} after {record.webhook_attempts} attempt(s)")
+        )
+    for label, value in rows:
+        _print(f"{label:<20}{value}")
+    return EXIT_OK
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sdeks.callback import TaskStatus
+
+    status = TaskStatus(args.status) if args.status else None
+    records = asyncio.run(_table().list_recent(status, limit=args.limit))
+    _print(f"{'id':<32} {'status':<10} {'runtime':<12} {'received':<21} {'images':>6}")
+    for r in records:
+        _print(
+            f"{r.id:<32} {r.status.value:<10} {(r.runtime or '-'):<12} "
+            f"{_when(r.received_at):<21} {len(r.image_url):>6}"
+        )
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sdeks.client import SdeksClient
+
+    table = _table()
+    spinner = Spinner(args.id)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        record = asyncio.run(table.get(args.id))
+        if record is not None and record.status.terminal:
+            break
+        if time.monotonic() > deadline:
+            spinner.done()
+            _print(f"error: timed out after {args.timeout:.0f}s waiting for {args.id}")
+            return EXIT_TIMEOUT
+        if record is None:
+            spinner.tick("unknown")
+        elif record.progress_total:
+            spinner.tick(
+                f"{record.status.value} {record.progress_done or 0}/{record.progress_total}"
+            )
+        else:
+            spinner.tick(record.status.value)
+        time.sleep(args.interval)
+    spinner.done()
+    callback = record.terminal_callback()
+    if callback is None:
+        _print(f"{args.id}: {record.status.value}")
+        return EXIT_OK if record.status.value == "succeeded" else EXIT_FAILED
+    _print(describe_callback(callback))
+    if callback.status.value != "succeeded":
+        return EXIT_FAILED
+    for path in SdeksClient().download(callback, Path(args.out)):
+        _print(f"  {path}")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sdeks import aws
+    from sdeks.client import SdeksClient
+    from sdeks.lifecycle import Reporter
+    from sdeks.tasks import CancelOutcome
+
+    client = SdeksClient()
+    reporter = Reporter(aws.client("sns"), client.callback_topic_arn, table=_table())
+    outcome = asyncio.run(reporter.cancel(args.id))
+    messages = {
+        CancelOutcome.CANCELLED: "cancelled (it was still queued)",
+        CancelOutcome.CANCEL_REQUESTED: "cancel requested: the pod stops it between steps",
+        CancelOutcome.ALREADY_FINISHED: "already finished; nothing to cancel",
+        CancelOutcome.NOT_FOUND: "no such task",
+    }
+    _print(f"{args.id}: {messages[outcome]}")
+    ok = outcome in (CancelOutcome.CANCELLED, CancelOutcome.CANCEL_REQUESTED)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 # --- local stack ---------------------------------------------------------------
 
 
@@ -176,6 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish without the `runtime` message attribute (served via the catch-all)",
     )
     submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="status, progress, queue position, ETA of a task")
+    status.add_argument("id")
+    status.add_argument("--json", action="store_true", help="the whole record as JSON")
+    status.add_argument("--workers", type=int, default=1, help="pods x slots, for the ETA")
+    status.set_defaults(func=cmd_status)
+
+    tasks = sub.add_parser("tasks", help="recent tasks")
+    tasks.add_argument(
+        "--status", choices=["queued", "running", "succeeded", "failed", "cancelled"]
+    )
+    tasks.add_argument("--limit", type=int, default=20)
+    tasks.set_defaults(func=cmd_tasks)
+
+    wait = sub.add_parser("wait", help="wait for a task with a progress bar, then download")
+    wait.add_argument("id")
+    wait.add_argument("--out", default="outputs")
+    wait.add_argument("--timeout", type=float, default=600)
+    wait.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    wait.set_defaults(func=cmd_wait)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running task")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_cancel)
 
     local = sub.add_parser("local", help="the embedded local stack")
     local_sub = local.add_subparsers(dest="local_command", required=True)

@@ -1,0 +1,116 @@
+"""`sdeks status | tasks | wait | cancel` against the task table on moto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sdeks import cli
+from sdeks.callback import Callback, TaskStatus
+from sdeks.envelope import parse_task
+from sdeks.lifecycle import Reporter
+from sdeks.tasks import TaskTable
+
+
+@pytest.fixture
+def env(aws, stack, monkeypatch):
+    monkeypatch.setenv("SDEKS_TASK_TABLE", stack.task_table)
+    monkeypatch.setenv("SDEKS_CALLBACK_TOPIC_ARN", stack.callback_topic_arn)
+    return TaskTable(aws.dynamodb, stack.task_table)
+
+
+def a_task(task_id: str):
+    return parse_task(
+        {
+            "metadata": {
+                "id": task_id,
+                "runtime": "sdruntime",
+                "tasktype": "text-to-image",
+                "prefix": "p",
+            },
+            "content": {"steps": 4},
+        }
+    )
+
+
+def callback_queue(aws, stack) -> str:
+    url = aws.sqs.create_queue(QueueName=f"cb-{stack.task_table}")["QueueUrl"]
+    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    aws.sns.subscribe(
+        TopicArn=stack.callback_topic_arn,
+        Protocol="sqs",
+        Endpoint=arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
+    return url
+
+
+def test_status_shows_a_queued_task_with_its_position(env, capsys):
+    asyncio.run(env.record_queued(a_task("first")))
+    asyncio.run(env.record_queued(a_task("second")))
+    assert cli.main(["status", "second"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "queued" in out
+    assert "queue position" in out and "2" in out.split("queue position")[1].splitlines()[0]
+
+
+def test_status_of_an_unknown_task_fails(env, capsys):
+    assert cli.main(["status", "nope"]) == cli.EXIT_FAILED
+    assert "no task" in capsys.readouterr().out
+
+
+def test_status_json_and_tasks_listing(env, aws, stack, capsys):
+    asyncio.run(env.record_queued(a_task("done-1")))
+    reporter = Reporter(aws.sns, stack.callback_topic_arn, table=env)
+    callback = Callback(
+        id="done-1",
+        runtime="sdruntime",
+        status=TaskStatus.SUCCEEDED,
+        result=True,
+        image_url=["s3://b/p/done-1/done-1-1.png"],
+    )
+    assert asyncio.run(reporter.finish(callback)) is True
+    assert cli.main(["status", "done-1", "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["record"]["status"] == "succeeded"
+    assert doc["record"]["image_url"] == ["s3://b/p/done-1/done-1-1.png"]
+    assert cli.main(["tasks", "--status", "succeeded"]) == cli.EXIT_OK
+    listing = capsys.readouterr().out
+    assert "done-1" in listing
+
+
+def test_cancel_a_queued_task_publishes_one_cancelled_callback(env, aws, stack, capsys):
+    queue = callback_queue(aws, stack)
+    asyncio.run(env.record_queued(a_task("to-cancel")))
+    assert cli.main(["cancel", "to-cancel"]) == cli.EXIT_OK
+    assert "cancelled" in capsys.readouterr().out
+    got = aws.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+    bodies = [json.loads(m["Body"]) for m in got.get("Messages", [])]
+    assert [(b["id"], b["status"]) for b in bodies] == [("to-cancel", "cancelled")]
+    # a second cancel finds it finished and publishes nothing
+    assert cli.main(["cancel", "to-cancel"]) == cli.EXIT_FAILED
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_wait_returns_the_terminal_outcome(env, aws, stack, capsys):
+    asyncio.run(env.record_queued(a_task("fails")))
+    reporter = Reporter(aws.sns, stack.callback_topic_arn, table=env)
+    failed = Callback(
+        id="fails",
+        runtime="sdruntime",
+        status=TaskStatus.FAILED,
+        error={"code": "model_not_found", "message": "no model x"},
+    )
+    asyncio.run(reporter.finish(failed))
+    assert cli.main(["wait", "fails", "--timeout", "10", "--interval", "0.1"]) == cli.EXIT_FAILED
+    assert "model_not_found" in capsys.readouterr().out
+
+
+def test_wait_times_out_on_a_task_that_never_ends(env, capsys):
+    asyncio.run(env.record_queued(a_task("stuck")))
+    code = cli.main(["wait", "stuck", "--timeout", "0.3", "--interval", "0.1"])
+    assert code == cli.EXIT_TIMEOUT
