@@ -60,7 +60,7 @@ class Karpenter(Construct):
         eks.AccessEntry(
             self,
             "NodeAccess",
-            cluster=cluster.cluster,
+            cluster=cluster.cluster,  # type: ignore[arg-type]  # jsii ICluster protocol
             principal=self.node_role.role_arn,
             access_entry_type=eks.AccessEntryType.EC2_LINUX,
             access_policies=[],

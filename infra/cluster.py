@@ -105,7 +105,11 @@ class Cluster(Construct):
         )
         _acknowledge_eks_managed(self.cluster, self.system_nodes)
         self.pod_identity_agent = eks.Addon(
-            self, "PodIdentityAgent", cluster=self.cluster, addon_name="eks-pod-identity-agent"
+            self,
+            "PodIdentityAgent",
+            # jsii's generated ICluster protocol lists a member Cluster does not expose.
+            cluster=self.cluster,  # type: ignore[arg-type]
+            addon_name="eks-pod-identity-agent",
         )
         for i, arn in enumerate(admin_principal_arns):
             self.cluster.grant_access(

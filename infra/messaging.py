@@ -7,6 +7,7 @@ same filter policies, same redrive, same visibility timeout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_kms as kms
@@ -105,7 +106,7 @@ class Messaging(Construct):
         )
 
     def _queue_pair(self, id: str, name: str, dlq_name: str) -> TaskQueue:
-        common = {
+        common: dict[str, Any] = {
             "encryption": sqs.QueueEncryption.KMS,
             "encryption_master_key": self.queue_key,
             "enforce_ssl": True,

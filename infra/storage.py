@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aws_cdk import Aws, Duration, RemovalPolicy
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
@@ -30,7 +32,7 @@ class Storage(Construct):
         super().__init__(scope, id)
         removal = RemovalPolicy.DESTROY if destroy_data_on_delete else RemovalPolicy.RETAIN
         suffix = f"{Aws.ACCOUNT_ID}-{Aws.REGION}"
-        common = {
+        common: dict[str, Any] = {
             "block_public_access": s3.BlockPublicAccess.BLOCK_ALL,
             "enforce_ssl": True,
             "object_ownership": s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,

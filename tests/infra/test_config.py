@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +98,19 @@ def test_config_file_overlays_the_context(tmp_path: Path) -> None:
 def test_config_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         _load({"sdeks:config": "nope.yaml"}, base_dir=tmp_path)
+
+
+def test_app_reports_a_bad_config_and_exits_2() -> None:
+    # The CDK CLI hands `-c` values to the app through CDK_CONTEXT_JSON (read when jsii
+    # starts, hence a fresh process); a config error stops before any synth.
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps({"sdeks:systemNodes": "1"})}
+    done = subprocess.run(
+        [sys.executable, "-m", "infra.app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "systemNodes: Input should be greater than or equal to 2 (got 1)" in done.stderr
