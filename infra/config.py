@@ -37,6 +37,10 @@ KubernetesVersion = Literal["1.33", "1.34", "1.35", "1.36"]
 _GPU_INSTANCE_RE = r"^(g5|g6|g6e)\.[0-9]*x?large$"
 
 
+#: Host memory a runtime pod needs besides its RAM model cache (Python, torch, CUDA context).
+RUNTIME_PROCESS_MEMORY = 6 * 2**30
+
+
 class ConfigError(ValueError):
     """The deployment configuration is invalid; the message lists every problem."""
 
@@ -66,8 +70,15 @@ class RuntimeConfig(_Model):
     task_time_limit_s: int = Field(default=600, ge=30, le=3600)
     #: Queued (visible + in-flight) messages per replica that KEDA aims for.
     tasks_per_replica: int = Field(default=2, ge=1, le=100)
-    cpu: str = "3"
-    memory: str = "12Gi"
+    cpu: str = Field(default="3", pattern=r"^([1-9][0-9]*|[1-9][0-9]*m)$")
+    #: Pod memory (request = limit); the model store's RAM tier gets what the process
+    #: itself does not need (`RUNTIME_PROCESS_MEMORY`).
+    memory: str = Field(default="12Gi", pattern=r"^[1-9][0-9]*(Gi|Mi)$")
+
+    @property
+    def memory_bytes(self) -> int:
+        number, unit = int(self.memory[:-2]), self.memory[-2:]
+        return number * (2**30 if unit == "Gi" else 2**20)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> RuntimeConfig:
@@ -75,6 +86,12 @@ class RuntimeConfig(_Model):
             raise ValueError(
                 f"minReplicas ({self.min_replicas}) must not exceed maxReplicas "
                 f"({self.max_replicas}) for runtime {self.name!r}"
+            )
+        if self.memory_bytes < RUNTIME_PROCESS_MEMORY + 2**30:
+            raise ValueError(
+                f"memory must be at least {RUNTIME_PROCESS_MEMORY // 2**30 + 1}Gi for runtime "
+                f"{self.name!r} (torch, CUDA and the pipelines need "
+                f"{RUNTIME_PROCESS_MEMORY // 2**30}Gi before any model is cached), got {self.memory}"
             )
         return self
 

@@ -30,6 +30,10 @@ KEDA_AUTH = "sdeks-aws"
 PRESTOP_SLEEP_S = 15
 #: Margin on top of the task time limit for upload and callback after the last step.
 DRAIN_MARGIN_S = 60
+#: The model store's disk tier: an emptyDir on the GPU node's data volume (`gpu_node_class`).
+MODELS_VOLUME_GI = 150
+#: What the disk tier may fill, leaving room for partial downloads.
+MODELS_DISK_CACHE_BYTES = (MODELS_VOLUME_GI - 10) * 2**30
 
 
 def runtime_workload_name(runtime: str) -> str:
@@ -313,7 +317,7 @@ def runtime_deployment(
                     "volumes": [
                         {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
                         # The model store's disk tier (S3 -> disk -> RAM -> GPU).
-                        {"name": "models", "emptyDir": {"sizeLimit": "150Gi"}},
+                        {"name": "models", "emptyDir": {"sizeLimit": f"{MODELS_VOLUME_GI}Gi"}},
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
                     ],
                 },

@@ -11,7 +11,7 @@ from constructs import Construct
 
 from infra import k8s
 from infra.cluster import Cluster
-from infra.config import DeployConfig
+from infra.config import RUNTIME_PROCESS_MEMORY, DeployConfig
 
 DISPATCHER_SERVICE_ACCOUNT = "sdeks-dispatcher"
 RUNTIME_SERVICE_ACCOUNT = "sdeks-runtime"
@@ -123,6 +123,10 @@ def render(
             "SDEKS_MODELS": models_uri,
             "SDEKS_DEVICE": "cuda",
             "SDEKS_CACHE_DIR": "/var/cache/sdeks",
+            # Tier budgets sized to the pod, so the cache never outgrows its emptyDir
+            # (eviction) or the memory limit (OOM kill).
+            "SDEKS_DISK_CACHE_BYTES": str(k8s.MODELS_DISK_CACHE_BYTES),
+            "SDEKS_RAM_CACHE_BYTES": str(runtime.memory_bytes - RUNTIME_PROCESS_MEMORY),
             # Read by the runtime once it supports pinning a pool to its default model.
             "SDEKS_DYNAMIC_MODELS": "true" if runtime.dynamic_models else "false",
             "HF_HUB_OFFLINE": "1",

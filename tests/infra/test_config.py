@@ -64,6 +64,8 @@ def test_config_rejects_min_above_max() -> None:
             "minReplica: Extra inputs are not permitted",
         ),
         ({"name": "sd"}, "defaultModel: Field required"),
+        ({"name": "sd", "defaultModel": "m", "memory": "6Gi"}, "memory must be at least 7Gi"),
+        ({"name": "sd", "defaultModel": "m", "memory": "12GB"}, "memory: String should match"),
     ],
 )
 def test_config_rejects_bad_runtimes(runtime: dict[str, Any], message: str) -> None:

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings
 
 from dispatcher.settings import DispatcherSettings
 from infra import k8s
-from infra.config import DeployConfig
+from infra.config import RUNTIME_PROCESS_MEMORY, DeployConfig
 from runtime.settings import RuntimeSettings
 from tests.infra.conftest import TEST_CONFIG, render_plain
 
@@ -64,3 +64,7 @@ def test_runtime_settings_parse_the_deployment_env(
     assert settings.device == "cuda"
     assert settings.models and settings.models.startswith("s3://")
     assert str(settings.cache_dir) == "/var/cache/sdeks"  # the Deployment's emptyDir
+    # The model store's tiers fit the pod: disk within the emptyDir, RAM within the limit.
+    assert settings.disk_cache_bytes < k8s.MODELS_VOLUME_GI * 2**30
+    memory = next(r for r in CONFIG.runtimes if r.name == runtime).memory_bytes
+    assert 0 < settings.ram_cache_bytes <= memory - RUNTIME_PROCESS_MEMORY
