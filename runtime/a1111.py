@@ -163,6 +163,18 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class SDVaeItem(BaseModel):
+    model_name: str
+    filename: str
+
+
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
 class SamplerItem(BaseModel):
     name: str
     aliases: list[str]

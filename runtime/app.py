@@ -30,8 +30,8 @@ from pydantic import BaseModel
 
 from runtime import a1111, samplers
 from runtime.metrics import PodMetrics
+from runtime.models import Models
 from runtime.outputs import OutputError, OutputWriter
-from runtime.pipelines import ModelSource
 from runtime.render import (
     DEFAULT_OPTIONS,
     UPSCALERS,
@@ -73,12 +73,12 @@ class Pod:
     def __init__(
         self,
         settings: RuntimeSettings,
-        source: ModelSource,
+        models: Models,
         renderer: Renderer,
         writer: OutputWriter | None,
     ) -> None:
         self.settings = settings
-        self.source = source
+        self.models = models
         self.renderer = renderer
         self.writer = writer
         self.metrics = PodMetrics(settings.runtime, settings.slots)
@@ -103,7 +103,7 @@ class Pod:
 
     def state(self) -> dict[str, Any]:
         try:
-            models = self.source.state()
+            models = self.models.state()
         except Exception as exc:  # a listing failure must not hide the pod's own state
             models = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         return {
@@ -145,14 +145,19 @@ class Pod:
 def create_app(
     settings: RuntimeSettings,
     *,
-    source: ModelSource | None = None,
+    models: Models | None = None,
     writer: OutputWriter | None = None,
-    device: str | None = None,
 ) -> FastAPI:
-    """The pod app. `source`/`writer` are built from `settings` when not injected."""
-    device = device or resolve_device(settings.device)
-    if source is None:
-        source = _build_source(settings, device)
+    """The pod app. `models` (the store) and `writer` are built from `settings` when not injected."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if models is None:
+        from runtime.models import build_store
+
+        models = build_store(settings, resolve_device(settings.device))
+    device = models.device
     if writer is None and settings.callback_topic_arn and settings.output_bucket:
         from sdeks import aws
 
@@ -162,7 +167,7 @@ def create_app(
             bucket=settings.output_bucket,
             topic_arn=settings.callback_topic_arn,
         )
-    pod = Pod(settings, source, Renderer(source, settings, device), writer)
+    pod = Pod(settings, models, Renderer(models, settings), writer)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -176,6 +181,9 @@ def create_app(
         yield
         for control in list(pod.running.values()):
             control.cancel()
+        close = getattr(pod.models, "close", None)
+        if close is not None:
+            close()
 
     app = FastAPI(
         title="sdeks runtime pod",
@@ -254,7 +262,7 @@ def create_app(
     @app.post("/v1/prefetch", tags=["pod"], status_code=202)
     async def prefetch(body: PrefetchRequest) -> Any:
         try:
-            await asyncio.to_thread(pod.source.prefetch, body.model)
+            await asyncio.to_thread(pod.models.prefetch, body.model)
         except ModelNotFoundError as exc:
             return JSONResponse(exc.to_error(), status_code=404)
         return {"model": body.model, "accepted": True}
@@ -328,7 +336,7 @@ def create_app(
         if checkpoint is not None:
             # A1111 loads the model when it is set; an unknown one is refused.
             try:
-                await asyncio.to_thread(pod.source.load, str(checkpoint))
+                await asyncio.to_thread(pod.models.load, str(checkpoint))
             except SdeksError as exc:
                 return _a1111_error(exc)
         if "CLIP_stop_at_last_layers" in body:
@@ -340,7 +348,7 @@ def create_app(
                 return _a1111_error(exc)
         if body.get("sd_vae") not in (None, "Automatic", "None"):
             try:
-                await asyncio.to_thread(pod.source.vae_file, str(body["sd_vae"]))
+                await asyncio.to_thread(pod.models.fetch_vae, str(body["sd_vae"]))
             except SdeksError as exc:
                 return _a1111_error(exc)
         pod.options.update(body)
@@ -348,22 +356,21 @@ def create_app(
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"], response_model=list[a1111.SDModelItem])
     async def sd_models() -> Any:
-        models = await asyncio.to_thread(pod.source.list)
-        return [
-            a1111.SDModelItem(
-                title=m.title,
-                model_name=m.model_name,
-                hash=m.hash,
-                sha256=m.sha256,
-                filename=m.filename,
-                config=None,
-            )
-            for m in models
-        ]
+        return [a1111.SDModelItem(**m) for m in await asyncio.to_thread(pod.models.sd_models)]
+
+    @app.get("/sdapi/v1/sd-vae", tags=["a1111"], response_model=list[a1111.SDVaeItem])
+    async def sd_vae() -> Any:
+        vaes = await asyncio.to_thread(pod.models.vaes)
+        return [a1111.SDVaeItem(model_name=v.model_name, filename=v.key) for v in vaes]
+
+    @app.get("/sdapi/v1/loras", tags=["a1111"], response_model=list[a1111.LoraItem])
+    async def loras() -> Any:
+        found = await asyncio.to_thread(pod.models.loras)
+        return [a1111.LoraItem(name=v.model_name, alias=v.model_name, path=v.key) for v in found]
 
     @app.post("/sdapi/v1/refresh-checkpoints", tags=["a1111"])
     async def refresh_checkpoints() -> None:
-        await asyncio.to_thread(pod.source.refresh)
+        await asyncio.to_thread(pod.models.refresh)
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"], response_model=list[a1111.SamplerItem])
     async def list_samplers() -> Any:
@@ -442,16 +449,3 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _build_source(settings: RuntimeSettings, device: str) -> ModelSource:
-    from runtime.pipelines import build_source
-
-    if not settings.models:
-        raise ValueError("no models source: pass --models s3://BUCKET[/PREFIX]|DIR or SDEKS_MODELS")
-    dtype = None
-    if device.startswith("cuda"):
-        import torch
-
-        dtype = getattr(torch, settings.dtype)
-    return build_source(settings.models, cache_dir=settings.cache_dir, device=device, dtype=dtype)

@@ -38,7 +38,7 @@ from runtime.a1111 import (
     Img2ImgRequest,
     Txt2ImgRequest,
 )
-from runtime.pipelines import LoadedModel, ModelSource, pipeline_for
+from runtime.models import Models
 from runtime.settings import RuntimeSettings
 from sdeks.errors import (
     InvalidParameterError,
@@ -97,6 +97,69 @@ class JobControl:
     def check(self) -> None:
         if self.cancelled:
             raise TaskCancelledError(f"task {self.job_id} was cancelled", task_id=self.job_id)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What the results say about the model a render used (from the store's lease)."""
+
+    title: str
+    model_name: str
+    hash: str | None
+    load_ms: int
+    inpainting_unet: bool
+
+    @classmethod
+    def of(cls, lease: Any) -> Loaded:
+        name = lease.name
+        for suffix in (".safetensors", ".ckpt"):
+            name = name.removesuffix(suffix)
+        unet = getattr(lease.pipeline, "unet", None)
+        return cls(
+            title=lease.title,
+            model_name=name,
+            hash=lease.hash,
+            load_ms=lease.timings.model_load_ms,
+            inpainting_unet=bool(unet is not None and unet.config.in_channels == 9),
+        )
+
+
+class SharedWeightsLock:
+    """Readers-writer lock over the shared model weights.
+
+    Plain renders share them; a render with prompt LoRAs injects adapters into
+    the shared UNet/text encoder (diffusers `load_lora_weights`), so it waits
+    for the others and runs alone until the LoRAs are unloaded again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -253,12 +316,13 @@ def clip_skip_of(value: Any) -> int | None:
 class Renderer:
     """Turns A1111 requests into images on one device. Thread-safe for concurrent jobs."""
 
-    def __init__(self, source: ModelSource, settings: RuntimeSettings, device: str) -> None:
-        self.source = source
+    def __init__(self, models: Models, settings: RuntimeSettings) -> None:
+        self.models = models
         self.settings = settings
-        self.device = device
+        self.device = models.device
         self._vae_cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
+        self._weights = SharedWeightsLock()
 
     # public entry points -------------------------------------------------
 
@@ -380,34 +444,38 @@ class Renderer:
         clip_skip = clip_skip_of(opts.get("CLIP_stop_at_last_layers", 1))
         vae_name = str(opts.get("sd_vae") or "Automatic")
 
-        # 3. Load the model.
-        loaded = self.source.load(str(checkpoint))
-        control.check()
-
-        # 4. The job's own pipeline.
+        # 3. Load the model: pinned in the store for the whole render, as a pipeline of our kind.
         kind = (
             "inpaint" if mask is not None else ("img2img" if init_image is not None else "txt2img")
         )
-        with self._oom_guard(control.job_id):
-            pipe = self._job_pipeline(loaded, kind, choice, vae_name)
-            lora_note = self._apply_loras(pipe, loras)
-            images, infotexts = self._denoise(
-                pipe,
-                request,
-                img,
-                prompt=prompt,
-                plan=plan,
-                choice=choice,
-                clip_skip=clip_skip,
-                init_image=init_image,
-                mask=mask,
-                control=control,
-                loaded=loaded,
-                vae_name=vae_name,
-                lora_note=lora_note,
-            )
-            if loras:
-                pipe.unload_lora_weights()
+        with self._oom_guard(control.job_id), self.models.use(str(checkpoint), kind) as lease:
+            control.check()
+            loaded = Loaded.of(lease)
+            # LoRAs are injected into the shared weights: such a render runs alone.
+            with self._weights.exclusive() if loras else self._weights.shared():
+                # 4. The job's own pipeline: scheduler, VAE, LoRAs.
+                pipe = self._job_pipeline(lease.pipeline, loaded, choice, vae_name)
+                try:
+                    lora_note = self._apply_loras(pipe, loras)
+                    # 5. Denoise.
+                    images, infotexts = self._denoise(
+                        pipe,
+                        request,
+                        img,
+                        prompt=prompt,
+                        plan=plan,
+                        choice=choice,
+                        clip_skip=clip_skip,
+                        init_image=init_image,
+                        mask=mask,
+                        control=control,
+                        loaded=loaded,
+                        vae_name=vae_name,
+                        lora_note=lora_note,
+                    )
+                finally:
+                    if loras:
+                        pipe.unload_lora_weights()
 
         # 6. The A1111 `info`.
         info = self._info(request, img, plan, choice, loaded, vae_name, clip_skip, infotexts)
@@ -417,7 +485,7 @@ class Renderer:
             info=info,
             parameters=_parameters(request),
             seeds=plan.all_seeds[: len(images)],
-            model=loaded.info.title,
+            model=loaded.title,
             model_load_ms=loaded.load_ms,
         )
 
@@ -444,32 +512,31 @@ class Renderer:
         init = _fill_masked(init, mask, img.inpainting_fill)
         return init, mask
 
-    def _job_pipeline(self, loaded: LoadedModel, kind: str, choice: Any, vae_name: str) -> Any:
+    def _job_pipeline(self, pipe: Any, loaded: Loaded, choice: Any, vae_name: str) -> Any:
+        """The lease's pipeline (already this job's own object) with our scheduler and VAE."""
         import diffusers
 
-        base = loaded.pipeline
         scheduler_cls = getattr(diffusers, choice.scheduler_class)
-        scheduler = scheduler_cls.from_config(base.scheduler.config, **choice.scheduler_kwargs)
-        pipe = pipeline_for(base, kind, scheduler)  # type: ignore[arg-type]
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
+        pipe.set_progress_bar_config(disable=True)
         _clip_skip_compat(pipe)
-        vae = self._vae(loaded, vae_name)
+        vae = self._vae(pipe, loaded, vae_name)
         if vae is not None:
             pipe.vae = vae
-            pipe.register_modules(vae=vae)
         return pipe
 
-    def _vae(self, loaded: LoadedModel, vae_name: str) -> Any:
+    def _vae(self, pipe: Any, loaded: Loaded, vae_name: str) -> Any:
         """`sd_vae`: "Automatic"/"None" keep the checkpoint's VAE; a name loads `VAE/<name>`."""
         if vae_name in ("Automatic", "None", ""):
             return None
-        key = (loaded.info.title, vae_name)
+        key = (loaded.title, vae_name)
         with self._lock:
             if key in self._vae_cache:
                 return self._vae_cache[key]
-        path = self.source.vae_file(vae_name)
+        path = self.models.fetch_vae(vae_name)
         from runtime.vae import load_vae
 
-        vae = load_vae(path, loaded.pipeline.vae, self.device)
+        vae = load_vae(path, pipe.vae, self.device)
         with self._lock:
             self._vae_cache[key] = vae
         return vae
@@ -479,7 +546,7 @@ class Renderer:
             return None
         names = []
         for i, (name, _weight) in enumerate(loras):
-            path = self.source.lora_file(name)
+            path = self.models.fetch_lora(name)
             adapter = f"lora{i}"
             try:
                 pipe.load_lora_weights(str(path), adapter_name=adapter)
@@ -504,7 +571,7 @@ class Renderer:
         init_image: Image.Image | None,
         mask: Image.Image | None,
         control: JobControl,
-        loaded: LoadedModel,
+        loaded: Loaded,
         vae_name: str,
         lora_note: str | None,
     ) -> tuple[list[Image.Image], list[str]]:
@@ -634,7 +701,7 @@ class Renderer:
             raise OutOfMemoryError(
                 f"out of device memory rendering task {task_id}: {exc}"[:400], task_id=task_id
             ) from exc
-        except (SdeksError, ValueError):
+        except SdeksError:
             raise
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
@@ -653,7 +720,7 @@ class Renderer:
         img: Img2ImgRequest | None,
         plan: seeds.SeedPlan,
         choice: samplers.SamplerChoice,
-        loaded: LoadedModel,
+        loaded: Loaded,
         vae_name: str,
         clip_skip: int | None,
         i: int,
@@ -670,8 +737,8 @@ class Renderer:
             "CFG scale": request.cfg_scale,
             "Seed": plan.all_seeds[i],
             "Size": f"{request.width}x{request.height}",
-            "Model hash": loaded.info.hash,
-            "Model": loaded.info.model_name,
+            "Model hash": loaded.hash,
+            "Model": loaded.model_name,
             "VAE": vae_name if vae_name not in ("Automatic", "None") else None,
             "Variation seed": plan.all_subseeds[i] if varies else None,
             "Variation seed strength": plan.subseed_strength if varies else None,
@@ -690,7 +757,7 @@ class Renderer:
         img: Img2ImgRequest | None,
         plan: seeds.SeedPlan,
         choice: samplers.SamplerChoice,
-        loaded: LoadedModel,
+        loaded: Loaded,
         vae_name: str,
         clip_skip: int | None,
         infotexts: list[str],
@@ -719,8 +786,8 @@ class Renderer:
             "n_iter": request.n_iter,
             "restore_faces": bool(request.restore_faces),
             "face_restoration_model": None,
-            "sd_model_name": loaded.info.model_name,
-            "sd_model_hash": loaded.info.hash,
+            "sd_model_name": loaded.model_name,
+            "sd_model_hash": loaded.hash,
             "sd_vae_name": vae_name if vae_name not in ("Automatic", "None") else None,
             "sd_vae_hash": None,
             "seed_resize_from_w": request.seed_resize_from_w,
@@ -733,7 +800,7 @@ class Renderer:
             "job_timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
             "clip_skip": (clip_skip or 0) + 1,
             "is_using_inpainting_conditioning": bool(img is not None and img.mask)
-            and loaded.pipeline.unet.config.in_channels == 9,
+            and loaded.inpainting_unet,
             "version": VERSION,
         }
 

@@ -18,6 +18,8 @@ from pydantic import Field
 
 from sdeks.settings import ServiceSettings
 
+GiB = 2**30
+
 
 class RuntimeSettings(ServiceSettings):
     callback_topic_arn: str | None = None  # type: ignore[assignment]
@@ -34,6 +36,14 @@ class RuntimeSettings(ServiceSettings):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     #: Local disk cache for models fetched from S3.
     cache_dir: Path = Path("/tmp/sdeks-models")
+    #: Tier budgets of the model store (bytes); GPU None: all GPU memory less the reserve.
+    disk_cache_bytes: int = Field(default=200 * GiB, ge=0)
+    ram_cache_bytes: int = Field(default=48 * GiB, ge=0)
+    gpu_cache_bytes: int | None = Field(default=None, ge=0)
+    gpu_reserve_bytes: int = Field(default=8 * GiB, ge=0)
+    #: Per-family diffusers config folders shipped in the image, for single-file checkpoints.
+    shipped_configs: Path | None = None
+    channels_last: bool = False
 
     #: Jobs rendered at once; the pod answers 429 beyond this.
     slots: int = Field(default=1, ge=1, le=16)
@@ -50,3 +60,5 @@ class RuntimeSettings(ServiceSettings):
     vae_tiling_pixels: int = Field(default=1024 * 1024, ge=0)
     #: `torch.compile` the UNet on CUDA (slow first job, faster after).
     compile: bool = False
+    #: torch CPU threads (None: torch's default, one per core).
+    torch_threads: int | None = Field(default=None, ge=1)

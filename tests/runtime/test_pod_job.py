@@ -24,7 +24,8 @@ CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
 def pod(stack, aws, tiny_models_dir: Path, tmp_path: Path):
     from runtime.app import create_app
     from runtime.outputs import OutputWriter
-    from runtime.pipelines import FolderSource
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
     from runtime.settings import RuntimeSettings
 
     settings = RuntimeSettings(
@@ -38,9 +39,8 @@ def pod(stack, aws, tiny_models_dir: Path, tmp_path: Path):
     writer = OutputWriter(
         s3=aws.s3, sns=aws.sns, bucket=stack.output_bucket, topic_arn=stack.callback_topic_arn
     )
-    app = create_app(
-        settings, source=FolderSource(tiny_models_dir, device="cpu"), writer=writer, device="cpu"
-    )
+    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
+    app = create_app(settings, models=store, writer=writer)
     with TestClient(app) as client:
         yield client
 
@@ -240,7 +240,9 @@ def test_cancel_mid_run_ends_cancelled(pod, callbacks):
 
 def test_state_and_health(pod):
     assert pod.get("/health").status_code == 200
+    assert pod.post("/v1/jobs", json=job("warm-1")).json()["status"] == "succeeded"
     state = pod.get("/v1/state").json()
+    assert state["models"]["ram"] == ["tiny-sd15"]
     assert state["slots"] == 1 and state["free_slots"] == 1 and state["busy"] is False
     assert "tiny-sd15" in json.dumps(state["models"])
     assert pod.post("/v1/jobs/none/cancel").status_code == 404

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def models_root(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from runtime.model_ldm import vae_to_ldm
 
     root = tmp_path_factory.mktemp("models-extra")
-    (root / "Stable-diffusion").symlink_to(tiny_models_dir / "Stable-diffusion")
+    shutil.copytree(tiny_models_dir / "Stable-diffusion", root / "Stable-diffusion")
     (root / "Lora").mkdir()
     (root / "VAE").mkdir()
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -62,11 +63,13 @@ def models_root(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def renderer(models_root: Path) -> Renderer:
-    from runtime.pipelines import FolderSource
+def renderer(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Renderer:
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
 
     settings = RuntimeSettings(default_model="tiny-sd15", max_pixels=256 * 256, max_images=8)
-    return Renderer(FolderSource(models_root, device="cpu"), settings, "cpu")
+    store = ModelStore(LocalSource(models_root), cache_dir=tmp_path_factory.mktemp("cache"))
+    return Renderer(store, settings)
 
 
 def t2i(**fields) -> Txt2ImgRequest:
@@ -171,9 +174,12 @@ def test_inpaint_with_mask(renderer, invert):
 
 def test_sdxl_and_sd15_switch(renderer):
     xl = renderer.txt2img(t2i(), options=OPTIONS, model="tiny-sdxl")
-    sd = renderer.txt2img(t2i(), options=OPTIONS, model="tiny-sd15.safetensors")
+    single = renderer.txt2img(t2i(), options=OPTIONS, model="tiny-sd15-single.safetensors")
+    folder = renderer.txt2img(t2i(), options=OPTIONS, model="tiny-sd15")
     assert xl.info["sd_model_name"] == "tiny-sdxl"
-    assert sd.info["sd_model_name"] == "tiny-sd15"
+    assert single.info["sd_model_name"] == "tiny-sd15-single"
+    # The same weights as one LDM file and as a diffusers folder render the same pixels.
+    assert np.abs(pixels(single.images[0]) - pixels(folder.images[0])).max() <= 1
     assert "Model: tiny-sdxl" in xl.infotexts[0]
     assert xl.images[0].size == (64, 64)
 
@@ -258,7 +264,7 @@ def test_bad_images_name_the_field(renderer):
             )
     big = Image.new("RGB", (1200, 1200))
     renderer_settings = renderer.settings.model_copy(update={"max_upscale_pixels": 1000 * 1000})
-    small = Renderer(renderer.source, renderer_settings, "cpu")
+    small = Renderer(renderer.models, renderer_settings)
     with pytest.raises(InvalidParameterError, match="over the limit"):
         small.img2img(
             Img2ImgRequest(init_images=[png_b64(big)], width=64, height=64), options=OPTIONS

@@ -84,16 +84,14 @@ def test_every_choice_builds_a_diffusers_scheduler(sampler, schedule):
 
 
 @pytest.fixture(scope="module")
-def renderer(tiny_models_dir: Path):
-    from runtime.pipelines import FolderSource
+def renderer(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
     from runtime.render import Renderer
     from runtime.settings import RuntimeSettings
 
-    return Renderer(
-        FolderSource(tiny_models_dir, device="cpu"),
-        RuntimeSettings(default_model="tiny-sd15"),
-        "cpu",
-    )
+    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path_factory.mktemp("cache"))
+    return Renderer(store, RuntimeSettings(default_model="tiny-sd15"))
 
 
 @pytest.mark.parametrize("sampler", samplers.supported_names())
