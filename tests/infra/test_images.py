@@ -36,3 +36,26 @@ def test_prebuilt_image_uris_are_used_as_given() -> None:
     stack = cdk.Stack(app, "Images")
     images = Images(stack, "Images", dispatcher_image="r/d:1", runtime_image="r/r:1")
     assert (images.dispatcher_uri, images.runtime_uri) == ("r/d:1", "r/r:1")
+
+
+def _dockerfile(name: str) -> str:
+    return (REPO_ROOT / name / "Dockerfile").read_text()
+
+
+def test_dockerfiles_run_as_the_deployments_user() -> None:
+    for name in ("dispatcher", "runtime"):
+        assert "\nUSER 10001\n" in _dockerfile(name), name  # runAsUser in infra/k8s.py
+
+
+def test_runtime_image_is_cuda_and_ships_single_file_configs() -> None:
+    text = _dockerfile("runtime")
+    base = next(line for line in text.splitlines() if line.startswith("FROM "))
+    assert base.startswith("FROM nvidia/cuda:") and "runtime" in base
+    assert 'pip install ".[runtime]"' in text
+    assert "ENV SDEKS_SHIPPED_CONFIGS=/opt/sdeks/configs" in text
+
+
+def test_dispatcher_image_carries_no_torch() -> None:
+    text = _dockerfile("dispatcher")
+    assert 'pip install ".[dispatcher]"' in text
+    assert "torch" not in text and "[runtime]" not in text
