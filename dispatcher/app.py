@@ -23,7 +23,9 @@ from dispatcher.scheduler import AffinityPolicy, CostModel, FifoPolicy, Policy
 from dispatcher.service import Dispatcher, queue_sources, queue_visibility
 from dispatcher.settings import DispatcherSettings
 from sdeks.aws import aio_client
+from sdeks.lifecycle import Reporter
 from sdeks.names import VISIBILITY_TIMEOUT_S
+from sdeks.tasks import TaskTable
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,17 @@ async def serve(
         )
         links = await stack.enter_async_context(
             LinkResolver(LinkPolicy.from_settings(settings), s3=s3, resolver=resolver)
+        )
+
+        table = None
+        if settings.task_table:
+            dynamodb = await stack.enter_async_context(aio_client("dynamodb"))
+            table = TaskTable(dynamodb, settings.task_table, ttl_s=settings.task_ttl_s)
+        reporter = Reporter(
+            sns,
+            settings.callback_topic_arn,
+            table=table,
+            republish_after_s=settings.callback_republish_after_s,
         )
 
         sources = await queue_sources(sqs, settings)
@@ -110,6 +123,7 @@ async def serve(
             leases=leases,
             metrics=metrics,
             sources=sources,
+            reporter=reporter,
         )
         await dispatcher.run(stop)
 

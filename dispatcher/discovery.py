@@ -116,13 +116,14 @@ class KubernetesDiscovery:
                 watch.stop()
 
     def _watch(self, service: str, emit: Callable[[set[str]], None]) -> None:
+        """List, then watch from the list's resourceVersion; relist whenever the watch ends."""
         from kubernetes import client, watch
 
         api = client.DiscoveryV1Api(self._api_client)
         selector = f"{SERVICE_NAME_LABEL}={service}"
         while not self._stop.is_set():
             try:
-                listing = api.list_namespaced_endpoint_slice(
+                listing: Any = api.list_namespaced_endpoint_slice(
                     self.namespace, label_selector=selector, _request_timeout=30
                 )
                 slices = {
@@ -132,6 +133,7 @@ class KubernetesDiscovery:
                 emit(set().union(*slices.values()))
                 w = watch.Watch()
                 self._watches.append(w)
+                event: dict[str, Any]
                 for event in w.stream(
                     api.list_namespaced_endpoint_slice,
                     self.namespace,
@@ -142,7 +144,7 @@ class KubernetesDiscovery:
                 ):
                     if self._stop.is_set():
                         break
-                    kind, obj = event["type"], event["object"]
+                    kind, obj = event["type"], event["object"]  # obj: V1EndpointSlice
                     name = obj.metadata.name
                     if kind in ("ADDED", "MODIFIED"):
                         slices[name] = slice_urls(obj, port_name=self.port_name)

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from dispatcher.errors import PodBusyError, PodFailedError, PodRejectedError
-from sdeks.callback import Callback
+from sdeks.callback import Callback, TaskStatus
 from sdeks.job import Job
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class PodState:
     def parse(cls, doc: Any) -> PodState:
         if not isinstance(doc, Mapping):
             return cls()
-        tiers = doc.get("models") if isinstance(doc.get("models"), Mapping) else doc
+        models = doc.get("models")
+        tiers: Mapping[str, Any] = models if isinstance(models, Mapping) else doc
         available = None
         for key in ("available", "catalog", "available_models"):
             if key in tiers or key in doc:
@@ -174,7 +175,7 @@ class PodClient:
                     pod_url,
                     extra={"task_id": task_id},
                 )
-                return Callback(id=task_id, status="succeeded", result=True)
+                return Callback(id=task_id, status=TaskStatus.SUCCEEDED, result=True)
         if status == 429:
             raise PodBusyError(f"pod {pod_url} is full", pod=pod_url, task_id=task_id)
         if 400 <= status < 500 and status not in (404, 408, 409):

@@ -17,8 +17,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from dispatcher.errors import PodBusyError, PodFailedError
 from dispatcher.metrics import Metrics
@@ -351,8 +352,8 @@ class Router:
         if not await self.client.prefetch(pod.url, model):
             pod.prefetch_supported = False
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

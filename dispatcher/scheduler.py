@@ -102,7 +102,8 @@ class Plan:
 
 
 class Policy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def plan(self, now: float, tasks: Sequence[PendingTask], pods: Sequence[PodView]) -> Plan: ...
 

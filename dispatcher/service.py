@@ -51,6 +51,7 @@ from sdeks.errors import (
     UnknownRuntimeError,
 )
 from sdeks.job import Job
+from sdeks.lifecycle import Reporter
 from sdeks.names import REJECTED_PREFIX, RUNTIME_ATTRIBUTE
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,11 @@ class Dispatcher:
         leases: LeaseKeeper,
         metrics: Metrics,
         sources: list[Source],
+        reporter: Reporter | None = None,
     ) -> None:
         self.settings = settings
         self.sqs, self.sns, self.s3 = sqs, sns, s3
+        self.reporter = reporter or Reporter(sns, settings.callback_topic_arn)
         self.links = links
         self.router = router
         self.leases = leases
@@ -288,7 +291,15 @@ class Dispatcher:
         received_at: float,
     ) -> None:
         runtime = task.runtime
-        # 1. Links become base64 before any pod sees the task.
+        # 1. The task table: a finished id is dropped (redelivery, republish);
+        #    a random seed is drawn once so every attempt renders the same image.
+        if not await self.reporter.admit(task, published_at=published_at):
+            log.info("task %s already ended; message dropped", task.id, extra={"task_id": task.id})
+            await self.leases.delete(lease)
+            self.metrics.completed.labels(runtime, "duplicate").inc()
+            return
+        task = await self.reporter.pin_seed(task)
+        # 2. Links become base64 before any pod sees the task.
         try:
             resolved = await self.links.resolve_content(task.content)
         except LinkError as exc:
@@ -301,7 +312,7 @@ class Dispatcher:
             published_at=published_at,
             download_ms=resolved.download_ms,
         )
-        # 2. A pod renders it and publishes the callback.
+        # 3. A pod renders it and publishes the callback.
         try:
             callback = await self.router.run_job(
                 job,
@@ -322,7 +333,7 @@ class Dispatcher:
                     f"no pod completed the task in {receive_count} receives; last: {exc.message}",
                     task_id=task.id,
                 )
-                await self._publish(_failed(task, error))
+                await self._finish(_failed(task, error))
                 await self.leases.release(lease)
                 self.metrics.completed.labels(runtime, "dead-lettered").inc()
             else:
@@ -330,7 +341,7 @@ class Dispatcher:
                 await self.leases.release(lease, delay_s=int(min(delay, 300)))
                 self.metrics.completed.labels(runtime, "released").inc()
             return
-        # 3. The callback exists: the message is done.
+        # 4. The callback exists: the message is done.
         log.info(
             "task %s %s (attempt %d)",
             task.id,
@@ -373,31 +384,40 @@ class Dispatcher:
     ) -> None:
         """Not a task we can serve: keep the raw body for audit, publish the failure, delete."""
         await self._keep_rejected(message, note, error)
-        if task is not None:
-            callback = _failed(task, error)
-        else:
-            callback = Callback(
-                id=error.task_id,
-                runtime=runtime,
-                status=TaskStatus.FAILED,
-                result=False,
-                error=ErrorInfo.from_exception(error),
-            )
         log.warning(
             "message %s rejected: %s",
             lease.message_id,
             error.message,
             extra={"task_id": error.task_id},
         )
-        await self._publish(callback)
+        if task is not None:
+            await self._finish(_failed(task, error))
+        else:
+            # Not a task: no claim in the task table. The id was read from an
+            # invalid message; claiming it could end someone else's task.
+            await self._publish(
+                Callback(
+                    id=error.task_id,
+                    runtime=runtime,
+                    status=TaskStatus.FAILED,
+                    result=False,
+                    error=ErrorInfo.from_exception(error),
+                )
+            )
         await self.leases.delete(lease)
         self.metrics.completed.labels(runtime or "catch-all", "failed").inc()
 
     async def _fail(self, lease: Lease, task: Task, error: SdeksError) -> None:
         log.warning("task %s failed: %s", task.id, error.message, extra={"task_id": task.id})
-        await self._publish(_failed(task, error))
+        await self._finish(_failed(task, error))
         await self.leases.delete(lease)
         self.metrics.completed.labels(task.runtime, "failed").inc()
+
+    async def _finish(self, callback: Callback) -> None:
+        """End the task with the dispatcher's own failed callback, claimed in the task
+        table first (when there is one) so a pod or canceller that ended it already wins."""
+        if await self.reporter.finish(callback) and callback.error is not None:
+            self.metrics.failures.labels(callback.error.code).inc()
 
     async def _publish(self, callback: Callback) -> None:
         # Raises on failure: the message is then kept and retried, never deleted silently.

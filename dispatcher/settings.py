@@ -26,9 +26,9 @@ class DispatcherSettings(ServiceSettings):
     #: The catch-all queue (tasks published without a known `runtime` attribute).
     catch_all_queue_url: str | None = None
     #: Tasks held (leased) per runtime at once: the scheduler's view of the backlog.
-    window: int = Field(default=32, ge=1, le=1000)
-    #: Long-poll wait of ReceiveMessage (SQS allows 0-20).
-    receive_wait_s: int = Field(default=20, ge=0, le=20)
+    window: int = Field(default=64, ge=1, le=1000)
+    #: Long-poll wait of ReceiveMessage (SQS allows 0-20); stopping waits for one poll to end.
+    receive_wait_s: int = Field(default=10, ge=0, le=20)
     #: Seconds each heartbeat extends a held message by; None: the queue's VisibilityTimeout.
     lease_extension_s: int | None = Field(default=None, ge=1, le=43200)
     #: Seconds between heartbeats; None: a third of the extension.
@@ -88,6 +88,12 @@ class DispatcherSettings(ServiceSettings):
     link_max_per_task: int = Field(default=16, ge=1)
     #: Downloads in flight at once across all tasks.
     link_concurrency: int = Field(default=16, ge=1)
+
+    # --- task table (docs/lifecycle.md; on when SDEKS_TASK_TABLE is set) ---
+    #: Idempotency window: a finished id is not rendered again within it.
+    task_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    #: A terminal callback claimed but not confirmed for this long is republished.
+    callback_republish_after_s: float = Field(default=120.0, gt=0)
 
     # --- observability ----------------------------------------------------
     #: Port of the Prometheus `/metrics` endpoint; 0 disables it.

@@ -44,6 +44,8 @@ class FakePod:
     extra_state: dict[str, Any] = field(default_factory=dict)
     #: Set to e.g. 503 to make `/v1/state` stop answering properly.
     state_status: int = 200
+    #: Ends tasks through the task table (claim, then publish), as the real pod does.
+    reporter: Any = None
 
     async def start(self) -> FakePod:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -96,7 +98,12 @@ class FakePod:
                 result=True,
                 context=job.task.context,
             )
-            await asyncio.to_thread(self.sns.publish, **callback.sns_publish_kwargs(self.topic_arn))
+            if self.reporter is not None:
+                await self.reporter.finish(callback)
+            else:
+                await asyncio.to_thread(
+                    self.sns.publish, **callback.sns_publish_kwargs(self.topic_arn)
+                )
             return web.json_response(json.loads(callback.model_dump_json()))
         finally:
             self.busy -= 1

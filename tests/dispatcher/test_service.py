@@ -136,3 +136,42 @@ async def test_dispatch_unreachable_link_fails_task(aws, stack, make_pod, callba
     assert codes == {"dead-link": "link_unreachable", "private-link": "link_forbidden"}
     assert "127.0.0.1:9" in next(c for c in got if c["id"] == "dead-link")["error"]["message"]
     assert pod.jobs == []
+
+
+async def test_dispatch_with_task_table_drops_finished_id_and_pins_seed(
+    aws, stack, make_pod, callbacks
+):
+    from sdeks.lifecycle import Reporter
+    from sdeks.tasks import TaskTable
+
+    # GIVEN the task table, and a pod that ends tasks through it
+    table = TaskTable(aws.dynamodb, stack.task_table)
+    pod = await make_pod(reporter=Reporter(aws.sns, stack.callback_topic_arn, table=table))
+    settings = settings_for(stack, {"sdruntime": [pod.url]}, task_table=stack.task_table)
+    async with running(settings) as metrics:
+        publish(aws, stack, envelope("only-once", seed=-1))
+        await callbacks.wait_for(1)
+        # WHEN the same id is published again after it finished
+        publish(aws, stack, envelope("only-once", seed=-1))
+        await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
+        got = await callbacks.settle(0.5)
+    # THEN it is not rendered again, and no second callback goes out
+    assert [j.task.id for j in pod.jobs] == ["only-once"]
+    assert [c["id"] for c in got] == ["only-once"]
+    assert pod.jobs[0].task.content["seed"] != -1  # drawn once, stored for retries
+    record = await table.get("only-once")
+    assert record is not None and record.status.value == "succeeded"
+    assert b'outcome="duplicate"' in metrics.render()
+
+
+async def test_dispatch_failure_is_claimed_in_task_table(aws, stack, make_pod, callbacks):
+    from sdeks.tasks import TaskTable
+
+    pod = await make_pod()
+    settings = settings_for(stack, {"sdruntime": [pod.url]}, task_table=stack.task_table)
+    async with running(settings):
+        publish(aws, stack, envelope("bad-link", init_images=["http://10.9.9.9/a.png"]))
+        (got,) = await callbacks.wait_for(1)
+    assert got["error"]["code"] == "link_forbidden"
+    record = await TaskTable(aws.dynamodb, stack.task_table).get("bad-link")
+    assert record is not None and record.status.value == "failed"
