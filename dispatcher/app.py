@@ -22,10 +22,12 @@ from dispatcher.routing import Router
 from dispatcher.scheduler import AffinityPolicy, CostModel, FifoPolicy, Policy
 from dispatcher.service import Dispatcher, queue_sources, queue_visibility
 from dispatcher.settings import DispatcherSettings
+from dispatcher.webhooks import WebhookConsumer
 from sdeks.aws import aio_client
 from sdeks.lifecycle import Reporter
 from sdeks.names import VISIBILITY_TIMEOUT_S
 from sdeks.tasks import TaskTable
+from sdeks.webhooks import RetryPolicy, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,36 @@ async def serve(
         )
 
         sources = await queue_sources(sqs, settings)
+        urls = [s.queue_url for s in sources]
+        if settings.webhook_queue_url:
+            urls.append(settings.webhook_queue_url)
         extension = settings.lease_extension_s or (
-            await queue_visibility(sqs, [s.queue_url for s in sources]) or VISIBILITY_TIMEOUT_S
+            await queue_visibility(sqs, urls) or VISIBILITY_TIMEOUT_S
         )
         interval = settings.heartbeat_interval_s or extension / 3
         leases = LeaseKeeper(sqs, extension_s=extension, interval_s=interval)
+        if settings.webhook_queue_url and table is not None and settings.webhook_secret:
+            sender = WebhookSender(
+                links.session,
+                secret=settings.webhook_secret.get_secret_value(),
+                guard=links.check_url,
+                table=table,
+                retry=RetryPolicy(
+                    retries=settings.webhook_retries, timeout_s=settings.webhook_timeout_s
+                ),
+            )
+            webhooks = WebhookConsumer(
+                sqs,
+                settings.webhook_queue_url,
+                table=table,
+                sender=sender,
+                leases=leases,
+                concurrency=settings.webhook_concurrency,
+                wait_s=settings.receive_wait_s,
+            )
+            delivering = asyncio.create_task(webhooks.run(), name="webhooks")
+            stack.push_async_callback(_cancel, delivering)
+
         router = Router(
             build_policy(settings),
             PodClient(

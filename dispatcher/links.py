@@ -342,6 +342,21 @@ class LinkResolver:
 
     # --- http -------------------------------------------------------------
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The guarded session: it connects only to addresses `check_url` approved."""
+        assert self._session is not None, "use LinkResolver as an async context manager"
+        return self._session
+
+    async def check_url(self, url: str) -> None:
+        """The SSRF guard alone (for webhooks): raises `LinkForbiddenError` or
+        `LinkUnreachableError`, and pins the approved addresses for `session`."""
+        try:
+            parsed = URL(url, encoded=False)
+        except ValueError as exc:
+            raise LinkForbiddenError(f"{_shorten(url)} is not a valid URL") from exc
+        await self.check_host(parsed, link=url)
+
     async def check_host(self, url: URL, *, link: str) -> None:
         """Resolve `url`'s host, refuse it unless every address is allowed, pin the addresses."""
         if url.scheme not in ("http", "https"):

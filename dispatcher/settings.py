@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sdeks.names import MAX_RECEIVE_COUNT, check_runtime_name
 from sdeks.settings import ServiceSettings
@@ -95,6 +95,15 @@ class DispatcherSettings(ServiceSettings):
     #: A terminal callback claimed but not confirmed for this long is republished.
     callback_republish_after_s: float = Field(default=120.0, gt=0)
 
+    # --- webhooks (docs/lifecycle.md) --------------------------------------
+    #: The `webhooks` queue (subscribed to the callback topic); None: no delivery here.
+    webhook_queue_url: str | None = None
+    #: HMAC secret shared with receivers; required with `webhook_queue_url`.
+    webhook_secret: SecretStr | None = None
+    webhook_retries: int = Field(default=4, ge=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_concurrency: int = Field(default=16, ge=1)
+
     # --- observability ----------------------------------------------------
     #: Port of the Prometheus `/metrics` endpoint; 0 disables it.
     metrics_port: int = Field(default=9100, ge=0, le=65535)
@@ -121,6 +130,10 @@ class DispatcherSettings(ServiceSettings):
     def _discovery_complete(self) -> DispatcherSettings:
         if not self.queues:
             raise ValueError("queues: at least one runtime queue is required")
+        if self.webhook_queue_url and not (self.webhook_secret and self.task_table):
+            raise ValueError(
+                "webhook_queue_url needs webhook_secret and task_table (the URL is read there)"
+            )
         if self.discovery == "static":
             missing = sorted(set(self.queues) - set(self.pods))
             if missing:
