@@ -430,11 +430,6 @@ class ModelStore:
 
         if entry.kind == "file" and self.source.local_path(entry.key) is None:
             self._check_remote_header(entry)
-        if entry.size > self.limits.ram_bytes:
-            raise ModelLoadError(
-                f"{entry.name} ({entry.size} bytes on disk) is larger than the RAM budget "
-                f"({self.limits.ram_bytes} bytes)"
-            )
         path, download_ms = self._local(entry)
         timings.download_ms += download_ms
         started = time.perf_counter()

@@ -181,3 +181,16 @@ def test_derive_sdxl_kinds(tiny_sdxl_dir: Path):
         pipe = derive(base, Family("sdxl"), kind)
         assert type(pipe).__name__ == PIPELINES["sdxl"][kind]
         assert pipe.text_encoder_2 is base.text_encoder_2
+
+
+def test_importing_detection_and_catalog_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime, runtime.families, runtime.model_catalog, runtime.model_source, "
+        "runtime.model_disk, runtime.tiny; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

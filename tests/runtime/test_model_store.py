@@ -410,3 +410,10 @@ def test_disk_cache_lru_evicts_by_bytes_and_survives_restart(
     with pytest.raises(ModelLoadError, match="more than the whole disk cache"):
         too_big.fetch_lora("d")
     too_big.close()
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tiny_models_dir: Path, tmp_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path, device="cuda")
