@@ -124,6 +124,9 @@ class SdeksStack(Stack):
             storage=storage,
             messaging=messaging,
         )
+        # `sdeks status / tasks / wait / cancel` read the task table; cancel marks a queued
+        # task cancelled and publishes its callback.
+        state.grant_tasks(client_policy)
         self._outputs(config, storage, messaging, state, cluster, client_policy)
         self.storage, self.messaging, self.state, self.cluster = storage, messaging, state, cluster
         self.karpenter, self.keda, self.workloads = karpenter, keda, workloads
@@ -227,7 +230,7 @@ def grant_data_plane(
         ),
     ):
         dispatcher.add_to_principal_policy(statement)
-    state.table.grant_read_write_data(dispatcher)
+    state.grant_tasks(dispatcher)
     nag.acknowledge(
         dispatcher,
         "Object ARNs: `s3://` image links may name any key of the allow-listed buckets "
@@ -253,7 +256,7 @@ def grant_data_plane(
         _use_key(messaging.topic_key.key_arn),
     ):
         runtime.add_to_principal_policy(statement)
-    state.table.grant_read_write_data(runtime)
+    state.grant_tasks(runtime)
     nag.acknowledge(
         runtime,
         "Object ARNs: pods read any checkpoint under the models bucket's A1111 folders and "
@@ -284,7 +287,7 @@ def client_managed_policy(
             # Both topics are encrypted: publishing needs a data key.
             _use_key(messaging.topic_key.key_arn),
             iam.PolicyStatement(
-                actions=["sns:Subscribe", "sns:Unsubscribe"],
+                actions=["sns:Subscribe", "sns:Unsubscribe", "sns:Publish"],
                 resources=[messaging.callback_topic.topic_arn],
             ),
             # `sdeks submit --wait` listens on a temporary queue it names sdeks-cli-<random>.

@@ -16,6 +16,7 @@ from sdeks.names import (
     catch_all_filter_policy,
     runtime_filter_policy,
 )
+from sdeks.tasks import table_schema
 from tests.infra.conftest import Synth, ref
 
 NAMES = StackNames("sdeks")
@@ -190,13 +191,31 @@ def test_task_table_is_on_demand_with_ttl_and_pitr(synth: Synth) -> None:
         {
             "TableName": NAMES.task_table,
             "KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}],
-            "AttributeDefinitions": [{"AttributeName": "id", "AttributeType": "S"}],
+            "AttributeDefinitions": Match.array_with(
+                [{"AttributeName": "id", "AttributeType": "S"}]
+            ),
             "BillingMode": "PAY_PER_REQUEST",
             "TimeToLiveSpecification": {"AttributeName": "expires_at", "Enabled": True},
             "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
             "SSESpecification": {"SSEEnabled": True},
         },
     )
+
+
+def test_task_table_matches_the_local_stack_schema(synth: Synth) -> None:
+    # GIVEN the schema the local stack creates (sdeks.tasks.table_schema)
+    schema = table_schema(NAMES.task_table)
+    (table,) = synth.resources("AWS::DynamoDB::Table").values()
+    props = table["Properties"]
+    # THEN the deployed table has the same keys, attribute types and indexes
+    assert props["KeySchema"] == schema["KeySchema"]
+    assert sorted(props["AttributeDefinitions"], key=str) == sorted(
+        schema["AttributeDefinitions"], key=str
+    )
+    deployed = {i["IndexName"]: i for i in props["GlobalSecondaryIndexes"]}
+    for index in schema["GlobalSecondaryIndexes"]:
+        assert deployed[index["IndexName"]]["KeySchema"] == index["KeySchema"]
+        assert deployed[index["IndexName"]]["Projection"] == index["Projection"]
 
 
 def test_cluster_version_logging_and_system_nodes(synth: Synth) -> None:
