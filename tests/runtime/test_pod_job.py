@@ -23,9 +23,9 @@ CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
 @pytest.fixture
 def pod(stack, aws, tiny_models_dir: Path, tmp_path: Path):
     from runtime.app import create_app
-    from runtime.outputs import OutputWriter
     from runtime.model_source import LocalSource
     from runtime.model_store import ModelStore
+    from runtime.outputs import OutputWriter
     from runtime.settings import RuntimeSettings
 
     settings = RuntimeSettings(
