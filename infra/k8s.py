@@ -130,14 +130,14 @@ def dispatcher_deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": DISPATCHER, "namespace": namespace, "labels": labels},
+        "metadata": {"name": DISPATCHER, "namespace": namespace, "labels": dict(labels)},
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": dict(labels)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0}},
             "template": {
                 "metadata": {
-                    "labels": labels,
+                    "labels": dict(labels),
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(DISPATCHER_METRICS_PORT),
@@ -154,7 +154,7 @@ def dispatcher_deployment(
                             "maxSkew": 1,
                             "topologyKey": "topology.kubernetes.io/zone",
                             "whenUnsatisfiable": "ScheduleAnyway",
-                            "labelSelector": {"matchLabels": labels},
+                            "labelSelector": {"matchLabels": dict(labels)},
                         }
                     ],
                     "containers": [
@@ -197,8 +197,8 @@ def pod_disruption_budget(
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"selector": {"matchLabels": labels}, **budget},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "spec": {"selector": {"matchLabels": dict(labels)}, **budget},
     }
 
 
@@ -230,13 +230,13 @@ def runtime_deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
         "spec": {
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": dict(labels)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0}},
             "template": {
                 "metadata": {
-                    "labels": labels,
+                    "labels": dict(labels),
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(RUNTIME_PORT),
@@ -335,11 +335,11 @@ def runtime_service(*, namespace: str, runtime: str) -> Manifest:
         "metadata": {
             "name": runtime_workload_name(runtime),
             "namespace": namespace,
-            "labels": labels,
+            "labels": dict(labels),
         },
         "spec": {
             "clusterIP": "None",
-            "selector": labels,
+            "selector": dict(labels),
             "ports": [{"name": "http", "port": RUNTIME_PORT, "targetPort": "http"}],
         },
     }
