@@ -126,7 +126,7 @@ def dispatcher_deployment(
     task_time_limit_s: int,
 ) -> Manifest:
     """The dispatcher: CPU only, spread over zones, kept off GPU nodes by their taint."""
-    labels = _labels(DISPATCHER)
+    labels = dispatcher_labels()
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -200,6 +200,10 @@ def pod_disruption_budget(
         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
         "spec": {"selector": {"matchLabels": dict(labels)}, **budget},
     }
+
+
+def dispatcher_labels() -> dict[str, str]:
+    return _labels(DISPATCHER)
 
 
 def runtime_labels(runtime: str) -> dict[str, str]:

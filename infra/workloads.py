@@ -109,7 +109,7 @@ def render(
         k8s.pod_disruption_budget(
             name=k8s.DISPATCHER,
             namespace=ns,
-            labels=k8s._labels(k8s.DISPATCHER),
+            labels=k8s.dispatcher_labels(),
             minAvailable=1,
         ),
         k8s.keda_trigger_authentication(namespace=ns),
