@@ -7,6 +7,8 @@
         ├── PodBusyError         the pod answered 429 (full): try elsewhere, no penalty
         ├── PodFailedError       connection error, timeout, 5xx, or the pod was
         │                        dropped: the callback was NOT published, retry
+        ├── PodDuplicateError    409: the pod already runs this task (an earlier
+        │                        attempt, another replica): come back later
         └── PodRejectedError     a 4xx other than 429/404/408: the pod refused the
                                  job itself; retrying elsewhere would not help
 
@@ -35,6 +37,10 @@ class PodBusyError(PodError):
 
 
 class PodFailedError(PodError):
+    pass
+
+
+class PodDuplicateError(PodError):
     pass
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from dispatcher.errors import PodBusyError, PodFailedError, PodRejectedError
+from dispatcher.errors import PodBusyError, PodDuplicateError, PodFailedError, PodRejectedError
 from sdeks.callback import Callback, TaskStatus
 from sdeks.job import Job
 
@@ -178,6 +178,10 @@ class PodClient:
                 return Callback(id=task_id, status=TaskStatus.SUCCEEDED, result=True)
         if status == 429:
             raise PodBusyError(f"pod {pod_url} is full", pod=pod_url, task_id=task_id)
+        if status == 409:
+            raise PodDuplicateError(
+                f"pod {pod_url} already runs task {task_id}", pod=pod_url, task_id=task_id
+            )
         if 400 <= status < 500 and status not in (404, 408, 409):
             code, message = _error_of(body)
             raise PodRejectedError(

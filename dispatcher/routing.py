@@ -174,7 +174,8 @@ class Router:
     ) -> Callback:
         """Run `job` on a pod chosen by the policy; retry on other pods after pod failures.
 
-        Raises `PodFailedError` after `attempts` failed pods, `PodRejectedError`
+        Raises `PodFailedError` after `attempts` failed pods, `PodDuplicateError`
+        when a pod already runs this task, `PodRejectedError`
         when a pod refuses the job itself, `ModelNotFoundError` when no pod can
         obtain the model.
         """

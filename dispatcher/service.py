@@ -35,7 +35,12 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dispatcher.errors import DispatchFailedError, PodFailedError, PodRejectedError
+from dispatcher.errors import (
+    DispatchFailedError,
+    PodDuplicateError,
+    PodFailedError,
+    PodRejectedError,
+)
 from dispatcher.leases import Lease, LeaseKeeper
 from dispatcher.links import LinkResolver
 from dispatcher.metrics import Metrics
@@ -325,6 +330,13 @@ class Dispatcher:
             return
         except PodRejectedError as exc:
             await self._fail(lease, task, _coded(exc.error_code, exc.message))
+            return
+        except PodDuplicateError as exc:
+            # Rendering it again elsewhere would race the running copy; come back
+            # after it ended (the task table then drops the message).
+            log.info("%s; released", exc.message, extra={"task_id": task.id})
+            await self.leases.release(lease, delay_s=int(max(30, self.settings.retry_backoff_s)))
+            self.metrics.completed.labels(runtime, "released").inc()
             return
         except PodFailedError as exc:
             if receive_count >= source.max_receive_count:

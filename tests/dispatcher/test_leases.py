@@ -213,3 +213,19 @@ async def test_lease_keeper_batches_heartbeats_and_marks_lost(aws, stack):
         for lease in leases:
             await keeper.delete(lease)
     assert queue_depth(aws, queue) == 0
+
+
+async def test_leases_pod_already_running_task_releases_for_later(aws, stack, make_pod, callbacks):
+    # GIVEN a pod that already renders this id (an abandoned attempt, another replica)
+    async def conflict(_job):
+        return web.json_response({"detail": "task dup is already running"}, status=409)
+
+    pod = await make_pod(behaviour=conflict)
+    queue = stack.queues["sdruntime"]
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})) as metrics:
+        publish(aws, stack, envelope("dup"))
+        await eventually(lambda: b'outcome="released"' in metrics.render())
+    # THEN it is not sent anywhere else, nothing is published, and the message waits
+    assert len(pod.jobs) == 1
+    assert await callbacks.settle(0.2) == []
+    assert queue_depth(aws, queue) == 1 and visible(aws, queue) == 0
