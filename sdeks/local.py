@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdeks import aws
-from sdeks.names import MODELS_CHECKPOINT_PREFIX, StackNames
+from sdeks.names import MODELS_CHECKPOINT_PREFIX, VISIBILITY_TIMEOUT_S, StackNames
 from sdeks.resources import StackResources, create_stack_resources
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,12 @@ class LocalStack:
     dispatchers: int = 1
     models_dir: Path | None = None
     default_model: str = DEFAULT_MODEL
+    #: More names under which the same tiny model is served (several "models" to route).
+    model_aliases: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Extra variables for the dispatcher processes only.
+    dispatcher_env_extra: dict[str, str] = field(default_factory=dict)
+    visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
     names: StackNames = field(default_factory=StackNames)
 
     endpoint: str = ""
@@ -204,9 +209,10 @@ class LocalStack:
 
                 log.info("building the tiny %s model in %s", self.default_model, source)
                 make_tiny(source)
-        prefix = f"{MODELS_CHECKPOINT_PREFIX}{self.default_model}/"
-        count = upload_folder(s3, source, self.resources.models_bucket, prefix)
-        log.info("uploaded %d files to s3://%s/%s", count, self.resources.models_bucket, prefix)
+        for name in [self.default_model, *self.model_aliases]:
+            prefix = f"{MODELS_CHECKPOINT_PREFIX}{name}/"
+            count = upload_folder(s3, source, self.resources.models_bucket, prefix)
+            log.info("uploaded %d files to s3://%s/%s", count, self.resources.models_bucket, prefix)
 
     def service_env(self) -> dict[str, str]:
         """Variables shared by every service process."""
@@ -224,10 +230,12 @@ class LocalStack:
         env.update(self.extra_env)
         return env
 
-    def start_pod(self, runtime: str) -> Service:
+    def start_pod(
+        self, runtime: str, *, port: int | None = None, index: int | None = None
+    ) -> Service:
         assert self.resources
-        port = free_port()
-        index = len(self.pods.get(runtime, []))
+        port = port or free_port()
+        index = len(self.pods.get(runtime, [])) if index is None else index
         log_path = self.workdir / "logs" / f"pod-{runtime}-{index}-{port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = self.service_env() | {
@@ -249,6 +257,23 @@ class LocalStack:
         log.info("runtime pod %s up on %s", runtime, url)
         return Service(f"pod-{runtime}-{index}", proc, url, log_path)
 
+    def restart(self, service: Service) -> Service:
+        """Start a stopped (or killed) service again on the same port, in place.
+
+        Pods keep their URL, so statically configured dispatchers find them again.
+        """
+        if service.proc.poll() is None:
+            raise LocalStackError(f"{service.name} is still running")
+        port = int(service.url.rsplit(":", 1)[1])
+        for runtime, pods in self.pods.items():
+            if service in pods:
+                index = pods.index(service)
+                pods[index] = self.start_pod(runtime, port=port, index=index)
+                return pods[index]
+        index = self.dispatcher_services.index(service)
+        self.dispatcher_services[index] = self.start_dispatcher(port=port, index=index)
+        return self.dispatcher_services[index]
+
     def pod_urls(self) -> dict[str, list[str]]:
         return {rt: [p.url for p in pods] for rt, pods in self.pods.items()}
 
@@ -268,12 +293,12 @@ class LocalStack:
             ),
         }
 
-    def start_dispatcher(self) -> Service:
-        port = free_port()
-        index = len(self.dispatcher_services)
+    def start_dispatcher(self, *, port: int | None = None, index: int | None = None) -> Service:
+        port = port or free_port()
+        index = len(self.dispatcher_services) if index is None else index
         log_path = self.workdir / "logs" / f"dispatcher-{index}-{port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = self.dispatcher_env() | {"SDEKS_METRICS_PORT": str(port)}
+        env = self.dispatcher_env() | self.dispatcher_env_extra | {"SDEKS_METRICS_PORT": str(port)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "dispatcher"],
             env=env,

@@ -40,7 +40,9 @@ class StackResources:
         return asdict(self)
 
 
-def _queue_with_dlq(sqs: Any, name: str, dlq_name: str) -> tuple[str, str, str]:
+def _queue_with_dlq(
+    sqs: Any, name: str, dlq_name: str, visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
+) -> tuple[str, str, str]:
     dlq_url = sqs.create_queue(
         QueueName=dlq_name, Attributes={"MessageRetentionPeriod": "1209600"}
     )["QueueUrl"]
@@ -50,7 +52,7 @@ def _queue_with_dlq(sqs: Any, name: str, dlq_name: str) -> tuple[str, str, str]:
     url = sqs.create_queue(
         QueueName=name,
         Attributes={
-            "VisibilityTimeout": str(VISIBILITY_TIMEOUT_S),
+            "VisibilityTimeout": str(visibility_timeout_s),
             "MessageRetentionPeriod": "1209600",
             "RedrivePolicy": json.dumps(
                 {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVE_COUNT)}
@@ -64,16 +66,29 @@ def _queue_with_dlq(sqs: Any, name: str, dlq_name: str) -> tuple[str, str, str]:
 
 
 def create_stack_resources(
-    *, sns: Any, sqs: Any, s3: Any, dynamodb: Any, runtimes: list[str], names: StackNames
+    *,
+    sns: Any,
+    sqs: Any,
+    s3: Any,
+    dynamodb: Any,
+    runtimes: list[str],
+    names: StackNames,
+    visibility_timeout_s: int = VISIBILITY_TIMEOUT_S,
 ) -> StackResources:
-    """Create (idempotently) every topic, queue, subscription, bucket and table."""
+    """Create (idempotently) every topic, queue, subscription, bucket and table.
+
+    `visibility_timeout_s` other than the default is for tests that crash
+    dispatchers on purpose and do not want to wait a minute for redelivery.
+    """
     task_topic = sns.create_topic(Name=names.task_topic)["TopicArn"]
     callback_topic = sns.create_topic(Name=names.callback_topic)["TopicArn"]
 
     queues: dict[str, str] = {}
     dlqs: dict[str, str] = {}
     for runtime in runtimes:
-        url, arn, dlq_url = _queue_with_dlq(sqs, names.task_queue(runtime), names.task_dlq(runtime))
+        url, arn, dlq_url = _queue_with_dlq(
+            sqs, names.task_queue(runtime), names.task_dlq(runtime), visibility_timeout_s
+        )
         sns.subscribe(
             TopicArn=task_topic,
             Protocol="sqs",
@@ -84,7 +99,7 @@ def create_stack_resources(
         dlqs[runtime] = dlq_url
 
     catch_url, catch_arn, catch_dlq = _queue_with_dlq(
-        sqs, names.catch_all_queue, names.catch_all_dlq
+        sqs, names.catch_all_queue, names.catch_all_dlq, visibility_timeout_s
     )
     sns.subscribe(
         TopicArn=task_topic,
