@@ -168,7 +168,7 @@ def clone_pipeline(pipe: Any, device: str, dtype: Any = None) -> Any:
             continue
         with init_empty_weights():
             if hasattr(comp, "from_config") and hasattr(comp, "register_to_config"):
-                clone = type(comp).from_config(comp.config)  # diffusers ModelMixin
+                clone = type(comp).from_config(comp.config)  # type: ignore[attr-defined]  # diffusers ModelMixin
             else:
                 clone = type(comp)(comp.config)  # transformers PreTrainedModel
         state = {
@@ -193,7 +193,11 @@ class ModelStore:
         shipped_configs: Path | None = None,
         channels_last: bool = False,
         prefetch_workers: int = 1,
+        device_copies: bool | None = None,
     ) -> None:
+        """`device_copies`: keep a separate device copy of each model, within the
+        GPU budget (default: on CUDA only). On CPU it makes the GPU tier's
+        bookkeeping testable without a GPU; the copies share the RAM tensors."""
         import torch
 
         self.source = source
@@ -208,7 +212,8 @@ class ModelStore:
         self.shipped_configs = shipped_configs
         self.channels_last = channels_last
         self.disk = DiskCache(cache_dir, self.limits.disk_bytes)
-        self.gpu_bytes = self._gpu_budget() if self.on_cuda else 0
+        self.device_copies = self.on_cuda if device_copies is None else device_copies
+        self.gpu_bytes = self._gpu_budget() if self.device_copies else 0
 
         self._lock = threading.RLock()
         self._ram: OrderedDict[str, _Loaded] = OrderedDict()
@@ -225,6 +230,8 @@ class ModelStore:
 
         if self.limits.gpu_bytes is not None:
             return self.limits.gpu_bytes
+        if not self.on_cuda:
+            raise ValueError("device copies off CUDA need an explicit gpu_bytes budget")
         _, total = torch.cuda.mem_get_info(torch.device(self.device))
         return max(0, total - self.limits.gpu_reserve_bytes)
 
@@ -434,7 +441,7 @@ class ModelStore:
         timings.download_ms += download_ms
         started = time.perf_counter()
         family = detect(path)
-        cls = pipeline_class(family, "txt2img")
+        cls: Any = pipeline_class(family, "txt2img")
         kwargs: dict[str, Any] = {**dtype_kwargs(self.dtype), "local_files_only": True}
         if family.name == "sdxl":
             kwargs["add_watermarker"] = False
@@ -500,7 +507,7 @@ class ModelStore:
     # --- device tier ------------------------------------------------------
 
     def _ensure_device(self, loaded: _Loaded, timings: LoadTimings) -> Any:
-        if not self.on_cuda:
+        if not self.device_copies:
             loaded.device_pipe = loaded.pipe
             return loaded.pipe
         key = loaded.entry.key
@@ -540,9 +547,11 @@ class ModelStore:
             pipe = clone_pipeline(loaded.pipe, self.device, self.dtype)
             if self.channels_last:
                 pipe.unet.to(memory_format=torch.channels_last)
-            torch.cuda.synchronize(self.device)
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            if self.on_cuda:
+                torch.cuda.empty_cache()
             raise OutOfMemoryError(
                 f"out of GPU memory moving {loaded.entry.name} ({loaded.bytes} bytes) to {self.device}"
             ) from exc
@@ -563,7 +572,7 @@ class ModelStore:
             del self._gpu[key]
             loaded.device_pipe = None
             freed = True
-        if freed:
+        if freed and self.on_cuda:
             torch.cuda.empty_cache()
 
     # --- public: leases, prefetch, state ------------------------------------
@@ -659,7 +668,7 @@ class ModelStore:
         with self._lock:
             loaded = self._ram.get(entry.key)
             if loaded is not None:
-                if not self.on_cuda or entry.key in self._gpu:
+                if not self.device_copies or entry.key in self._gpu:
                     return "gpu"
                 return "ram"
         if self.source.local_path(entry.key) is not None or self.disk.get(entry) is not None:
@@ -670,10 +679,12 @@ class ModelStore:
         """Models per tier for `GET /v1/state` (A1111 names, most recently used last)."""
         with self._lock:
             ram = [m.entry.name for m in self._ram.values()]
-            gpu = [m.entry.name for m in self._gpu.values()] if self.on_cuda else list(ram)
+            gpu = [m.entry.name for m in self._gpu.values()] if self.device_copies else list(ram)
             loading = sorted({k for k in self._ram_inflight} | {k for k in self._gpu_inflight})
             ram_bytes = sum(m.bytes for m in self._ram.values())
-            gpu_bytes = sum(m.bytes for m in self._gpu.values()) if self.on_cuda else ram_bytes
+            gpu_bytes = (
+                sum(m.bytes for m in self._gpu.values()) if self.device_copies else ram_bytes
+            )
             pinned = [m.entry.name for m in self._ram.values() if m.pins]
         catalog = self._catalog
         by_key = {e.key: e.name for e in catalog.checkpoints} if catalog else {}
@@ -691,7 +702,7 @@ class ModelStore:
             "in_use": pinned,
             "bytes": {"gpu": gpu_bytes, "ram": ram_bytes, "disk": self.disk.used_bytes},
             "budget_bytes": {
-                "gpu": self.gpu_bytes if self.on_cuda else self.limits.ram_bytes,
+                "gpu": self.gpu_bytes if self.device_copies else self.limits.ram_bytes,
                 "ram": self.limits.ram_bytes,
                 "disk": self.limits.disk_bytes,
             },

@@ -91,7 +91,8 @@ def make_tokenizer(dest: Path | None = None) -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # The BPE backend wants (left, right) tuples; the annotation says strings, which it rejects.
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     if dest is not None:
         tok.save_pretrained(str(dest))
     return tok
@@ -190,6 +191,7 @@ def build_tiny_pipeline(family: Family = "sd15", *, seed: int = 0) -> Any:
     def seeded(offset: int) -> None:
         torch.manual_seed(seed * 1000 + offset)
 
+    pipe: Any
     if family == "sdxl":
         # The two encoders must differ in width: diffusers tells SDXL's CLIP-L
         # and OpenCLIP-G apart in a single file by their embedding sizes.

@@ -417,3 +417,35 @@ def test_cuda_device_without_cuda_is_a_clear_error(tiny_models_dir: Path, tmp_pa
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path, device="cuda")
+
+
+def test_device_tier_lru_by_bytes_and_pins(tiny_models_dir: Path, tmp_path: Path):
+    """The GPU tier's bookkeeping, exercised on CPU with separate device copies."""
+    probe = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "probe")
+    with probe.use("tiny-sd15"):
+        one = probe.state()["bytes"]["ram"]
+    probe.close()
+    store = ModelStore(
+        LocalSource(tiny_models_dir),
+        cache_dir=tmp_path / "cache",
+        limits=StoreLimits(gpu_bytes=int(one * 1.5)),
+        device_copies=True,
+    )
+    with store.use("tiny-sd15") as first:
+        assert first.timings.found_in == "disk" and first.timings.device_ms > 0
+        image = _render(first.pipeline)
+    with store.use("tiny-sd15-single") as second:
+        assert second.timings.device_ms > 0
+    state = store.state()
+    assert state["gpu"] == ["tiny-sd15-single.safetensors"]
+    assert state["ram"] == ["tiny-sd15", "tiny-sd15-single.safetensors"]
+    # Back from RAM: only the device copy is made again, and it renders the same.
+    with store.use("tiny-sd15") as again:
+        assert again.timings.found_in == "ram" and again.timings.ram_ms == 0
+        np.testing.assert_array_equal(image, _render(again.pipeline))
+        # Pinned on the device: loading the other one cannot evict it.
+        with store.use("tiny-sd15-single"):
+            assert set(store.state()["gpu"]) == {"tiny-sd15", "tiny-sd15-single.safetensors"}
+    with store.use("tiny-sd15") as warm:
+        assert warm.timings.found_in == "gpu" and warm.timings.device_ms == 0
+    store.close()

@@ -92,7 +92,7 @@ def test_make_tiny_single_file_uses_ldm_layout_and_sibling_config(tiny_sd15_file
     assert not list(config.rglob("*.safetensors")), "the config folder carries no weights"
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 def test_single_file_and_folder_of_same_weights_give_same_image(
     family: str, tmp_path: Path, tiny_sd15_dir: Path, tiny_sd15_file: Path
 ):
@@ -102,9 +102,9 @@ def test_single_file_and_folder_of_same_weights_give_same_image(
 
     if family == "sd15":
         folder, single = tiny_sd15_dir, tiny_sd15_file
-    else:
-        folder = make_tiny(tmp_path / "xl", family="sdxl", seed=5)
-        single = make_tiny(tmp_path / "xl-single", family="sdxl", seed=5, single_file=True)
+    else:  # SD 2.x: OpenCLIP text encoder in the single file; SDXL: two encoders
+        folder = make_tiny(tmp_path / family, family=family, seed=5)  # type: ignore[arg-type]
+        single = make_tiny(tmp_path / "single", family=family, seed=5, single_file=True)  # type: ignore[arg-type]
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     from_folder = cls.from_pretrained(folder, local_files_only=True)
     from_file = cls.from_single_file(
