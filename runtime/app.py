@@ -21,7 +21,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from concurrent.futures import Future
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import Body, FastAPI, Request
@@ -41,7 +42,7 @@ from runtime.render import (
     encode_png,
 )
 from runtime.settings import RuntimeSettings
-from sdeks.callback import Callback
+from sdeks.callback import Callback, ErrorInfo, TaskStatus
 from sdeks.errors import (
     InvalidParameterError,
     ModelLoadError,
@@ -51,6 +52,7 @@ from sdeks.errors import (
     TaskCancelledError,
 )
 from sdeks.job import Job
+from sdeks.lifecycle import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class Pod:
         self.models = models
         self.renderer = renderer
         self.writer = writer
+        #: Publishes callbacks (claim-then-publish with a task table); built at start-up.
+        self.reporter: Reporter | None = None
         self.metrics = PodMetrics(settings.runtime, settings.slots)
         self.options: dict[str, Any] = {
             **DEFAULT_OPTIONS,
@@ -128,18 +132,26 @@ class Pod:
             ],
         }
 
-    async def run(self, control: JobControl, fn: Callable[[], Any], *, wait: bool) -> Any:
-        """Run `fn` in a worker thread holding a slot; None when `wait` is False and none is free."""
+    @asynccontextmanager
+    async def slot(self, control: JobControl, *, wait: bool) -> AsyncIterator[bool]:
+        """Hold a slot for `control`'s job. Yields False (holding nothing) when `wait` is
+        False and every slot is taken."""
         if not wait and self.slots.locked():
-            return None
+            yield False
+            return
         async with self.slots:
             self.running[control.job_id] = control
             self.metrics.busy.set(self.busy)
             try:
-                return await asyncio.to_thread(fn)
+                yield True
             finally:
                 self.running.pop(control.job_id, None)
                 self.metrics.busy.set(self.busy)
+
+    async def run(self, control: JobControl, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in a worker thread once a slot is free (A1111 requests queue)."""
+        async with self.slot(control, wait=True):
+            return await asyncio.to_thread(fn)
 
 
 def create_app(
@@ -161,12 +173,7 @@ def create_app(
     if writer is None and settings.callback_topic_arn and settings.output_bucket:
         from sdeks import aws
 
-        writer = OutputWriter(
-            s3=aws.client("s3"),
-            sns=aws.client("sns"),
-            bucket=settings.output_bucket,
-            topic_arn=settings.callback_topic_arn,
-        )
+        writer = OutputWriter(s3=aws.client("s3"), bucket=settings.output_bucket)
     pod = Pod(settings, models, Renderer(models, settings), writer)
 
     @asynccontextmanager
@@ -178,9 +185,12 @@ def create_app(
             settings.slots,
             settings.default_model,
         )
-        yield
-        for control in list(pod.running.values()):
-            control.cancel()
+        async with AsyncExitStack() as stack:
+            if pod.reporter is None and pod.writer is not None:
+                pod.reporter = await _build_reporter(settings, stack)
+            yield
+            for control in list(pod.running.values()):
+                control.cancel()
         close = getattr(pod.models, "close", None)
         if close is not None:
             close()
@@ -210,44 +220,63 @@ def create_app(
 
     @app.post("/v1/jobs", tags=["pod"], response_model=Callback)
     async def post_job(job: Job) -> Any:
-        if pod.writer is None:
+        writer, reporter = pod.writer, pod.reporter
+        if writer is None or reporter is None:
             return JSONResponse(
                 {"detail": "SDEKS_CALLBACK_TOPIC_ARN and SDEKS_OUTPUT_BUCKET are not set"},
                 status_code=503,
             )
-        task_id = job.task.id
-        if task_id in pod.running:
-            return JSONResponse({"detail": f"task {task_id} is already running"}, status_code=409)
-        control = JobControl(job_id=task_id)
+        task = job.task
+        if task.id in pod.running:
+            return JSONResponse({"detail": f"task {task.id} is already running"}, status_code=409)
+        control = JobControl(job_id=task.id)
         received = time.time()
-        writer = pod.writer
+        async with pod.slot(control, wait=False) as held:
+            if not held:
+                pod.metrics.rejected.inc()
+                return JSONResponse(
+                    {"detail": "no free slot", "free_slots": 0},
+                    status_code=429,
+                    headers={"Retry-After": "1"},
+                )
+            try:
+                # 1. Mark it running; False: it ended elsewhere or a cancel came first.
+                if not await reporter.running(
+                    task, pod=settings.pod_name, total_steps=_total_steps(task.content)
+                ):
+                    callback = _cancelled_before_start(job, writer)
+                    await reporter.finish(callback)  # publishes only if nobody ended it yet
+                    return callback
+                # 2. Render and store outputs in a worker thread, reporting progress.
+                control.on_progress = _progress_reporter(reporter, task.id, control)
 
-        def work() -> Callback:
-            from runtime.jobs import run_job
+                def work() -> Callback:
+                    from runtime.jobs import run_job
 
-            return run_job(
-                job,
-                renderer=pod.renderer,
-                writer=writer,
-                options=dict(pod.options),
-                control=control,
-                received_at=received,
-            )
+                    return run_job(
+                        job,
+                        renderer=pod.renderer,
+                        writer=writer,
+                        options=dict(pod.options),
+                        control=control,
+                        received_at=received,
+                    )
 
-        try:
-            callback = await pod.run(control, work, wait=False)
-        except OutputError as exc:
-            log.error("outputs of task %s failed: %s", task_id, exc, extra={"task_id": task_id})
-            return JSONResponse(exc.to_error(), status_code=502)
-        if callback is None:
-            pod.metrics.rejected.inc()
-            return JSONResponse(
-                {"detail": "no free slot", "free_slots": 0},
-                status_code=429,
-                headers={"Retry-After": "1"},
-            )
-        pod.metrics.jobs.labels("jobs", job.task.tasktype.value, callback.status.value).inc()
-        pod.metrics.images.labels(job.task.tasktype.value).inc(len(callback.image_url))
+                callback = await asyncio.to_thread(work)
+                # 3. Claim the terminal state and publish (exactly once per task id).
+                if not await reporter.finish(callback):
+                    log.info("task %s had already ended; callback not published", task.id)
+            except OutputError as exc:
+                log.error("outputs of task %s failed: %s", task.id, exc, extra={"task_id": task.id})
+                return JSONResponse(exc.to_error(), status_code=502)
+            except Exception as exc:  # table or SNS: nothing (confirmed) published, retry
+                log.exception("reporting task %s failed", task.id, extra={"task_id": task.id})
+                return JSONResponse(
+                    {"code": "report_failed", "message": f"{type(exc).__name__}: {exc}"[:300]},
+                    status_code=502,
+                )
+        pod.metrics.jobs.labels("jobs", task.tasktype.value, callback.status.value).inc()
+        pod.metrics.images.labels(task.tasktype.value).inc(len(callback.image_url))
         pod.metrics.observe_timings(callback.timings.model_dump())
         return callback
 
@@ -283,7 +312,7 @@ def create_app(
 
         pod.a1111_ids.add(control.job_id)
         try:
-            result = await pod.run(control, work, wait=True)
+            result = await pod.run(control, work)
         except SdeksError as exc:
             pod.metrics.jobs.labels("a1111", kind, "failed").inc()
             return _a1111_error(exc)
@@ -449,3 +478,67 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+async def _build_reporter(settings: RuntimeSettings, stack: AsyncExitStack) -> Reporter:
+    """The callback publisher: aiobotocore SNS, plus the task table when configured."""
+    from sdeks.aws import aio_client
+
+    assert settings.callback_topic_arn
+    sns = await stack.enter_async_context(aio_client("sns"))
+    table = None
+    if settings.task_table:
+        from sdeks.tasks import TaskTable
+
+        dynamodb = await stack.enter_async_context(aio_client("dynamodb"))
+        table = TaskTable(dynamodb, settings.task_table, ttl_s=settings.task_ttl_s)
+    return Reporter(
+        sns, settings.callback_topic_arn, table=table, publish_running=settings.publish_running
+    )
+
+
+def _progress_reporter(
+    reporter: Reporter, task_id: str, control: JobControl
+) -> Callable[[int, int], None]:
+    """A step hook for the render thread: records progress on the event loop without
+    waiting for it, and cancels the render when the table says stop (`sdeks cancel`)."""
+    loop = asyncio.get_running_loop()
+    pending: Future[bool] | None = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal pending
+        if pending is not None:
+            if not pending.done():
+                return  # the previous write is still on its way; skip this step
+            try:
+                keep_going = pending.result()
+            except Exception:  # a failed progress write must not fail a render
+                log.warning("task %s: progress write failed", task_id, exc_info=True)
+                keep_going = True
+            if not keep_going:
+                log.info("task %s: cancel requested, stopping", task_id)
+                control.cancel()
+                return
+        pending = asyncio.run_coroutine_threadsafe(reporter.progress(task_id, done, total), loop)
+
+    return report
+
+
+def _total_steps(content: dict[str, Any]) -> int | None:
+    steps, n_iter = content.get("steps", 50), content.get("n_iter", 1)
+    if isinstance(steps, int) and isinstance(n_iter, int):
+        return steps * n_iter
+    return None
+
+
+def _cancelled_before_start(job: Job, writer: OutputWriter) -> Callback:
+    task = job.task
+    return Callback(
+        id=task.id,
+        runtime=task.runtime,
+        tasktype=task.tasktype.value,
+        status=TaskStatus.CANCELLED,
+        output_location=writer.output_location(task),
+        context=task.context,
+        error=ErrorInfo(code="cancelled", message="cancel requested before rendering started"),
+    )

@@ -1,12 +1,13 @@
-"""One `POST /v1/jobs` job, start to callback (runs in a worker thread).
+"""One `POST /v1/jobs` job, from its A1111 body to its callback (runs in a worker thread).
 
-    parse the A1111 body -> render -> PNGs + manifest to S3 -> publish callback
+    parse the A1111 body -> render -> PNGs + manifest to S3 -> the Callback
 
 A failure of the task itself (bad parameter, unknown model, out of memory,
-cancelled, or a bug while rendering) still writes the manifest and publishes a
+cancelled, or a bug while rendering) still writes the manifest and yields a
 failed callback: the task is over, the dispatcher must not retry it. Only an
-`OutputError` (S3/SNS unreachable) escapes, with nothing published, so the
-dispatcher can retry.
+`OutputError` (S3 unreachable) escapes, so the dispatcher can retry. The app
+publishes the callback through `sdeks.lifecycle.Reporter` (claim-then-publish:
+exactly one terminal callback per task id).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def run_job(
     control: JobControl,
     received_at: float | None = None,
 ) -> Callback:
-    """Render `job`, store its outputs, publish its callback, and return that callback."""
+    """Render `job`, store its outputs and manifest, and return its (unpublished) callback."""
     task = job.task
     received_at = received_at or time.time()
     started = time.time()
@@ -125,7 +126,6 @@ def run_job(
         timings=timings,
         info=manifest.info,
     )
-    writer.publish(callback)
     return callback
 
 

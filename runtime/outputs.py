@@ -1,10 +1,11 @@
-"""Where a job's results go: PNGs and the manifest to S3, the callback to SNS.
+"""Where a job's results go: PNGs and the manifest to the output bucket.
 
 Keys are deterministic (`sdeks.callback.image_key` / `manifest_key`), so a
-retried task overwrites its own outputs instead of adding new ones. The
-clients are injected (built once by the app from `sdeks.aws`); botocore
-errors become `OutputError`, which the HTTP layer answers with 502 *without*
-a callback, so the dispatcher retries the task.
+retried task overwrites its own outputs instead of adding new ones. The S3
+client is injected (built once by the app from `sdeks.aws`); botocore errors
+become `OutputError`, which the HTTP layer answers with 502 *without* a
+callback, so the dispatcher retries the task. The callback itself goes out
+through `sdeks.lifecycle.Reporter` (see `runtime.app`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sdeks.callback import Callback, Manifest, image_key, manifest_key
+from sdeks.callback import Manifest, image_key, manifest_key
 from sdeks.envelope import Task
 from sdeks.errors import SdeksError
 
@@ -29,11 +30,9 @@ class OutputError(SdeksError):
 
 
 class OutputWriter:
-    def __init__(self, *, s3: Any, sns: Any, bucket: str, topic_arn: str) -> None:
+    def __init__(self, *, s3: Any, bucket: str) -> None:
         self.s3 = s3
-        self.sns = sns
         self.bucket = bucket
-        self.topic_arn = topic_arn
 
     def output_location(self, task: Task) -> str:
         return task.output_location(self.bucket)
@@ -59,16 +58,6 @@ class OutputWriter:
         key = manifest_key(task.prefix, task.id)
         self._put(task, key, manifest.to_json_bytes(), "application/json")
         return key
-
-    def publish(self, callback: Callback) -> None:
-        try:
-            self.sns.publish(**callback.sns_publish_kwargs(self.topic_arn))
-        except (BotoCoreError, ClientError) as exc:
-            raise OutputError(
-                f"publishing the callback of task {callback.id} failed: {exc}"[:500],
-                task_id=callback.id,
-            ) from exc
-        log.info("published %s callback", callback.status.value, extra={"task_id": callback.id})
 
     def _put(self, task: Task, key: str, body: bytes, content_type: str) -> None:
         try:

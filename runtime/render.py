@@ -79,6 +79,8 @@ class JobControl:
     started: float = field(default_factory=time.time)
     #: A1111 `/interrupt` semantics: keep the images finished so far instead of failing.
     keep_partial: bool = False
+    #: Called after every denoising step with (steps done, steps in all), from the render thread.
+    on_progress: Callable[[int, int], None] | None = None
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -584,6 +586,9 @@ class Renderer:
 
         def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             control.step = i + 1
+            if control.on_progress is not None:
+                total = control.steps * control.job_count
+                control.on_progress(control.job_no * control.steps + control.step, total)
             control.check()  # raising here stops the pipeline between steps
             return kwargs
 

@@ -11,6 +11,7 @@ answers `POST /v1/jobs` with 503 until both are set.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,12 @@ class RuntimeSettings(ServiceSettings):
 
     #: This pod's runtime name (goes into every callback).
     runtime: str = "sdruntime"
+    #: This pod's name in the task table (`pod`); Kubernetes sets HOSTNAME to the pod name.
+    pod_name: str = Field(default_factory=socket.gethostname)
+    #: Publish a `running` callback when rendering starts (docs/lifecycle.md).
+    publish_running: bool = False
+    #: Idempotency window of the task table (same default as the dispatcher's).
+    task_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     #: `s3://BUCKET[/PREFIX]` or a local directory holding `Stable-diffusion/`, `Lora/`, `VAE/`.
     models: str | None = None
     #: Checkpoint used when a task names none (A1111 naming).

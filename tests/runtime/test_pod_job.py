@@ -20,8 +20,9 @@ from tests.runtime.torch_threads import one_torch_thread  # noqa: F401
 CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
 
 
-@pytest.fixture
-def pod(stack, aws, tiny_models_dir: Path, tmp_path: Path):
+@pytest.fixture(params=["no-table"])
+def pod(request, stack, aws, tiny_models_dir: Path, tmp_path: Path):
+    """The pod app over moto; `request.param` "table" gives it the task table."""
     from runtime.app import create_app
     from runtime.model_source import LocalSource
     from runtime.model_store import ModelStore
@@ -35,10 +36,10 @@ def pod(stack, aws, tiny_models_dir: Path, tmp_path: Path):
         default_model="tiny-sd15",
         models=str(tiny_models_dir),
         device="cpu",
+        task_table=stack.task_table if request.param == "table" else None,
+        pod_name="pod-a",
     )
-    writer = OutputWriter(
-        s3=aws.s3, sns=aws.sns, bucket=stack.output_bucket, topic_arn=stack.callback_topic_arn
-    )
+    writer = OutputWriter(s3=aws.s3, bucket=stack.output_bucket)
     store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
     app = create_app(settings, models=store, writer=writer)
     with TestClient(app) as client:
@@ -246,3 +247,51 @@ def test_state_and_health(pod):
     assert state["slots"] == 1 and state["free_slots"] == 1 and state["busy"] is False
     assert "tiny-sd15" in json.dumps(state["models"])
     assert pod.post("/v1/jobs/none/cancel").status_code == 404
+
+
+# --- with the task table: exactly one terminal callback, cancel through the table ---
+
+
+@pytest.mark.parametrize("pod", ["table"], indirect=True)
+def test_redelivered_finished_task_is_not_rendered_or_reported_again(pod, aws, stack, callbacks):
+    first = Callback.model_validate(pod.post("/v1/jobs", json=job("dup-1")).json())
+    again = Callback.model_validate(pod.post("/v1/jobs", json=job("dup-1")).json())
+
+    assert first.status == "succeeded"
+    assert again.status == "cancelled"  # not started: the task had ended
+    assert [c.status for c in callbacks()] == ["succeeded"]
+    item = aws.dynamodb.get_item(TableName=stack.task_table, Key={"id": {"S": "dup-1"}})["Item"]
+    assert item["status"]["S"] == "succeeded"
+    assert item["pod"]["S"] == "pod-a"
+
+
+@pytest.mark.parametrize("pod", ["table"], indirect=True)
+def test_cancel_through_the_task_table_stops_the_render(pod, aws, stack, callbacks):
+    import asyncio
+
+    from sdeks.lifecycle import Reporter
+    from sdeks.tasks import CancelOutcome, TaskTable
+
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            r=pod.post("/v1/jobs", json=job("tcancel-1", steps=150, width=256, height=256))
+        )
+    )
+    thread.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        item = aws.dynamodb.get_item(TableName=stack.task_table, Key={"id": {"S": "tcancel-1"}})
+        if int(item.get("Item", {}).get("progress_done", {}).get("N", "0")) >= 1:
+            break
+        time.sleep(0.05)
+    # What `sdeks cancel` does: a boto3 client works with TaskTable (blocking calls).
+    reporter = Reporter(
+        aws.sns, stack.callback_topic_arn, table=TaskTable(aws.dynamodb, stack.task_table)
+    )
+    assert asyncio.run(reporter.cancel("tcancel-1")) is CancelOutcome.CANCEL_REQUESTED
+    thread.join(60)
+
+    callback = Callback.model_validate(result["r"].json())
+    assert callback.status == "cancelled"
+    assert [c.status for c in callbacks()] == ["cancelled"]
