@@ -230,13 +230,14 @@ def find_links(content: Any) -> list[str]:
     return list(found)
 
 
-def replace_links(content: Any, resolved: dict[str, str]) -> Any:
+def replace_links(content: Any, resolved: dict[str, str], key: str | None = None) -> Any:
+    """`content` with each link replaced; text fields stay as written (see `find_links`)."""
     if isinstance(content, str):
-        return resolved.get(content, content)
+        return content if key in _TEXT_KEYS else resolved.get(content, content)
     if isinstance(content, dict):
-        return {k: replace_links(v, resolved) for k, v in content.items()}
+        return {k: replace_links(v, resolved, str(k)) for k, v in content.items()}
     if isinstance(content, list):
-        return [replace_links(v, resolved) for v in content]
+        return [replace_links(v, resolved, key) for v in content]
     return content
 
 

@@ -46,11 +46,13 @@ class FakePod:
     state_status: int = 200
     #: Ends tasks through the task table (claim, then publish), as the real pod does.
     reporter: Any = None
+    prefetched: list[str] = field(default_factory=list)
 
     async def start(self) -> FakePod:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/v1/state", self._state)
         app.router.add_post("/v1/jobs", self._job)
+        app.router.add_post("/v1/prefetch", self._prefetch)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -76,6 +78,10 @@ class FakePod:
             **self.extra_state,
         }
         return web.json_response(doc)
+
+    async def _prefetch(self, request: web.Request) -> web.Response:
+        self.prefetched.append((await request.json())["model"])
+        return web.json_response({"accepted": True}, status=202)
 
     async def _job(self, request: web.Request) -> web.StreamResponse:
         job = Job.model_validate_json(await request.read())

@@ -400,3 +400,55 @@ async def test_links_s3_allow_list(aws, stack):
         async with LinkResolver(small, s3=s3) as links:
             with pytest.raises(LinkTooLargeError):
                 await links.fetch(f"s3://{stack.models_bucket}/in/cat.png")
+
+
+# --- properties -----------------------------------------------------------------
+
+import ipaddress  # noqa: E402
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_address_policy_ipv4_only_public_unicast_passes(value):
+    ip = ipaddress.IPv4Address(value)
+    allowed = AddressPolicy().refusal(str(ip)) is None
+    assert allowed == (ip.is_global and not ip.is_multicast)
+    # the same address wrapped in IPv6 gets the same answer
+    mapped = ipaddress.IPv6Address(f"::ffff:{ip}")
+    assert (AddressPolicy().refusal(str(mapped)) is None) == allowed
+    nat64 = ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | value)
+    assert (AddressPolicy().refusal(str(nat64)) is None) == allowed
+
+
+@given(
+    st.recursive(
+        st.text(max_size=8) | st.sampled_from(["http://a.test/x.png", "s3://b/k.png"]),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=12,
+    )
+)
+def test_replace_links_replaces_exactly_the_links_found(content):
+    from dispatcher.links import replace_links
+
+    doc = {"content": content}
+    links = find_links(doc)
+    replaced = replace_links(doc, {link: "B64" for link in links})
+    assert find_links(replaced) == []
+    if not links:
+        assert replaced == doc
+
+
+def test_replace_links_leaves_text_fields_alone():
+    from dispatcher.links import replace_links
+
+    url = "http://a.test/x.png"
+    doc = {"prompt": url, "init_images": [url], "styles": [url]}
+    assert replace_links(doc, {url: "B64"}) == {
+        "prompt": url,
+        "init_images": ["B64"],
+        "styles": [url],
+    }

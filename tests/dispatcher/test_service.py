@@ -175,3 +175,44 @@ async def test_dispatch_failure_is_claimed_in_task_table(aws, stack, make_pod, c
     assert got["error"]["code"] == "link_forbidden"
     record = await TaskTable(aws.dynamodb, stack.task_table).get("bad-link")
     assert record is not None and record.status.value == "failed"
+
+
+async def test_dispatch_serverless_envelope_named_by_sns_message_id(
+    aws, stack, make_pod, callbacks
+):
+    pod = await make_pod()
+    body = {
+        "input": {
+            "api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"},
+            "payload": {"prompt": "a fox", "steps": 2},
+        }
+    }
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        message_id = publish(aws, stack, body)
+        (got,) = await callbacks.wait_for(1)
+    assert got["id"] == message_id and got["status"] == "succeeded"
+    assert pod.jobs[0].task.content["prompt"] == "a fox"
+
+
+async def test_dispatch_fails_fast_model_no_pod_can_obtain(aws, stack, make_pod, callbacks):
+    pod = await make_pod(gpu=["a"], extra_state={"available": ["a.safetensors", "b"]})
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(aws, stack, envelope("no-such-model", model="zzz.safetensors"))
+        publish(aws, stack, envelope("known-model", model="b.safetensors [0123abcd]"))
+        got = await callbacks.wait_for(2)
+    codes = {c["id"]: (c["error"] or {}).get("code") for c in got}
+    assert codes == {"no-such-model": "model_not_found", "known-model": None}
+    assert [j.task.id for j in pod.jobs] == ["known-model"]
+
+
+async def test_dispatch_prefetch_hint_for_next_model(aws, stack, make_pod, callbacks):
+    # GIVEN one pod rendering the last "a" task while a "b" task waits
+    pod = await make_pod(gpu=["a"], delay_s=1.5)
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(aws, stack, envelope("first-a", model="a"))
+        await eventually(lambda: len(pod.jobs) == 1)
+        publish(aws, stack, envelope("then-b", model="b"))
+        await callbacks.wait_for(2)
+    # THEN the pod was told to load "b" while it rendered "a"
+    assert pod.prefetched[:1] == ["b"]
+    assert [j.model for j in pod.jobs] == ["a", "b"]
