@@ -325,6 +325,7 @@ class Renderer:
         self._vae_cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._weights = SharedWeightsLock()
+        self._compiled_unets: dict[int, tuple[Any, Any]] = {}
 
     # public entry points -------------------------------------------------
 
@@ -522,10 +523,24 @@ class Renderer:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
         pipe.set_progress_bar_config(disable=True)
         _clip_skip_compat(pipe)
+        if self.settings.compile and self.device.startswith("cuda"):
+            pipe.unet = self._compiled(pipe.unet)
         vae = self._vae(pipe, loaded, vae_name)
         if vae is not None:
             pipe.vae = vae
         return pipe
+
+    def _compiled(self, unet: Any) -> Any:
+        """`torch.compile` of a (shared) UNet, once per UNet: the first render pays the
+        compile, later ones of the same shapes run the compiled graph."""
+        import torch
+
+        with self._lock:
+            compiled = self._compiled_unets.get(id(unet))
+            if compiled is None or compiled[0] is not unet:
+                compiled = (unet, torch.compile(unet, mode="max-autotune-no-cudagraphs"))
+                self._compiled_unets[id(unet)] = compiled
+            return compiled[1]
 
     def _vae(self, pipe: Any, loaded: Loaded, vae_name: str) -> Any:
         """`sd_vae`: "Automatic"/"None" keep the checkpoint's VAE; a name loads `VAE/<name>`."""
@@ -677,9 +692,20 @@ class Renderer:
         import torch
 
         vae = pipe.vae
-        pixels = pipe.image_processor.preprocess(image).to(self.device, vae.dtype)
+        dtype = vae.dtype
+        # SDXL's VAE overflows in fp16 (`force_upcast`); diffusers' own encode/decode
+        # upcast it for the call and cast it back, and so do we.
+        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        pixels = pipe.image_processor.preprocess(image).to(self.device)
         with torch.inference_mode():
-            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            if upcast:
+                vae.to(dtype=torch.float32)
+            try:
+                moments = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+            finally:
+                if upcast:
+                    vae.to(dtype=dtype)
+            latents = (moments * vae.config.scaling_factor).to(dtype)
         return latents.repeat(batch, 1, 1, 1)
 
     @contextmanager

@@ -125,3 +125,41 @@ def test_jobs_answer_503_without_aws_settings(tiny_models_dir: Path, tmp_path: P
         response = client.post("/v1/jobs", json=job)
         assert response.status_code == 503
         assert "SDEKS_OUTPUT_BUCKET" in response.json()["detail"]
+
+
+def test_prefetch_loads_a_model_into_ram_ahead(tiny_models_dir: Path, tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from runtime.app import create_app
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+
+    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path)
+    with TestClient(create_app(RuntimeSettings(default_model="tiny-sd15"), models=store)) as client:
+        response = client.post("/v1/prefetch", json={"model": "tiny-sdxl"})
+        assert response.status_code == 202 and response.json()["accepted"] is True
+        deadline = time.time() + 60
+        while (
+            time.time() < deadline
+            and "tiny-sdxl" not in client.get("/v1/state").json()["models"]["ram"]
+        ):
+            time.sleep(0.05)
+        assert "tiny-sdxl" in client.get("/v1/state").json()["models"]["ram"]
+        missing = client.post("/v1/prefetch", json={"model": "ghost.safetensors"})
+        assert missing.status_code == 404 and missing.json()["code"] == "model_not_found"
+
+
+def test_compiled_unet_is_made_once_per_unet(tiny_models_dir: Path, tmp_path: Path):
+    import torch
+
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+    from runtime.render import Renderer
+
+    renderer = Renderer(
+        ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path), RuntimeSettings()
+    )
+    unet, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    first = renderer._compiled(unet)
+    assert renderer._compiled(unet) is first
+    assert renderer._compiled(other) is not first
