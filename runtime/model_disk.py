@@ -128,12 +128,14 @@ class DiskCache:
         with self._lock:
             return list(self._entries)
 
-    def get(self, entry: ModelEntry) -> CachedModel | None:
+    def get(self, entry: ModelEntry, *, touch: bool = True) -> CachedModel | None:
+        """The cached copy of this version of `entry`; `touch` counts it as a use (LRU)."""
         with self._lock:
             cached = self._entries.get(entry.key)
             if cached is None or not cached.matches(entry):
                 return None
-            self._touch(cached)
+            if touch:
+                self._touch(cached)
             return cached
 
     def _touch(self, cached: CachedModel) -> None:

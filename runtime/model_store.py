@@ -265,7 +265,9 @@ class ModelStore:
         memo = self._hashes.get(_version(entry))
         if memo:
             return memo
-        cached = self.disk.get(entry) if self.source.local_path(entry.key) is None else None
+        if self.source.local_path(entry.key) is not None:
+            return None
+        cached = self.disk.get(entry, touch=False)  # a listing is not a use
         return cached.sha256 if cached else None
 
     def _remember_hash(self, entry: ModelEntry, sha256: str) -> None:
@@ -671,7 +673,10 @@ class ModelStore:
                 if not self.device_copies or entry.key in self._gpu:
                     return "gpu"
                 return "ram"
-        if self.source.local_path(entry.key) is not None or self.disk.get(entry) is not None:
+        if (
+            self.source.local_path(entry.key) is not None
+            or self.disk.get(entry, touch=False) is not None
+        ):
             return "disk"
         return "source"
 

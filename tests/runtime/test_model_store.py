@@ -282,6 +282,8 @@ def test_s3_load_goes_through_disk_cache(aws, models_bucket: str, tmp_path: Path
     # A restarted pod adopts the cache: no object is read again.
     again = _s3_store(aws, models_bucket, cache)
     gets = GetObjectLog(aws.s3)
+    # The hash survives the restart (kept in the cache's metadata).
+    assert again.resolve(local[:10]).title == f"tiny-sd15 [{local[:10]}]"
     with again.use(f"tiny-sd15 [{local[:10]}]") as lease:
         assert lease.timings.found_in == "disk" and lease.timings.download_ms == 0
         np.testing.assert_array_equal(first, _render(lease.pipeline))
@@ -392,6 +394,8 @@ def test_disk_cache_lru_evicts_by_bytes_and_survives_restart(
     store.fetch_lora("c")  # evicts b, the least recently used
     assert store.disk.keys() == ["Lora/a.safetensors", "Lora/c.safetensors"]
     assert a.exists() and store.disk.used_bytes == 2 * MiB
+    store.refresh()  # listing the source is not a use: the LRU order stays
+    assert store.disk.keys() == ["Lora/a.safetensors", "Lora/c.safetensors"]
 
     # Entries being read are never evicted: with both pinned, d does not fit.
     with store.disk.pinned("Lora/a.safetensors"), store.disk.pinned("Lora/c.safetensors"):
