@@ -288,6 +288,14 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
         raise InvalidParameterError(f"`denoising_strength` must be between 0 and 1, got {strength}")
     if request.enable_hr if isinstance(request, Txt2ImgRequest) else False:
         raise InvalidParameterError("`enable_hr` (hires fix) is not supported by this runtime")
+    for name in ("restore_faces", "tiling"):
+        if getattr(request, name):
+            raise InvalidParameterError(f"`{name}` is not supported by this runtime, got true")
+    if request.refiner_checkpoint:
+        raise InvalidParameterError(
+            f"`refiner_checkpoint` {request.refiner_checkpoint!r}: refiners are not supported "
+            "by this runtime"
+        )
     if request.script_name:
         raise InvalidParameterError(
             f"`script_name` {request.script_name!r}: scripts are not supported by this runtime"
