@@ -149,17 +149,27 @@ def _category(ip: IPAddress) -> str | None:
 class _PinnedResolver(AbstractResolver):
     """Hands the connector the addresses `LinkResolver` has already checked.
 
-    A host that was not checked first cannot be connected to at all.
+    A host that was not checked first cannot be connected to at all. A pin
+    lasts `ttl_s`, far longer than the connection that follows its check
+    (bounded by the link and webhook timeouts), and expired pins are purged
+    so hosts chosen by users cannot grow the map without bound.
     """
 
-    def __init__(self) -> None:
-        self.pins: dict[str, list[str]] = {}
+    def __init__(self, ttl_s: float = 300.0) -> None:
+        self.ttl_s = ttl_s
+        self._pins: dict[str, tuple[list[str], float]] = {}
+
+    def pin(self, host: str, addresses: list[str]) -> None:
+        now = time.monotonic()
+        if len(self._pins) > 1024:
+            self._pins = {h: p for h, p in self._pins.items() if p[1] > now}
+        self._pins[host] = (addresses, now + self.ttl_s)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        addresses = self.pins.get(host)
-        if not addresses:
+        addresses, expires = self._pins.get(host, ([], 0.0))
+        if not addresses or expires < time.monotonic():
             raise OSError(f"host {host!r} was not checked before connecting")
         return [
             ResolveResult(
@@ -174,7 +184,7 @@ class _PinnedResolver(AbstractResolver):
         ]
 
     async def close(self) -> None:
-        self.pins.clear()
+        self._pins.clear()
 
 
 @dataclass(frozen=True)
@@ -386,7 +396,7 @@ class LinkResolver:
                 raise LinkForbiddenError(
                     f"link {_shorten(link)} resolves to {address}, a {reason} address"
                 )
-        self._pins.pins[host] = addresses
+        self._pins.pin(host, addresses)
 
     async def _fetch_http(self, link: str) -> bytes:
         assert self._session is not None, "use LinkResolver as an async context manager"

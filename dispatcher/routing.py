@@ -258,6 +258,11 @@ class Router:
 
     def _release(self, pod: Pod) -> None:
         pod.inflight = max(0, pod.inflight - 1)
+        if pod.state is not None:
+            # The slot is free now; waiting for the next poll to say so would idle the pod.
+            pod.state = replace(
+                pod.state, free_slots=min(pod.state.slots, pod.state.free_slots + 1)
+            )
         if not pod.listed and pod.inflight == 0:
             self.pods.get(pod.runtime, {}).pop(pod.url, None)
         self._changed.set()
@@ -334,6 +339,8 @@ class Router:
                 if decision.switch:
                     self.metrics.switches.labels(runtime).inc()
                 pod.active_model = decision.model
+                if pod.last_prefetch == decision.model:
+                    pod.last_prefetch = None  # hinted, now used: a later hint is news again
                 waiter.future.set_result(pod)
             elif isinstance(decision, Reject):
                 waiter = waiting.pop(decision.task, None)

@@ -63,7 +63,7 @@ async def test_leases_pod_killed_mid_task_completes_on_another_pod(aws, stack, m
         await doomed.stop()  # the pod process goes away: its connections drop
         await callbacks.wait_for(1)
         await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
-        got = await callbacks.settle(1.0)
+        got = await callbacks.settle(0.5)
     assert [j.task.id for j in doomed.jobs] == ["survivor"]
     assert [j.task.id for j in healthy.jobs] == ["survivor"]
     assert [(c["id"], c["status"]) for c in got] == [("survivor", "succeeded")]
@@ -148,7 +148,7 @@ async def test_leases_after_max_receive_count_failed_callback_and_dlq(
         # THEN one dispatch_failed callback on the last receive, and the message in the DLQ
         (got,) = await callbacks.wait_for(1)
         await eventually(lambda: visible(aws, stack.dlqs["sdruntime"]) == 1)
-        got_all = await callbacks.settle(1.0)
+        got_all = await callbacks.settle(0.5)
     assert got["id"] == "doomed" and got["error"]["code"] == "dispatch_failed"
     assert len(got_all) == 1
     assert [j.attempt for j in pod.jobs] == [1, 2]
