@@ -126,6 +126,8 @@ class LocalStack:
     #: Extra variables for the dispatcher processes only.
     dispatcher_env_extra: dict[str, str] = field(default_factory=dict)
     visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
+    #: The module run as a pod (`python -m <pod_module>`): tests swap in a fault-injecting wrapper.
+    pod_module: str = "runtime"
     names: StackNames = field(default_factory=StackNames)
 
     endpoint: str = ""
@@ -153,7 +155,12 @@ class LocalStack:
         log.info("embedded AWS (moto) on %s", self.endpoint)
 
         clients = {s: self.client(s) for s in ("sns", "sqs", "s3", "dynamodb")}
-        self.resources = create_stack_resources(**clients, runtimes=self.runtimes, names=self.names)
+        self.resources = create_stack_resources(
+            **clients,
+            runtimes=self.runtimes,
+            names=self.names,
+            visibility_timeout_s=self.visibility_timeout_s,
+        )
         clients["s3"].create_bucket(Bucket=self.input_bucket)
         self._install_model(clients["s3"])
         try:
@@ -242,9 +249,11 @@ class LocalStack:
             "SDEKS_RUNTIME": runtime,
             "SDEKS_DEFAULT_MODEL": self.default_model,
             "SDEKS_CACHE_DIR": str((self.workdir / "cache" / f"{runtime}-{port}").resolve()),
+            # Distinct names in the task table's `pod` (they all share one hostname here).
+            "SDEKS_POD_NAME": f"pod-{runtime}-{index}",
         }
         models = f"s3://{self.resources.models_bucket}"
-        cmd = [sys.executable, "-m", "runtime", "--models", models, "--port", str(port)]
+        cmd = [sys.executable, "-m", self.pod_module, "--models", models, "--port", str(port)]
         cmd += ["--host", "127.0.0.1", "--device", "cpu"]
         proc = subprocess.Popen(cmd, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
