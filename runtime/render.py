@@ -38,7 +38,7 @@ from runtime.a1111 import (
     Img2ImgRequest,
     Txt2ImgRequest,
 )
-from runtime.models import Models
+from runtime.models import Models, PipelineKind
 from runtime.settings import RuntimeSettings
 from sdeks.errors import (
     InvalidParameterError,
@@ -456,7 +456,7 @@ class Renderer:
         vae_name = str(opts.get("sd_vae") or "Automatic")
 
         # 3. Load the model: pinned in the store for the whole render, as a pipeline of our kind.
-        kind = (
+        kind: PipelineKind = (
             "inpaint" if mask is not None else ("img2img" if init_image is not None else "txt2img")
         )
         with self._oom_guard(control.job_id), self.models.use(str(checkpoint), kind) as lease:
@@ -669,6 +669,10 @@ class Renderer:
                 assert img is not None
                 kwargs.update(image=init_image, mask_image=mask, strength=strength)
                 kwargs.update(height=request.height, width=request.width)
+                if img.inpaint_full_res:
+                    # A1111 "only masked": inpaint the mask's bounding box (plus padding)
+                    # at full resolution and paste it back; diffusers' padding_mask_crop.
+                    kwargs["padding_mask_crop"] = img.inpaint_full_res_padding
             elif init_image is not None:
                 kwargs.update(image=self._encode(pipe, init_image, batch), strength=strength)
                 _inject_noise(pipe, noise)

@@ -150,8 +150,8 @@ def test_img2img_denoising_zero_keeps_the_image(renderer):
     assert out.size == (64, 64)
 
 
-@pytest.mark.parametrize("invert", [0, 1])
-def test_inpaint_with_mask(renderer, invert):
+@pytest.mark.parametrize(("invert", "full_res"), [(0, True), (1, True), (0, False)])
+def test_inpaint_with_mask(renderer, invert, full_res):
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
@@ -163,6 +163,8 @@ def test_inpaint_with_mask(renderer, invert):
         init_images=[png_b64(init)],
         mask=png_b64(mask.convert("RGB")),
         inpainting_mask_invert=invert,
+        inpaint_full_res=full_res,
+        inpaint_full_res_padding=4,
         inpainting_fill=1,
         denoising_strength=0.9,
         batch_size=2,
@@ -170,6 +172,10 @@ def test_inpaint_with_mask(renderer, invert):
     result = renderer.img2img(request, options=OPTIONS)
     assert [im.size for im in result.images] == [(64, 64), (64, 64)]
     assert "Mask blur: 4" in result.infotexts[0]
+    if full_res and not invert:
+        # Only the masked box (plus padding and blur) is repainted; the corners stay.
+        corner = np.asarray(result.images[0])[:8, :8].astype(int)
+        assert np.abs(corner - np.array([200, 30, 30])).max() <= 2
 
 
 def test_sdxl_and_sd15_switch(renderer):
