@@ -441,10 +441,12 @@ class Renderer:
 
         # 2. Resolve the settings in force (override_settings apply to this request only).
         opts = effective_settings(options, request)
+        # DESIGN.md: alwayson_scripts (the routing key, passed in as `model`), then
+        # override_settings, then the persisted /options value, then the pod's default.
         checkpoint = (
-            (request.override_settings or {}).get("sd_model_checkpoint")
-            or model
-            or opts.get("sd_model_checkpoint")
+            model
+            or (request.override_settings or {}).get("sd_model_checkpoint")
+            or options.get("sd_model_checkpoint")
             or self.settings.default_model
         )
         if not checkpoint:

@@ -268,3 +268,15 @@ def test_openapi_docs_list_the_a1111_routes(client):
     for route in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options", "/v1/jobs"):
         assert route in paths
     assert client.get("/docs").status_code == 200
+
+
+def test_routing_key_wins_over_override_settings(client):
+    body = {
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "alwayson_scripts": {"sd_model_checkpoint": "tiny-sdxl"},
+        "override_settings": {"sd_model_checkpoint": "tiny-sd15"},
+    }
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+    assert info["sd_model_name"] == "tiny-sdxl"
