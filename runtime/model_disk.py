@@ -178,6 +178,23 @@ class DiskCache:
                 f"disk cache full: {for_key} needs {need} bytes and the models in use "
                 f"hold {self.used_bytes + self._reserved} of {self.capacity_bytes}"
             )
+        self._make_free_space(need, for_key)
+
+    def _make_free_space(self, need: int, for_key: str) -> None:
+        """The byte budget may be larger than the volume (or the volume shared):
+        evict more until the file system has room. Downloads in flight are
+        sparse files, so their reservations count as used. Lock held."""
+        while shutil.disk_usage(self.root).free < need + self._reserved:
+            victim = next((k for k in self._entries if k not in self._pins and k != for_key), None)
+            if victim is None:
+                free = shutil.disk_usage(self.root).free
+                raise ModelLoadError(
+                    f"not enough free disk space for {for_key}: needs {need} bytes, "
+                    f"{free} free on {self.root}"
+                )
+            cached = self._entries.pop(victim)
+            log.info("disk cache: evicting %s (%d bytes) for free space", victim, cached.bytes)
+            shutil.rmtree(cached.dir, ignore_errors=True)
 
     # --- fetching ---------------------------------------------------------
 

@@ -17,6 +17,7 @@ import base64
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 #: Bytes per ranged GET; large enough to amortise a request, small enough to parallelise.
 DEFAULT_PART_BYTES = 16 * 2**20
 DEFAULT_CONCURRENCY = 8
+#: Tries per range when the body breaks mid-stream (each resumes where the last stopped).
+RANGE_ATTEMPTS = 4
 _CHUNK = 1 * 2**20
 
 
@@ -225,37 +228,61 @@ class S3Source:
             for start in range(0, obj.size, self.part_bytes)
         ]
         fd = os.open(dest, os.O_WRONLY)
+        stop = threading.Event()  # one range failed for good: the others stop early
 
         def fetch(rng: tuple[int, int]) -> None:
             start, end = rng
-            kwargs: dict[str, Any] = {
-                "Bucket": self.bucket,
-                "Key": self.prefix + obj.key,
-                "Range": f"bytes={start}-{end}",
-            }
-            if obj.etag:
-                kwargs["IfMatch"] = obj.etag
-            body = self.client.get_object(**kwargs)["Body"]
             offset = start
-            try:
-                while chunk := body.read(_CHUNK):
-                    os.pwrite(fd, chunk, offset)
-                    offset += len(chunk)
-                    if progress:
-                        progress(len(chunk))
-            finally:
-                body.close()
-            if offset != end + 1:
-                raise ModelLoadError(
-                    f"{obj.key}: range {start}-{end} ended after {offset - start} bytes"
+            for attempt in range(1, RANGE_ATTEMPTS + 1):
+                kwargs: dict[str, Any] = {
+                    "Bucket": self.bucket,
+                    "Key": self.prefix + obj.key,
+                    "Range": f"bytes={offset}-{end}",
+                }
+                if obj.etag:
+                    kwargs["IfMatch"] = obj.etag
+                try:
+                    body = self.client.get_object(**kwargs)["Body"]
+                    try:
+                        while chunk := body.read(_CHUNK):
+                            if stop.is_set():
+                                return
+                            os.pwrite(fd, chunk, offset)
+                            offset += len(chunk)
+                            if progress:
+                                progress(len(chunk))
+                    finally:
+                        body.close()
+                    if offset == end + 1:
+                        return
+                    problem = f"range ended {end + 1 - offset} bytes early"
+                except BotoCoreError as exc:
+                    # botocore retries requests, not a body that breaks mid-stream
+                    # (ResponseStreamingError): resume the range where it broke.
+                    problem = str(exc)
+                log.warning(
+                    "%s: %s (attempt %d of %d, resuming at byte %d)",
+                    obj.key,
+                    problem,
+                    attempt,
+                    RANGE_ATTEMPTS,
+                    offset,
                 )
+            raise ModelLoadError(f"{obj.key}: download failed after {RANGE_ATTEMPTS} attempts")
 
         try:
             with ThreadPoolExecutor(
                 max_workers=min(self.concurrency, len(ranges)), thread_name_prefix="s3-range"
             ) as pool:
-                for result in [pool.submit(fetch, r) for r in ranges]:
-                    result.result()
+                futures = [pool.submit(fetch, r) for r in ranges]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    stop.set()
+                    for future in futures:
+                        future.cancel()
+                    raise
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, obj.key) from exc
         finally:

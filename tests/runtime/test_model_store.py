@@ -453,3 +453,66 @@ def test_device_tier_lru_by_bytes_and_pins(tiny_models_dir: Path, tmp_path: Path
     with store.use("tiny-sd15") as warm:
         assert warm.timings.found_in == "gpu" and warm.timings.device_ms == 0
     store.close()
+
+
+def test_s3_range_broken_mid_stream_resumes(aws, empty_bucket: str, tmp_path: Path):
+    """A body that breaks after its first bytes (a reset connection) is resumed
+    from where it broke, with a new ranged GET; the file still verifies."""
+    from botocore.exceptions import ResponseStreamingError
+
+    data = os.urandom(3 * MiB + 123)
+    aws.s3.put_object(
+        Bucket=empty_bucket, Key="Lora/big.safetensors", Body=data, ChecksumAlgorithm="SHA256"
+    )
+    broken = []
+
+    class BreaksOnce:
+        def __init__(self, body) -> None:
+            self.body, self.sent = body, 0
+
+        def read(self, n: int) -> bytes:
+            if self.sent:
+                broken.append(self.sent)
+                raise ResponseStreamingError(error="connection reset by peer")
+            chunk = self.body.read(min(n, 1000))
+            self.sent += len(chunk)
+            return chunk
+
+        def close(self) -> None:
+            self.body.close()
+
+    def break_first_body(parsed, **_kwargs) -> None:
+        if (
+            not broken
+            and "Body" in parsed
+            and parsed.get("ContentRange", "").startswith("bytes 0-")
+        ):
+            parsed["Body"] = BreaksOnce(parsed["Body"])
+
+    aws.s3.meta.events.register("after-call.s3.GetObject", break_first_body)
+    gets = GetObjectLog(aws.s3)
+    store = ModelStore(S3Source(aws.s3, empty_bucket, part_bytes=MiB), cache_dir=tmp_path)
+    path = store.fetch_lora("big")
+    assert broken == [1000]
+    assert ("Lora/big.safetensors", f"bytes=1000-{MiB - 1}") in gets.calls
+    assert path.read_bytes() == data
+    store.close()
+
+
+def test_disk_cache_refuses_what_the_volume_cannot_hold(aws, empty_bucket: str, tmp_path: Path):
+    from runtime.model_catalog import ModelEntry
+
+    # A listing that announces more bytes than this volume has free (the byte
+    # budget alone would allow it): refused before any GET.
+    huge = shutil.disk_usage(tmp_path).free + 2**40
+    entry = ModelEntry(
+        name="huge.safetensors",
+        kind="file",
+        key="Stable-diffusion/huge.safetensors",
+        files=(ObjectInfo("Stable-diffusion/huge.safetensors", huge, '"x"'),),
+    )
+    cache = DiskCache(tmp_path / "cache", capacity_bytes=huge * 2)
+    gets = GetObjectLog(aws.s3)
+    with pytest.raises(ModelLoadError, match="not enough free disk space"):
+        cache.fetch(S3Source(aws.s3, empty_bucket), entry)
+    assert gets.calls == [] and cache.keys() == []
