@@ -43,7 +43,9 @@ class Lease:
 
 
 class LeaseKeeper:
-    def __init__(self, sqs: Any, *, extension_s: int, interval_s: float) -> None:
+    def __init__(
+        self, sqs: Any, *, extension_s: int, interval_s: float, delete_delay_s: float = 0.005
+    ) -> None:
         if interval_s >= extension_s:
             raise ValueError(
                 f"heartbeat interval ({interval_s:g} s) must be shorter than the "
@@ -53,6 +55,11 @@ class LeaseKeeper:
         self.extension_s = extension_s
         self.interval_s = interval_s
         self._held: dict[str, Lease] = {}
+        # Deletes wait `delete_delay_s` for company, then go out 10 per call:
+        # one DeleteMessageBatch instead of ten round trips under load.
+        self.delete_delay_s = delete_delay_s
+        self._deletes: dict[str, list[tuple[Lease, asyncio.Future[None]]]] = defaultdict(list)
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -71,20 +78,51 @@ class LeaseKeeper:
         self._held.pop(lease.key, None)
 
     async def delete(self, lease: Lease) -> None:
-        """Delete the message: its terminal callback exists."""
+        """Delete the message: its terminal callback exists. Returns once SQS answered."""
         self.forget(lease)
+        pending = self._deletes[lease.queue_url]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending.append((lease, done))
+        if len(pending) == 1:
+            flush = asyncio.create_task(self._flush_deletes(lease.queue_url))
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        await asyncio.shield(done)
+
+    async def _flush_deletes(self, queue_url: str) -> None:
+        await asyncio.sleep(self.delete_delay_s)
+        batch = self._deletes.pop(queue_url, [])
+        calls = [
+            self._delete_batch(queue_url, batch[i : i + _BATCH])
+            for i in range(0, len(batch), _BATCH)
+        ]
+        await asyncio.gather(*calls)
+
+    async def _delete_batch(
+        self, queue_url: str, batch: list[tuple[Lease, asyncio.Future[None]]]
+    ) -> None:
+        entries = [{"Id": lease.key, "ReceiptHandle": lease.receipt_handle} for lease, _ in batch]
+        failed: list[dict[str, Any]] = []
         try:
-            await self._sqs.delete_message(
-                QueueUrl=lease.queue_url, ReceiptHandle=lease.receipt_handle
-            )
-        except (ClientError, BotoCoreError):
-            # The task is done; a redelivery is answered idempotently downstream.
-            log.warning(
-                "could not delete message %s",
-                lease.message_id,
-                exc_info=True,
-                extra={"task_id": lease.task_id},
-            )
+            answer = await self._sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+            failed = answer.get("Failed", [])
+        except (ClientError, BotoCoreError) as exc:
+            failed = [{"Id": e["Id"], "Code": type(exc).__name__} for e in entries]
+        by_key = {lease.key: lease for lease, _ in batch}
+        for failure in failed:
+            lease = by_key.get(failure.get("Id", ""))
+            if lease is not None:
+                # The task is done; a redelivery is dropped by the task table (or rendered
+                # again, idempotently by key, without one).
+                log.warning(
+                    "could not delete message %s: %s",
+                    lease.message_id,
+                    failure.get("Code"),
+                    extra={"task_id": lease.task_id},
+                )
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
 
     async def release(self, lease: Lease, *, delay_s: int = 0) -> None:
         """Make the message visible again after `delay_s`: SQS counts another receive."""

@@ -229,3 +229,28 @@ async def test_leases_pod_already_running_task_releases_for_later(aws, stack, ma
     assert len(pod.jobs) == 1
     assert await callbacks.settle(0.2) == []
     assert queue_depth(aws, queue) == 1 and visible(aws, queue) == 0
+
+
+async def test_lease_keeper_batches_deletes(aws, stack):
+    import asyncio
+
+    queue = stack.queues["sdruntime"]
+    for i in range(15):
+        aws.sqs.send_message(QueueUrl=queue, MessageBody=str(i))
+    messages = []
+    while len(messages) < 15:
+        messages += aws.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    calls: list[int] = []
+    async with sdeks_aws.aio_client("sqs") as sqs:
+        original = sqs.delete_message_batch
+
+        async def counting(**kwargs):
+            calls.append(len(kwargs["Entries"]))
+            return await original(**kwargs)
+
+        sqs.delete_message_batch = counting
+        keeper = LeaseKeeper(sqs, extension_s=30, interval_s=10)
+        leases = [keeper.hold(queue, m["ReceiptHandle"], m["MessageId"]) for m in messages]
+        await asyncio.gather(*(keeper.delete(lease) for lease in leases))
+    assert sorted(calls) == [5, 10]
+    assert queue_depth(aws, queue) == 0
