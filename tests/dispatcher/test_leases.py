@@ -254,3 +254,18 @@ async def test_lease_keeper_batches_deletes(aws, stack):
         await asyncio.gather(*(keeper.delete(lease) for lease in leases))
     assert sorted(calls) == [5, 10]
     assert queue_depth(aws, queue) == 0
+
+
+async def test_leases_two_replicas_share_queue_without_duplicates(aws, stack, make_pod, callbacks):
+    pods = [await make_pod(delay_s=0.05, slots=2), await make_pod(delay_s=0.05, slots=2)]
+    settings = settings_for(stack, {"sdruntime": [p.url for p in pods]}, window=8)
+    ids = [f"many-{i}" for i in range(12)]
+    async with running(settings), running(settings):
+        for task_id in ids:
+            publish(aws, stack, envelope(task_id, model=f"m{int(task_id[5:]) % 3}"))
+        await callbacks.wait_for(len(ids), within=60)
+        await eventually(lambda: queue_depth(aws, stack.queues["sdruntime"]) == 0)
+        got = await callbacks.settle(0.5)
+    rendered = sorted(j.task.id for p in pods for j in p.jobs)
+    assert rendered == sorted(ids)
+    assert sorted(c["id"] for c in got) == sorted(ids)
