@@ -620,7 +620,7 @@ class Renderer:
         images: list[Image.Image] = []
         infotexts: list[str] = []
         latent_shape = (
-            pipe.unet.config.in_channels if mask is None else pipe.vae.config.latent_channels,
+            pipe.vae.config.latent_channels,  # 4; an inpainting UNet takes 9 but denoises 4
             request.height // pipe.vae_scale_factor,
             request.width // pipe.vae_scale_factor,
         )

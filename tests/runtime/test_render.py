@@ -199,9 +199,10 @@ def test_override_settings_checkpoint_and_clip_skip(renderer):
     assert skipped.info["clip_skip"] == 2
     assert not np.array_equal(pixels(plain.images[0]), pixels(skipped.images[0]))
     xl = renderer.txt2img(
-        t2i(override_settings={"sd_model_checkpoint": "tiny-sdxl"}), options=OPTIONS
+        t2i(override_settings={"sd_model_checkpoint": "tiny-sdxl", "CLIP_stop_at_last_layers": 2}),
+        options=OPTIONS,
     )
-    assert xl.info["sd_model_name"] == "tiny-sdxl"
+    assert xl.info["sd_model_name"] == "tiny-sdxl" and xl.info["clip_skip"] == 2
 
 
 @pytest.mark.parametrize("vae", ["bright", "bright-ldm"])
