@@ -26,6 +26,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,11 +238,26 @@ def build_tiny_pipeline(family: Family = "sd15", *, seed: int = 0) -> Any:
     return pipe
 
 
+@contextmanager
+def _quiet_saves() -> Iterator[None]:
+    """transformers 5 draws a "Writing model shards" bar per text encoder saved."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _write_config_folder(pipe: Any, dest: Path) -> None:
     """The diffusers folder minus weights: what `from_single_file(config=...)` reads."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
     try:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        with _quiet_saves():
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
         for weights in tmp.rglob("*.safetensors"):
             weights.unlink()
         tmp.rename(dest)
@@ -271,7 +288,8 @@ def make_tiny(
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        pipe.save_pretrained(str(dest), safe_serialization=True)
+        with _quiet_saves():
+            pipe.save_pretrained(str(dest), safe_serialization=True)
         log.info("wrote tiny %s diffusers folder %s", family, dest)
         return dest
 
