@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 #: SQS message attribute carrying the original publish time of a forwarded task.
 PUBLISHED_AT_ATTRIBUTE = "published_at"
 _SQS_BATCH = 10
+_SHORT_POLL_PAUSE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ class Dispatcher:
                 await self._release_unprocessed(source, messages)
                 window.free(len(messages))
                 return
+            if not messages and not self.settings.receive_wait_s:
+                await asyncio.sleep(_SHORT_POLL_PAUSE_S)  # short polling: do not spin
             for message in messages:
                 handler = asyncio.create_task(self._handle(source, message))
                 self._handlers.add(handler)

@@ -188,7 +188,7 @@ def settings_for(stack: Any, pods: dict[str, list[str]], **overrides: Any) -> Di
         "queues": stack.queues,
         "catch_all_queue_url": stack.catch_all_queue_url,
         "pods": pods,
-        "receive_wait_s": 1,
+        "receive_wait_s": 0,
         "metrics_port": 0,
         "state_interval_s": 0.2,
         "link_allow_nets": ["127.0.0.1/32"],
