@@ -42,6 +42,19 @@ MODELS_CONFIG_PREFIX = "configs/"
 _HASH_SUFFIX = re.compile(r"\s*\[([0-9a-fA-F]{8,64})\]\s*$")
 
 
+def checkpoint_stem(name: str) -> str:
+    """A checkpoint name without ` [hash]` and weight suffix, for comparing names.
+
+    `"v1-5.safetensors [6ce0161689]"`, `"v1-5.safetensors"` and `"v1-5"` all give
+    `"v1-5"`: what a scheduler can match a task's `sd_model_checkpoint` against
+    the names in a pod's `GET /v1/state` with (no torch needed to import this).
+    """
+    bare = _HASH_SUFFIX.sub("", name).strip()
+    for suffix in WEIGHT_SUFFIXES:
+        bare = bare.removesuffix(suffix)
+    return bare
+
+
 def short_hash(sha256: str | None) -> str | None:
     return sha256[:10] if sha256 else None
 

@@ -112,6 +112,20 @@ def test_catalog_names_folders_files_and_config_folders():
     assert sorted(e.name for e in catalog.vaes) == ["sdxl-vae", "vae-ft-mse.safetensors"]
 
 
+def test_checkpoint_stem_matches_state_names_to_requests():
+    from runtime.model_catalog import checkpoint_stem
+
+    for name in (
+        "v1-5.safetensors [6ce0161689]",
+        "v1-5.safetensors",
+        " v1-5 ",
+        "v1-5 [6ce0161689]",
+    ):
+        assert checkpoint_stem(name) == "v1-5"
+    assert checkpoint_stem("sdxl-base") == "sdxl-base"
+    assert checkpoint_stem("anime/foo.safetensors") == "anime/foo"
+
+
 def test_catalog_resolves_a1111_names():
     catalog = Catalog([_obj("Stable-diffusion/v1-5-pruned-emaonly.safetensors")], source="s3://m")
     entry = catalog.checkpoints[0]
