@@ -129,6 +129,7 @@ class Dispatcher:
         self._windows = {s.queue_url: Window(settings.window) for s in sources}
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._polling: set[str] = set()  # queues with a ReceiveMessage in flight
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -148,6 +149,9 @@ class Dispatcher:
         #    cancelled: cancelling it would hide what it received until the
         #    visibility timeout lapses. What it returns is released at once.
         self._stopping.set()
+        for source, task in zip(self.sources, receivers, strict=True):
+            if source.queue_url not in self._polling:  # waiting for room in its window
+                task.cancel()
         _, stuck = await asyncio.wait(receivers, timeout=self.settings.receive_wait_s + 5)
         for task in stuck:
             task.cancel()
@@ -182,6 +186,7 @@ class Dispatcher:
         backoff = 1.0
         while not self._stopping.is_set():
             n = await window.reserve(_SQS_BATCH)
+            self._polling.add(source.queue_url)
             try:
                 answer = await self.sqs.receive_message(
                     QueueUrl=source.queue_url,
@@ -199,6 +204,8 @@ class Dispatcher:
             except BaseException:
                 window.free(n)
                 raise
+            finally:
+                self._polling.discard(source.queue_url)
             backoff = 1.0
             messages = answer.get("Messages", [])
             window.free(n - len(messages))
@@ -250,7 +257,6 @@ class Dispatcher:
                 lease.message_id,
                 extra={"task_id": lease.task_id},
             )
-            self.leases.forget(lease)
         finally:
             self.leases.forget(lease)
             self.metrics.leases.labels(source.name).dec()

@@ -269,3 +269,23 @@ async def test_leases_two_replicas_share_queue_without_duplicates(aws, stack, ma
     rendered = sorted(j.task.id for p in pods for j in p.jobs)
     assert rendered == sorted(ids)
     assert sorted(c["id"] for c in got) == sorted(ids)
+
+
+async def test_leases_stop_with_full_window_releases_all(aws, stack, make_pod):
+    # GIVEN a window of 2, both held by tasks waiting for a pod that never frees up
+    started = asyncio.Event()
+
+    async def note(_job):
+        started.set()
+        return None
+
+    pod = await make_pod(delay_s=30, behaviour=note)
+    settings = settings_for(stack, {"sdruntime": [pod.url]}, window=2, grace_period_s=0.2)
+    queue = stack.queues["sdruntime"]
+    async with running(settings):
+        for i in range(3):
+            publish(aws, stack, envelope(f"full-{i}"))
+        await asyncio.wait_for(started.wait(), 20)
+        await eventually(lambda: visible(aws, queue) == 1)  # two held, one left
+    # THEN the waiting and the running task are both back in the queue
+    assert visible(aws, queue) == 3
