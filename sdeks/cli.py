@@ -308,6 +308,13 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
 
     path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
     _print(f"wrote a tiny random {args.family} model to {path}")
+    if args.single_file:
+        from runtime.tiny import single_file_config_dir
+
+        _print(
+            f"its config folder is {single_file_config_dir(path)}: upload both under "
+            "Stable-diffusion/ so the pod loads the file with no network"
+        )
     return EXIT_OK
 
 
@@ -368,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True)
     tiny = models_sub.add_parser("make-tiny", help="write a tiny random SD model (tests, demo)")
     tiny.add_argument("dir")
-    tiny.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    tiny.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15")
     tiny.add_argument("--single-file", action="store_true")
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser
