@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from runtime import infotext, samplers, seeds
+from runtime import infotext, prompts, samplers, seeds
 from runtime.a1111 import (
     ExtrasSingleImageRequest,
     GenerationRequest,
@@ -532,7 +532,6 @@ class Renderer:
         scheduler_cls = getattr(diffusers, choice.scheduler_class)
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
         pipe.set_progress_bar_config(disable=True)
-        _clip_skip_compat(pipe)
         if self.settings.compile and self.device.startswith("cuda"):
             pipe.unet = self._compiled(pipe.unet)
         vae = self._vae(pipe, loaded, vae_name)
@@ -624,6 +623,8 @@ class Renderer:
             request.height // pipe.vae_scale_factor,
             request.width // pipe.vae_scale_factor,
         )
+        # A1111 prompt semantics (emphasis, BREAK, no 77-token cut), encoded once per request.
+        embeds = prompts.encode(pipe, prompt, request.negative_prompt, clip_skip, batch)
         for n in range(request.n_iter):
             control.job_no, control.step = n, 0
             idx = range(n * batch, (n + 1) * batch)
@@ -642,12 +643,10 @@ class Renderer:
                 ]
             )
             kwargs: dict[str, Any] = {
-                "prompt": [prompt] * batch,
-                "negative_prompt": [request.negative_prompt] * batch,
+                **embeds,
                 "num_inference_steps": request.steps,
                 "guidance_scale": request.cfg_scale,
                 "generator": [seeds.generator(s) for s in batch_seeds],
-                "clip_skip": clip_skip,
                 "callback_on_step_end": on_step_end,
                 "output_type": "pil",
             }
@@ -873,20 +872,6 @@ def _fill_masked(image: Image.Image, mask: Image.Image, mode: int) -> Image.Imag
     else:
         raise InvalidParameterError(f"`inpainting_fill` must be 0, 1, 2 or 3, got {mode}")
     return Image.composite(filler, image, mask.point(lambda v: 255 if v > 127 else 0))
-
-
-def _clip_skip_compat(pipe: Any) -> None:
-    """Let diffusers' `clip_skip` find `text_encoder.text_model.final_layer_norm`.
-
-    diffusers 0.42's SD 1.x/2.x `encode_prompt` reads that path, but
-    transformers 5 flattened `CLIPTextModel` (no `.text_model`). The alias is set
-    outside `nn.Module` registration so it adds no parameters or cycles.
-    """
-    encoder = getattr(pipe, "text_encoder", None)
-    if encoder is None or hasattr(encoder, "text_model"):
-        return
-    if hasattr(encoder, "final_layer_norm"):
-        object.__setattr__(encoder, "text_model", encoder)
 
 
 def _inject_noise(pipe: Any, noise: Any) -> None:

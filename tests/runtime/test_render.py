@@ -341,3 +341,14 @@ def test_png_carries_parameters_chunk(renderer):
     assert parsed["Steps"] == "3"
     assert parsed["Size"] == "64x64"
     assert parsed["Sampler"] == "Euler"
+
+
+def test_emphasis_and_long_prompts_render(renderer):
+    plain = renderer.txt2img(t2i(prompt="a red cube"), options=OPTIONS)
+    emphasised = renderer.txt2img(t2i(prompt="a (red:1.6) cube"), options=OPTIONS)
+    long_prompt = ", ".join(["a red cube"] * 40) + " BREAK blue sky"
+    long = renderer.txt2img(t2i(prompt=long_prompt, negative_prompt="(blurry)"), options=OPTIONS)
+
+    assert not np.array_equal(pixels(plain.images[0]), pixels(emphasised.images[0]))
+    assert infotext.parse(emphasised.infotexts[0])["Prompt"] == "a (red:1.6) cube"
+    assert long.images[0].size == (64, 64)
