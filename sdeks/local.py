@@ -165,7 +165,11 @@ class LocalStack:
         self._install_model(clients["s3"])
         try:
             for runtime in self.runtimes:
-                self.pods[runtime] = [self.start_pod(runtime) for _ in range(self.pods_per_runtime)]
+                # One at a time into the list: each pod's index (its name) counts those
+                # before it, and `stop` below reaches pods already started.
+                self.pods[runtime] = []
+                for _ in range(self.pods_per_runtime):
+                    self.pods[runtime].append(self.start_pod(runtime))
             for _ in range(self.dispatchers):
                 self.dispatcher_services.append(self.start_dispatcher())
         except Exception:
