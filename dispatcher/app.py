@@ -18,9 +18,10 @@ from dispatcher.leases import LeaseKeeper
 from dispatcher.links import LinkPolicy, LinkResolver, Resolver, system_resolver
 from dispatcher.metrics import Metrics, start_metrics_server
 from dispatcher.pods import PodClient
+from dispatcher.queues import queue_sources, queue_visibility
 from dispatcher.routing import Router
 from dispatcher.scheduler import AffinityPolicy, CostModel, FifoPolicy, Policy
-from dispatcher.service import Dispatcher, queue_sources, queue_visibility
+from dispatcher.service import Dispatcher
 from dispatcher.settings import DispatcherSettings
 from dispatcher.webhooks import WebhookConsumer
 from sdeks.aws import aio_client

@@ -25,12 +25,10 @@ each message to one of them at a time, and heartbeats keep it that way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -44,6 +42,7 @@ from dispatcher.errors import (
 from dispatcher.leases import Lease, LeaseKeeper
 from dispatcher.links import LinkResolver
 from dispatcher.metrics import Metrics
+from dispatcher.queues import Source, Window
 from dispatcher.routing import Draining, Router
 from dispatcher.settings import DispatcherSettings
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
@@ -65,42 +64,6 @@ log = logging.getLogger(__name__)
 PUBLISHED_AT_ATTRIBUTE = "published_at"
 _SQS_BATCH = 10
 _SHORT_POLL_PAUSE_S = 0.1
-
-
-@dataclass(frozen=True)
-class Source:
-    """One queue the dispatcher consumes."""
-
-    queue_url: str
-    #: The runtime this queue serves; None for the catch-all.
-    runtime: str | None
-    max_receive_count: int
-
-    @property
-    def name(self) -> str:
-        return self.runtime or "catch-all"
-
-
-class Window:
-    """At most `size` messages of one queue held at once."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.used = 0
-        self._room = asyncio.Event()
-        self._room.set()
-
-    async def reserve(self, most: int) -> int:
-        while self.used >= self.size:
-            self._room.clear()
-            await self._room.wait()
-        n = min(most, self.size - self.used)
-        self.used += n
-        return n
-
-    def free(self, n: int = 1) -> None:
-        self.used -= n
-        self._room.set()
 
 
 class Dispatcher:
@@ -500,32 +463,3 @@ def _float(value: Any) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
-
-
-async def queue_sources(sqs: Any, settings: DispatcherSettings) -> list[Source]:
-    """The queues to consume, with each one's maxReceiveCount read from its RedrivePolicy."""
-    sources = []
-    queues: list[tuple[str, str | None]] = [(url, rt) for rt, url in settings.queues.items()]
-    if settings.catch_all_queue_url:
-        queues.append((settings.catch_all_queue_url, None))
-    for url, runtime in queues:
-        max_receive = settings.max_receive_count
-        with contextlib.suppress(ClientError, BotoCoreError, ValueError, KeyError):
-            attributes = (
-                await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
-            )["Attributes"]
-            max_receive = int(json.loads(attributes["RedrivePolicy"])["maxReceiveCount"])
-        sources.append(Source(url, runtime, max_receive))
-    return sources
-
-
-async def queue_visibility(sqs: Any, urls: list[str]) -> int | None:
-    """The shortest VisibilityTimeout of `urls`, the default lease extension."""
-    values = []
-    for url in urls:
-        with contextlib.suppress(ClientError, BotoCoreError, ValueError, KeyError):
-            attributes = (
-                await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])
-            )["Attributes"]
-            values.append(int(attributes["VisibilityTimeout"]))
-    return min(values) if values else None
