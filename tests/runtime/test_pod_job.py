@@ -295,3 +295,16 @@ def test_cancel_through_the_task_table_stops_the_render(pod, aws, stack, callbac
     callback = Callback.model_validate(result["r"].json())
     assert callback.status == "cancelled"
     assert [c.status for c in callbacks()] == ["cancelled"]
+
+
+def test_callback_with_huge_prompt_fits_in_sns_and_manifest_keeps_all(pod, aws, callbacks):
+    prompt = "a red cube, " * 2500  # ~30 KB, repeated in all_prompts and every infotext
+    response = pod.post("/v1/jobs", json=job("big-1", prompt=prompt, batch_size=4, n_iter=2))
+
+    callback = Callback.model_validate(response.json())
+    assert callback.status == "succeeded", callback.error
+    assert len(callback.model_dump_json()) <= 240 * 1024
+    assert "all_prompts" not in callback.info and callback.info["all_seeds"] == list(range(7, 15))
+    assert [c.id for c in callbacks()] == ["big-1"]
+    manifest = Manifest.model_validate_json(read(aws, callback.output_url))
+    assert len(manifest.info["infotexts"]) == 8
