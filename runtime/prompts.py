@@ -146,9 +146,11 @@ def _weighted(hidden: Any, weights: Any) -> Any:
     """Scale each token by its weight, then restore the original mean (A1111)."""
     if bool((weights == 1.0).all()):
         return hidden  # nothing emphasised: exactly the plain encoding
-    original = hidden.mean()
-    scaled = hidden * weights.reshape(1, -1, 1).to(hidden.dtype)
-    return scaled * (original / scaled.mean())
+    # In float32: fp16 means over 77 x 2048 values lose too much precision.
+    values = hidden.float()
+    original = values.mean()
+    scaled = values * weights.reshape(1, -1, 1).float()
+    return (scaled * (original / scaled.mean())).to(hidden.dtype)
 
 
 def _final_norm(encoder: Any) -> Any:
