@@ -38,6 +38,7 @@ def pod(request, stack, aws, tiny_models_dir: Path, tmp_path: Path):
         device="cpu",
         task_table=stack.task_table if request.param == "table" else None,
         pod_name="pod-a",
+        slots=2 if request.param == "two-slots" else 1,
     )
     writer = OutputWriter(s3=aws.s3, bucket=stack.output_bucket)
     store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
@@ -308,3 +309,48 @@ def test_callback_with_huge_prompt_fits_in_sns_and_manifest_keeps_all(pod, aws, 
     assert [c.id for c in callbacks()] == ["big-1"]
     manifest = Manifest.model_validate_json(read(aws, callback.output_url))
     assert len(manifest.info["infotexts"]) == 8
+
+
+def test_out_of_memory_fails_the_task_and_the_pod_keeps_serving(pod, monkeypatch, callbacks):
+    import torch
+
+    renderer = pod.app.state.pod.renderer
+    original = renderer._denoise
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB")
+
+    monkeypatch.setattr(renderer, "_denoise", exhausted)
+    failed = Callback.model_validate(pod.post("/v1/jobs", json=job("oom-1")).json())
+    monkeypatch.setattr(renderer, "_denoise", original)
+    after = Callback.model_validate(pod.post("/v1/jobs", json=job("oom-2")).json())
+
+    assert failed.status == "failed" and failed.error.code == "out_of_memory"
+    assert after.status == "succeeded"
+    assert [c.status for c in callbacks()] == ["failed", "succeeded"]
+
+
+@pytest.mark.parametrize("pod", ["two-slots"], indirect=True)
+def test_two_slots_render_concurrently_and_deterministically(pod, aws):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [job(f"par-{i}", seed=40 + i, sampler_name="DPM++ 2M SDE") for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda b: pod.post("/v1/jobs", json=b), bodies))
+    accepted = [r for r in responses if r.status_code == 200]
+    assert all(r.status_code in (200, 429) for r in responses) and len(accepted) >= 2
+    for response in accepted:
+        callback = Callback.model_validate(response.json())
+        assert callback.status == "succeeded", callback.error
+        # Rendered alone, the same task gives the same pixels.
+        alone = Callback.model_validate(
+            pod.post(
+                "/v1/jobs",
+                json=job(
+                    f"{callback.id}-again", seed=callback.seeds[0], sampler_name="DPM++ 2M SDE"
+                ),
+            ).json()
+        )
+        first = Image.open(io.BytesIO(read(aws, callback.image_url[0])))
+        second = Image.open(io.BytesIO(read(aws, alone.image_url[0])))
+        assert first.tobytes() == second.tobytes()
