@@ -197,6 +197,16 @@ class UpscalerItem(BaseModel):
     scale: float | None = None
 
 
+class PngInfoRequest(_Body):
+    image: str
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
 class ProgressState(BaseModel):
     skipped: bool = False
     interrupted: bool = False

@@ -29,7 +29,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from runtime import a1111, samplers
+from runtime import a1111, infotext, samplers
 from runtime.metrics import PodMetrics
 from runtime.models import Models
 from runtime.outputs import OutputError, OutputWriter
@@ -194,7 +194,13 @@ def create_app(
         async with AsyncExitStack() as stack:
             if pod.reporter is None and pod.writer is not None:
                 pod.reporter = await _build_reporter(settings, stack)
+            warm = None
+            if settings.warm_default_model and settings.default_model:
+                # In the background: /health answers at once, the first job finds it loaded.
+                warm = asyncio.create_task(_warm(pod.models, settings.default_model))
             yield
+            if warm is not None and not warm.done():
+                warm.cancel()
             for control in list(pod.running.values()):
                 control.cancel()
         close = getattr(pod.models, "close", None)
@@ -452,6 +458,20 @@ def create_app(
         )
         return a1111.ProgressResponse(progress=c.progress, eta_relative=eta, state=state)
 
+    @app.post("/sdapi/v1/png-info", tags=["a1111"], response_model=a1111.PngInfoResponse)
+    async def png_info(body: a1111.PngInfoRequest) -> Any:
+        from runtime.render import decode_image
+
+        try:
+            image = decode_image(body.image, "image", settings.max_upscale_pixels)
+        except SdeksError as exc:
+            return _a1111_error(exc)
+        text = str(image.info.get(infotext.PNG_TEXT_KEY, ""))
+        items = {k: str(v) for k, v in image.info.items() if isinstance(v, str)}
+        return a1111.PngInfoResponse(
+            info=text, items=items, parameters=infotext.parse(text) if text else {}
+        )
+
     @app.post("/sdapi/v1/interrupt", tags=["a1111"])
     async def interrupt() -> None:
         # Only A1111 requests: jobs from the dispatcher are cancelled by id.
@@ -548,3 +568,14 @@ def _cancelled_before_start(job: Job, writer: OutputWriter) -> Callback:
         context=task.context,
         error=ErrorInfo(code="cancelled", message="cancel requested before rendering started"),
     )
+
+
+async def _warm(models: Models, name: str) -> None:
+    try:
+        future = await asyncio.to_thread(models.prefetch, name)
+        timings = await asyncio.wrap_future(future)
+        log.info("default model %s warm in %d ms", name, timings.model_load_ms)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a job naming it will fail with the same error, clearly
+        log.warning("could not warm the default model %s: %s", name, exc)

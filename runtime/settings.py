@@ -38,6 +38,8 @@ class RuntimeSettings(ServiceSettings):
     models: str | None = None
     #: Checkpoint used when a task names none (A1111 naming).
     default_model: str | None = None
+    #: Load the default model into RAM in the background at start-up.
+    warm_default_model: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Weights dtype on CUDA; CPU always runs float32.
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"

@@ -280,3 +280,21 @@ def test_routing_key_wins_over_override_settings(client):
     }
     info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
     assert info["sd_model_name"] == "tiny-sdxl"
+
+
+def test_png_info_reads_back_the_parameters(client):
+    body = {
+        "prompt": "a (red) cube",
+        "negative_prompt": "dull",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 5,
+    }
+    image = client.post("/sdapi/v1/txt2img", json=body).json()["images"][0]
+    info = client.post("/sdapi/v1/png-info", json={"image": image}).json()
+    assert set(info) == {"info", "items", "parameters"}
+    assert info["parameters"]["Prompt"] == "a (red) cube"
+    assert info["parameters"]["Negative prompt"] == "dull"
+    assert info["parameters"]["Seed"] == "5"
+    assert info["items"]["parameters"] == info["info"]
