@@ -97,6 +97,11 @@ class Router:
         self._seq = 0
         self._draining = False
 
+    def check_open(self) -> None:
+        """Raise `Draining` once the dispatcher is stopping (before costly work)."""
+        if self._draining:
+            raise Draining()
+
     def drain(self) -> None:
         """Hand out no more pods; every waiting task raises `Draining`."""
         self._draining = True

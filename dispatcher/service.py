@@ -25,6 +25,7 @@ each message to one of them at a time, and heartbeats keep it that way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -40,7 +41,7 @@ from dispatcher.errors import (
     PodRejectedError,
 )
 from dispatcher.leases import Lease, LeaseKeeper
-from dispatcher.links import LinkResolver
+from dispatcher.links import LinkResolver, find_links
 from dispatcher.metrics import Metrics
 from dispatcher.queues import Source, Window
 from dispatcher.routing import Draining, Router
@@ -92,6 +93,7 @@ class Dispatcher:
         self._windows = {s.queue_url: Window(settings.window) for s in sources}
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._ahead = asyncio.Semaphore(settings.link_ahead)
         self._polling: set[str] = set()  # queues with a ReceiveMessage in flight
 
     # --- lifecycle ----------------------------------------------------------
@@ -276,65 +278,74 @@ class Dispatcher:
             self.metrics.completed.labels(runtime, "duplicate").inc()
             return
         task = await self.reporter.pin_seed(task)
-        # 2. Links become base64 before any pod sees the task.
-        try:
-            resolved = await self.links.resolve_content(task.content)
-        except LinkError as exc:
-            await self._fail(lease, task, exc)
-            return
-        job = Job(
-            task=task.model_copy(update={"content": resolved.content}),
-            model=task.model,
-            attempt=receive_count,
-            published_at=published_at,
-            download_ms=resolved.download_ms,
-        )
-        # 3. A pod renders it and publishes the callback.
-        try:
-            callback = await self.router.run_job(
-                job,
-                enqueued_at=published_at,
-                attempts=self.settings.pod_attempts,
-                received_at=received_at,
+        # 2. Links become base64 before any pod sees the task. A task with links
+        #    holds one of `link_ahead` permits from download to the pod's answer:
+        #    that bounds the images held in memory, while tasks without links
+        #    take none and the whole window stays visible to the scheduler.
+        async with contextlib.AsyncExitStack() as hold:
+            if find_links(task.content):
+                await hold.enter_async_context(self._ahead)
+                self.router.check_open()
+            try:
+                resolved = await self.links.resolve_content(task.content)
+            except LinkError as exc:
+                await self._fail(lease, task, exc)
+                return
+            job = Job(
+                task=task.model_copy(update={"content": resolved.content}),
+                model=task.model,
+                attempt=receive_count,
+                published_at=published_at,
+                download_ms=resolved.download_ms,
             )
-        except ModelNotFoundError as exc:
-            await self._fail(lease, task, exc)
-            return
-        except PodRejectedError as exc:
-            await self._fail(lease, task, _coded(exc.error_code, exc.message))
-            return
-        except PodDuplicateError as exc:
-            # Rendering it again elsewhere would race the running copy; come back
-            # after it ended (the task table then drops the message).
-            log.info("%s; released", exc.message, extra={"task_id": task.id})
-            await self.leases.release(lease, delay_s=int(max(30, self.settings.retry_backoff_s)))
-            self.metrics.completed.labels(runtime, "released").inc()
-            return
-        except PodFailedError as exc:
-            if receive_count >= source.max_receive_count:
-                # Last receive: report, then let SQS move the message to the DLQ.
-                error = DispatchFailedError(
-                    f"no pod completed the task in {receive_count} receives; last: {exc.message}",
-                    task_id=task.id,
+            # 3. A pod renders it and publishes the callback.
+            try:
+                callback = await self.router.run_job(
+                    job,
+                    enqueued_at=published_at,
+                    attempts=self.settings.pod_attempts,
+                    received_at=received_at,
                 )
-                await self._finish(_failed(task, error))
-                await self.leases.release(lease)
-                self.metrics.completed.labels(runtime, "dead-lettered").inc()
-            else:
-                delay = self.settings.retry_backoff_s * 2 ** (receive_count - 1)
-                await self.leases.release(lease, delay_s=int(min(delay, 300)))
+            except ModelNotFoundError as exc:
+                await self._fail(lease, task, exc)
+                return
+            except PodRejectedError as exc:
+                await self._fail(lease, task, _coded(exc.error_code, exc.message))
+                return
+            except PodDuplicateError as exc:
+                # Rendering it again elsewhere would race the running copy; come back
+                # after it ended (the task table then drops the message).
+                log.info("%s; released", exc.message, extra={"task_id": task.id})
+                await self.leases.release(
+                    lease, delay_s=int(max(30, self.settings.retry_backoff_s))
+                )
                 self.metrics.completed.labels(runtime, "released").inc()
-            return
-        # 4. The callback exists: the message is done.
-        log.info(
-            "task %s %s (attempt %d)",
-            task.id,
-            callback.status.value,
-            receive_count,
-            extra={"task_id": task.id},
-        )
-        await self.leases.delete(lease)
-        self.metrics.completed.labels(runtime, "done").inc()
+                return
+            except PodFailedError as exc:
+                if receive_count >= source.max_receive_count:
+                    # Last receive: report, then let SQS move the message to the DLQ.
+                    error = DispatchFailedError(
+                        f"no pod completed the task in {receive_count} receives; last: {exc.message}",
+                        task_id=task.id,
+                    )
+                    await self._finish(_failed(task, error))
+                    await self.leases.release(lease)
+                    self.metrics.completed.labels(runtime, "dead-lettered").inc()
+                else:
+                    delay = self.settings.retry_backoff_s * 2 ** (receive_count - 1)
+                    await self.leases.release(lease, delay_s=int(min(delay, 300)))
+                    self.metrics.completed.labels(runtime, "released").inc()
+                return
+            # 4. The callback exists: the message is done.
+            log.info(
+                "task %s %s (attempt %d)",
+                task.id,
+                callback.status.value,
+                receive_count,
+                extra={"task_id": task.id},
+            )
+            await self.leases.delete(lease)
+            self.metrics.completed.labels(runtime, "done").inc()
 
     # --- outcomes -----------------------------------------------------------
 

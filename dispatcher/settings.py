@@ -25,8 +25,8 @@ class DispatcherSettings(ServiceSettings):
     queues: dict[str, str]
     #: The catch-all queue (tasks published without a known `runtime` attribute).
     catch_all_queue_url: str | None = None
-    #: Tasks held (leased) per runtime at once: the scheduler's view of the backlog.
-    window: int = Field(default=64, ge=1, le=1000)
+    #: Messages held (leased) per queue at once: the scheduler's view of the backlog.
+    window: int = Field(default=256, ge=1, le=5000)
     #: Long-poll wait of ReceiveMessage (SQS allows 0-20); stopping waits for one poll to end.
     receive_wait_s: int = Field(default=10, ge=0, le=20)
     #: Seconds each heartbeat extends a held message by; None: the queue's VisibilityTimeout.
@@ -88,6 +88,8 @@ class DispatcherSettings(ServiceSettings):
     link_max_per_task: int = Field(default=16, ge=1)
     #: Downloads in flight at once across all tasks.
     link_concurrency: int = Field(default=16, ge=1)
+    #: Tasks with links whose images may be downloaded and held ahead of a pod at once.
+    link_ahead: int = Field(default=32, ge=1)
 
     # --- task table (docs/lifecycle.md; on when SDEKS_TASK_TABLE is set) ---
     #: Idempotency window: a finished id is not rendered again within it.

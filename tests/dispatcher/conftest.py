@@ -47,6 +47,8 @@ class FakePod:
     #: Ends tasks through the task table (claim, then publish), as the real pod does.
     reporter: Any = None
     prefetched: list[str] = field(default_factory=list)
+    #: Ids whose callback this pod published, in order.
+    finished: list[str] = field(default_factory=list)
 
     async def start(self) -> FakePod:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -110,6 +112,7 @@ class FakePod:
                 await asyncio.to_thread(
                     self.sns.publish, **callback.sns_publish_kwargs(self.topic_arn)
                 )
+            self.finished.append(job.task.id)
             return web.json_response(json.loads(callback.model_dump_json()))
         finally:
             self.busy -= 1

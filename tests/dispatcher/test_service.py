@@ -216,3 +216,38 @@ async def test_dispatch_prefetch_hint_for_next_model(aws, stack, make_pod, callb
     # THEN the pod was told to load "b" while it rendered "a"
     assert pod.prefetched[:1] == ["b"]
     assert [j.model for j in pod.jobs] == ["a", "b"]
+
+
+async def test_dispatch_link_ahead_bounds_tasks_holding_images(aws, stack, make_pod, callbacks):
+    # GIVEN room for one task's images at a time and a slow single pod
+    image = png_bytes()
+    held: list[int] = []  # at each download: image tasks downloaded and not yet finished
+
+    async def serve_png(_: web.Request) -> web.Response:
+        done = len([i for i in pod.finished if i.startswith("img-")])
+        held.append(len(held) + 1 - done)
+        return web.Response(body=image, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/x.png", serve_png)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    pod = await make_pod(delay_s=0.3)
+    settings = settings_for(stack, {"sdruntime": [pod.url]}, link_ahead=1)
+    try:
+        async with running(settings):
+            for i in range(3):
+                link = f"http://127.0.0.1:{port}/x.png?i={i}"
+                publish(aws, stack, envelope(f"img-{i}", init_images=[link]))
+            publish(aws, stack, envelope("plain"))
+            got = await callbacks.wait_for(4)
+    finally:
+        await runner.cleanup()
+    # THEN every task completes, and no download started while another image task
+    # still held its images
+    assert sorted(c["id"] for c in got) == ["img-0", "img-1", "img-2", "plain"]
+    assert all(c["status"] == "succeeded" for c in got)
+    assert held == [1, 1, 1]

@@ -50,6 +50,9 @@ class InstantRouter:
     def __init__(self) -> None:
         self.jobs: list[Any] = []
 
+    def check_open(self) -> None:
+        pass
+
     async def run_job(self, job: Any, **_: Any) -> Callback:
         self.jobs.append(job)
         return Callback(id=job.task.id, status=TaskStatus.SUCCEEDED, result=True)
