@@ -145,7 +145,10 @@ class LeaseKeeper:
         """The heartbeat loop; cancel it to stop."""
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.heartbeat()
+            try:
+                await self.heartbeat()
+            except Exception:  # one bad beat must not end the loop: leases would lapse
+                log.exception("visibility heartbeat failed")
 
     async def heartbeat(self) -> int:
         """Extend every held lease once; returns how many were extended."""

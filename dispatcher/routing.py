@@ -280,7 +280,11 @@ class Router:
         try:
             while True:
                 self._changed.clear()
-                wake_at = self.schedule()
+                try:
+                    wake_at = self.schedule()
+                except Exception:  # a planning bug must not stall every task for good
+                    log.exception("planning failed; retrying in a second")
+                    wake_at = None
                 timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock()))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout)
