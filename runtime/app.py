@@ -287,6 +287,19 @@ def create_app(
                     {"code": "report_failed", "message": f"{type(exc).__name__}: {exc}"[:300]},
                     status_code=502,
                 )
+        t = callback.timings
+        log.info(
+            "task %s %s: %d images in %d ms (model %d, inference %d, upload %d, queued %d)",
+            task.id,
+            callback.status.value,
+            len(callback.image_url),
+            t.total_ms,
+            t.model_load_ms,
+            t.inference_ms,
+            t.upload_ms,
+            t.queued_ms,
+            extra={"task_id": task.id},
+        )
         pod.metrics.jobs.labels("jobs", task.tasktype.value, callback.status.value).inc()
         pod.metrics.images.labels(task.tasktype.value).inc(len(callback.image_url))
         pod.metrics.observe_timings(callback.timings.model_dump())
