@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
@@ -456,6 +457,10 @@ class Renderer:
             )
         clip_skip = clip_skip_of(opts.get("CLIP_stop_at_last_layers", 1))
         vae_name = str(opts.get("sd_vae") or "Automatic")
+        # LoRA and VAE files first: a missing one fails before the checkpoint is loaded.
+        lora_files = [(name, self.models.fetch_lora(name), weight) for name, weight in loras]
+        if vae_name not in ("Automatic", "None", ""):
+            self.models.fetch_vae(vae_name)
 
         # 3. Load the model: pinned in the store for the whole render, as a pipeline of our kind.
         kind: PipelineKind = (
@@ -469,7 +474,7 @@ class Renderer:
                 # 4. The job's own pipeline: scheduler, VAE, LoRAs.
                 pipe = self._job_pipeline(lease.pipeline, loaded, choice, vae_name)
                 try:
-                    lora_note = self._apply_loras(pipe, loras)
+                    lora_note = self._apply_loras(pipe, lora_files)
                     # 5. Denoise.
                     images, infotexts = self._denoise(
                         pipe,
@@ -567,12 +572,11 @@ class Renderer:
             self._vae_cache[key] = vae
         return vae
 
-    def _apply_loras(self, pipe: Any, loras: list[tuple[str, float]]) -> str | None:
+    def _apply_loras(self, pipe: Any, loras: list[tuple[str, Path, float]]) -> str | None:
         if not loras:
             return None
         names = []
-        for i, (name, _weight) in enumerate(loras):
-            path = self.models.fetch_lora(name)
+        for i, (name, path, _weight) in enumerate(loras):
             adapter = f"lora{i}"
             try:
                 pipe.load_lora_weights(str(path), adapter_name=adapter)
@@ -581,8 +585,8 @@ class Renderer:
                     f"`prompt` LoRA {name!r} could not be loaded: {exc}"[:400]
                 ) from exc
             names.append(adapter)
-        pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
-        return ", ".join(f"{n}: {w:g}" for n, w in loras)
+        pipe.set_adapters(names, adapter_weights=[w for _, _, w in loras])
+        return ", ".join(f"{n}: {w:g}" for n, _, w in loras)
 
     def _denoise(
         self,
