@@ -56,14 +56,12 @@ UPSCALERS = ("None", "Lanczos", "Nearest")
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 _LORA_RE = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::[^>]*)?>")
 
-#: A1111 options this pod keeps (`/sdapi/v1/options`), with A1111's defaults.
+#: The A1111 options that have an effect here (`/sdapi/v1/options`), with A1111's
+#: defaults. Other keys posted to /options are kept and echoed, without effect.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "sd_model_checkpoint": None,
     "sd_vae": "Automatic",
     "CLIP_stop_at_last_layers": 1,
-    "samples_format": "png",
-    "img2img_fix_steps": False,
-    "eta_noise_seed_delta": 0,
 }
 
 
