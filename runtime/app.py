@@ -480,7 +480,7 @@ def create_app(
         except SdeksError as exc:
             return _a1111_error(exc)
         text = str(image.info.get(infotext.PNG_TEXT_KEY, ""))
-        items = {k: str(v) for k, v in image.info.items() if isinstance(v, str)}
+        items = {str(k): v for k, v in image.info.items() if isinstance(v, str)}
         return a1111.PngInfoResponse(
             info=text, items=items, parameters=infotext.parse(text) if text else {}
         )
