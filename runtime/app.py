@@ -390,6 +390,7 @@ def create_app(
         if checkpoint is not None:
             # A1111 loads the model when it is set; an unknown one is refused.
             try:
+                await asyncio.to_thread(pod.renderer.check_pinned, str(checkpoint))
                 await asyncio.to_thread(pod.models.load, str(checkpoint))
             except SdeksError as exc:
                 return _a1111_error(exc)

@@ -453,6 +453,7 @@ class Renderer:
                 "no checkpoint named (alwayson_scripts/override_settings.sd_model_checkpoint) "
                 "and the runtime has no default model (SDEKS_DEFAULT_MODEL)"
             )
+        self._check_pinned(str(checkpoint))
         clip_skip = clip_skip_of(opts.get("CLIP_stop_at_last_layers", 1))
         vae_name = str(opts.get("sd_vae") or "Automatic")
         # LoRA and VAE files first: a missing one fails before the checkpoint is loaded.
@@ -504,6 +505,20 @@ class Renderer:
             model=loaded.title,
             model_load_ms=loaded.load_ms,
         )
+
+    def check_pinned(self, checkpoint: str) -> None:
+        self._check_pinned(checkpoint)
+
+    def _check_pinned(self, checkpoint: str) -> None:
+        """With dynamic models off, only the default checkpoint (under any A1111 name)."""
+        default = self.settings.default_model
+        if self.settings.dynamic_models or not default or checkpoint == default:
+            return
+        if self.models.resolve(checkpoint).key != self.models.resolve(default).key:
+            raise InvalidParameterError(
+                f"`sd_model_checkpoint` {checkpoint!r}: runtime {self.settings.runtime!r} serves "
+                f"only its default model {default!r} (dynamic models are off)"
+            )
 
     def _prepare_images(
         self, img: Img2ImgRequest, request: GenerationRequest

@@ -40,6 +40,9 @@ class RuntimeSettings(ServiceSettings):
     default_model: str | None = None
     #: Load the default model into RAM in the background at start-up.
     warm_default_model: bool = True
+    #: False pins the pod to `default_model`: a task naming another checkpoint fails
+    #: (`invalid_parameter`) instead of switching models (the runtime's `dynamicModel`).
+    dynamic_models: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Weights dtype on CUDA; CPU always runs float32.
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"

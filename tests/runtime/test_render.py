@@ -352,3 +352,12 @@ def test_emphasis_and_long_prompts_render(renderer):
     assert not np.array_equal(pixels(plain.images[0]), pixels(emphasised.images[0]))
     assert infotext.parse(emphasised.infotexts[0])["Prompt"] == "a (red:1.6) cube"
     assert long.images[0].size == (64, 64)
+
+
+def test_dynamic_models_off_pins_the_default_model(renderer):
+    pinned = Renderer(
+        renderer.models, renderer.settings.model_copy(update={"dynamic_models": False})
+    )
+    assert len(pinned.txt2img(t2i(), options=OPTIONS, model="tiny-sd15").images) == 1
+    with pytest.raises(InvalidParameterError, match="serves only its default model 'tiny-sd15'"):
+        pinned.txt2img(t2i(), options=OPTIONS, model="tiny-sdxl")
