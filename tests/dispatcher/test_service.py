@@ -251,3 +251,27 @@ async def test_dispatch_link_ahead_bounds_tasks_holding_images(aws, stack, make_
     assert sorted(c["id"] for c in got) == ["img-0", "img-1", "img-2", "plain"]
     assert all(c["status"] == "succeeded" for c in got)
     assert held == [1, 1, 1]
+
+
+async def test_dispatch_affinity_switches_less_than_fifo_through_real_dispatcher(
+    aws, stack, make_pod, callbacks
+):
+    # GIVEN two pods and tasks cycling through three models, all published at once
+    def switches(pod) -> int:
+        models = [j.model for j in pod.jobs]
+        return sum(1 for a, b in zip([None, *models], models, strict=False) if a != b)
+
+    counts = {}
+    for policy in ("fifo", "affinity"):
+        pods = [await make_pod(delay_s=0.05), await make_pod(delay_s=0.05)]
+        settings = settings_for(
+            stack, {"sdruntime": [p.url for p in pods]}, policy=policy, inference_estimate_s=0.05
+        )
+        callbacks.received.clear()
+        async with running(settings):
+            for i in range(12):
+                publish(aws, stack, envelope(f"{policy}-{i}", model="abc"[i % 3]))
+            await callbacks.wait_for(12, within=60)
+        counts[policy] = sum(switches(p) for p in pods)
+    # THEN affinity loads each model about once per pod; FIFO reloads on most jobs
+    assert counts["affinity"] < counts["fifo"], counts
