@@ -96,7 +96,3 @@ class TaskTableError(SdeksError):
     a missing table or index). Lost conditions are results, never this error."""
 
     code = "task_table_error"
-
-
-class MaxAttemptsError(SdeksError):
-    code = "max_attempts"
