@@ -17,6 +17,9 @@ callback's `error.code`.
     ├── TaskTimeoutError            timeout
     └── TaskTableError              task_table_error: the task table refused or failed a call
 
+The dispatcher adds `dispatch_failed` (`dispatcher.errors.DispatchFailedError`):
+no pod completed the task within the queue's maxReceiveCount receives.
+
 Services subclass these; every subclass keeps its parent's code unless it has
 a reason to be more specific. Lower-layer exceptions (botocore, aiohttp,
 torch) are translated at the boundary with ``raise ... from exc``.
