@@ -13,7 +13,14 @@ from benchmarks.chaos import ChaosConfig, run_chaos
 def test_chaos_kills_lose_and_duplicate_nothing(tmp_path, tiny_models):
     # GIVEN two pods and two dispatchers, WHEN one of them is SIGKILLed every 3 s
     config = ChaosConfig(
-        tasks=30, kills=4, interval_s=3.0, seed=8, models_dir=tiny_models, workdir=tmp_path
+        tasks=30,
+        kills=4,
+        interval_s=3.0,
+        seed=8,
+        # A late duplicate comes from a redelivery: within one visibility timeout (10 s).
+        grace_s=12.0,
+        models_dir=tiny_models,
+        workdir=tmp_path,
     )
     report = run_chaos(config, say=lambda _: None)
 

@@ -144,13 +144,13 @@ _RACE = textwrap.dedent(
     "callback for a valid task",
 )
 def test_pipeline_classes_load_from_two_threads_at_once_in_a_fresh_pod():
-    # Each trial is a fresh interpreter: once a class is imported the race is gone.
-    for _ in range(2):
-        out = subprocess.run(
-            [sys.executable, "-c", _RACE],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    # Each trial is a fresh interpreter (once a class is imported the race is gone); two
+    # run side by side. The race lost 8 times in 8 trials on the 2-core machine.
+    trials = [
+        subprocess.Popen([sys.executable, "-c", _RACE], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for trial in trials:
+        out, _ = trial.communicate(timeout=120)
+        assert trial.returncode == 0
+        assert json.loads(out.strip().splitlines()[-1]) == []
