@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from runtime import infotext
-from tests.runtime.torch_threads import one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from PIL import Image
 
 from runtime import infotext
 from sdeks.callback import Callback, Manifest
-from tests.runtime.torch_threads import one_torch_thread  # noqa: F401
 
 CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from runtime.prompts import chunk_tokens, encode, parse_prompt_attention, tokenize
-from tests.runtime.torch_threads import one_torch_thread  # noqa: F401
 
 
 @pytest.mark.parametrize(

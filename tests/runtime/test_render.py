@@ -21,7 +21,6 @@ from sdeks.errors import (
     OutOfMemoryError,
     TaskCancelledError,
 )
-from tests.runtime.torch_threads import one_torch_thread  # noqa: F401
 
 OPTIONS = dict(DEFAULT_OPTIONS)
 

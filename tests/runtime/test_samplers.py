@@ -9,7 +9,6 @@ import pytest
 
 from runtime import samplers
 from sdeks.errors import InvalidParameterError
-from tests.runtime.torch_threads import one_torch_thread  # noqa: F401
 
 
 @pytest.mark.parametrize(
