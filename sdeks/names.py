@@ -22,6 +22,8 @@ CALLBACK_ATTRIBUTES = ("status", "runtime")
 MAX_RECEIVE_COUNT = 5
 #: Queue visibility timeout; the dispatcher extends held messages well before it ends.
 VISIBILITY_TIMEOUT_S = 60
+#: Webhooks queue visibility timeout: one delivery with all its retries fits in it.
+WEBHOOK_VISIBILITY_TIMEOUT_S = 120
 
 #: Folders of the models bucket (A1111 names).
 MODELS_CHECKPOINT_PREFIX = "Stable-diffusion/"
@@ -65,6 +67,15 @@ class StackNames:
     @property
     def catch_all_dlq(self) -> str:
         return f"{self.prefix}-catch-all-dlq"
+
+    @property
+    def webhook_queue(self) -> str:
+        """Terminal callbacks, for the dispatcher to deliver to task webhooks."""
+        return f"{self.prefix}-webhooks"
+
+    @property
+    def webhook_dlq(self) -> str:
+        return f"{self.prefix}-webhooks-dlq"
 
     def task_queue(self, runtime: str) -> str:
         return f"{self.prefix}-{check_runtime_name(runtime)}-tasks"

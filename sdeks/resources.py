@@ -14,11 +14,13 @@ from typing import Any
 from sdeks.names import (
     MAX_RECEIVE_COUNT,
     VISIBILITY_TIMEOUT_S,
+    WEBHOOK_VISIBILITY_TIMEOUT_S,
     StackNames,
     catch_all_filter_policy,
     runtime_filter_policy,
 )
 from sdeks.tasks import TTL_ATTRIBUTE, table_schema
+from sdeks.webhooks import WEBHOOK_FILTER_POLICY
 
 
 @dataclass
@@ -31,6 +33,7 @@ class StackResources:
     dlqs: dict[str, str]  # runtime -> DLQ URL
     catch_all_queue_url: str
     catch_all_dlq_url: str
+    webhook_queue_url: str
     output_bucket: str
     models_bucket: str
     task_table: str
@@ -108,6 +111,17 @@ def create_stack_resources(
         Attributes={"FilterPolicy": json.dumps(catch_all_filter_policy(runtimes))},
     )
 
+    # Terminal callbacks fan out to the webhooks queue too; the dispatcher delivers them.
+    webhook_url, webhook_arn, _ = _queue_with_dlq(
+        sqs, names.webhook_queue, names.webhook_dlq, WEBHOOK_VISIBILITY_TIMEOUT_S
+    )
+    sns.subscribe(
+        TopicArn=callback_topic,
+        Protocol="sqs",
+        Endpoint=webhook_arn,
+        Attributes={"FilterPolicy": json.dumps(WEBHOOK_FILTER_POLICY)},
+    )
+
     for bucket in (names.output_bucket, names.models_bucket):
         s3.create_bucket(Bucket=bucket)
 
@@ -127,6 +141,7 @@ def create_stack_resources(
         dlqs=dlqs,
         catch_all_queue_url=catch_url,
         catch_all_dlq_url=catch_dlq,
+        webhook_queue_url=webhook_url,
         output_bucket=names.output_bucket,
         models_bucket=names.models_bucket,
         task_table=names.task_table,

@@ -7,6 +7,7 @@ even when the code under test is wrong.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.pop("AWS_PROFILE", None)
+# moto server's request log drowns the output of a failing test.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,7 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def aws(moto_endpoint: str):
     """boto3 clients for the moto server: ``aws.sqs``, ``aws.sns``, ``aws.s3``, ``aws.dynamodb``."""
     from types import SimpleNamespace
