@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sdeks.local import LocalStack
+from sdeks.local import LocalStack, Service
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -38,7 +39,8 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 class Supervisor(threading.Thread):
-    """Restarts pods that died, as Kubernetes restarts a crashed container."""
+    """Restarts pods that died, as Kubernetes restarts a crashed container (each pod in
+    its own thread: a restart takes seconds and pods die independently)."""
 
     def __init__(self, stack: LocalStack) -> None:
         super().__init__(name="supervisor", daemon=True)
@@ -46,17 +48,35 @@ class Supervisor(threading.Thread):
         self.restarts: list[str] = []
         self.errors: list[BaseException] = []
         self.stopping = threading.Event()
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
 
     def run(self) -> None:
         while not self.stopping.wait(0.2):
             for pods in list(self.stack.pods.values()):
                 for pod in list(pods):
-                    if pod.proc.poll() is not None and not self.stopping.is_set():
-                        try:
-                            self.stack.restart(pod)
-                            self.restarts.append(pod.name)
-                        except BaseException as exc:  # reported by the tests
-                            self.errors.append(exc)
+                    with self._lock:
+                        if pod.proc.poll() is None or pod.name in self._busy:
+                            continue
+                        self._busy.add(pod.name)
+                    threading.Thread(target=self._restart, args=(pod,), daemon=True).start()
+
+    def _restart(self, pod: Service) -> None:
+        try:
+            if not self.stopping.is_set():
+                self.stack.restart(pod)
+                self.restarts.append(pod.name)
+        except BaseException as exc:  # reported by the tests
+            self.errors.append(exc)
+        finally:
+            with self._lock:
+                self._busy.discard(pod.name)
+
+    def wait_idle(self, timeout_s: float = 60) -> None:
+        """Until no restart is in progress (before the stack stops)."""
+        deadline = time.monotonic() + timeout_s
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="package")
@@ -70,14 +90,20 @@ def hostile(tmp_path_factory, tiny_models) -> Iterator[LocalStack]:
     poison task reaches maxReceiveCount in seconds; links time out after 3 s
     and are capped at 1 MiB so the slow-drip and oversize cases stay short.
     """
+    workdir = tmp_path_factory.mktemp("hostile")
     stack = LocalStack(
-        workdir=tmp_path_factory.mktemp("hostile"),
+        workdir=workdir,
         pods_per_runtime=2,
         models_dir=tiny_models,
         model_aliases=[UNUSED_MODEL],
         visibility_timeout_s=VISIBILITY_S,
         pod_module="tests.reliability.crashpod",
-        extra_env={**sandbox_env(), "SDEKS_TEST_POISON": POISON, "SDEKS_TORCH_THREADS": "1"},
+        extra_env={
+            **sandbox_env(),
+            "SDEKS_TEST_POISON": POISON,
+            "SDEKS_TEST_CRASH_LOG": str(workdir / "crashes.log"),
+            "SDEKS_TORCH_THREADS": "1",
+        },
         dispatcher_env_extra={
             "SDEKS_LEASE_EXTENSION_S": str(VISIBILITY_S),
             "SDEKS_HEARTBEAT_INTERVAL_S": "3",
@@ -97,4 +123,5 @@ def hostile(tmp_path_factory, tiny_models) -> Iterator[LocalStack]:
     yield stack
     supervisor.stopping.set()
     supervisor.join(timeout=30)
+    supervisor.wait_idle()
     stack.stop()

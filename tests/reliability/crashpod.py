@@ -24,6 +24,10 @@ def install_poison(marker: str) -> None:
 
     def run_job(job: Any, **kwargs: Any) -> Any:
         if marker in str(job.task.content.get("prompt", "")):
+            crashes = os.environ.get("SDEKS_TEST_CRASH_LOG")
+            if crashes:  # one line per crash, for the test to count
+                with open(crashes, "a") as log:
+                    log.write(f"{job.task.id} {os.getpid()}\n")
             os.kill(os.getpid(), signal.SIGKILL)
         return real_run_job(job, **kwargs)
 
