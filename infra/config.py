@@ -128,6 +128,15 @@ class DeployConfig(_Model):
     #: Delete buckets (with their objects) and the table when the stack is destroyed.
     destroy_data_on_delete: bool = False
     dispatcher_replicas: int = Field(default=2, ge=1, le=20)
+    #: Deliver task webhooks (`metadata.webhook`): a `webhooks` queue on the callback topic,
+    #: consumed by the dispatcher, which then needs the HMAC secret below (docs/deploy.md).
+    webhooks: bool = True
+    #: Kubernetes Secret (in `namespace`) and key holding the webhook HMAC secret; the
+    #: operator creates it, so the secret never passes through CloudFormation.
+    webhook_secret_name: str = Field(
+        default="sdeks-webhook", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+    )
+    webhook_secret_key: str = Field(default="secret", pattern=r"^[-._a-zA-Z0-9]{1,253}$")
     namespace: str = Field(default="sdeks", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
     #: Prebuilt image URIs. Unset: build `dispatcher/Dockerfile` and `runtime/Dockerfile`
     #: as CDK image assets (needs Docker at deploy time, not at synth).

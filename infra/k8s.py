@@ -30,6 +30,12 @@ KEDA_AUTH = "sdeks-aws"
 PRESTOP_SLEEP_S = 15
 #: Margin on top of the task time limit for upload and callback after the last step.
 DRAIN_MARGIN_S = 60
+#: The dispatcher's SQS long poll (`SDEKS_RECEIVE_WAIT_S`), set explicitly: on SIGTERM it
+#: lets a poll in flight finish before its grace period starts.
+DISPATCHER_RECEIVE_WAIT_S = 10
+#: What a stopping dispatcher needs besides the poll and its grace period: the slack it
+#: gives a stuck poll (dispatcher/service.py), releasing held leases, closing clients.
+DISPATCHER_SHUTDOWN_MARGIN_S = 20
 #: The model store's disk tier: an emptyDir on the GPU node's data volume (`gpu_node_class`).
 MODELS_VOLUME_GI = 150
 #: What the disk tier may fill, leaving room for partial downloads.
@@ -49,8 +55,20 @@ def _labels(component: str, **extra: str) -> dict[str, str]:
     }
 
 
-def _env(env: dict[str, str]) -> list[dict[str, str]]:
-    return [{"name": k, "value": v} for k, v in sorted(env.items())]
+def _env(
+    env: dict[str, str], secrets: dict[str, tuple[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """Literal variables, plus `secrets` (variable -> (Secret name, key)) read by the kubelet."""
+    entries: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    entries += [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for k, (secret, key) in (secrets or {}).items()
+    ]
+    names = [e["name"] for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"env: {duplicates} given both as a value and from a Secret")
+    return sorted(entries, key=lambda e: e["name"])
 
 
 def _restricted_security_context() -> dict[str, Any]:
@@ -67,6 +85,12 @@ def _restricted_security_context() -> dict[str, Any]:
 def grace_period_s(task_time_limit_s: int) -> int:
     """Termination grace: the preStop wait, a whole task, then upload and callback."""
     return PRESTOP_SLEEP_S + task_time_limit_s + DRAIN_MARGIN_S
+
+
+def dispatcher_grace_period_s(*, receive_wait_s: int, drain_s: int) -> int:
+    """Termination grace of the dispatcher: the last long poll, its own grace period
+    (`SDEKS_GRACE_PERIOD_S` = `drain_s`), then cleanup. docs/dispatcher.md, "Stopping"."""
+    return receive_wait_s + drain_s + DISPATCHER_SHUTDOWN_MARGIN_S
 
 
 def namespace(name: str) -> Manifest:
@@ -123,9 +147,14 @@ def dispatcher_deployment(
     env: dict[str, str],
     replicas: int,
     service_account: str,
-    task_time_limit_s: int,
+    termination_grace_s: int,
+    secret_env: dict[str, tuple[str, str]] | None = None,
 ) -> Manifest:
-    """The dispatcher: CPU only, spread over zones, kept off GPU nodes by their taint."""
+    """The dispatcher: CPU only, spread over zones, kept off GPU nodes by their taint.
+
+    `secret_env` maps variables to (Secret name, key): the pod does not start until
+    that Secret exists (CreateContainerConfigError), and starts once it does.
+    """
     labels = dispatcher_labels()
     return {
         "apiVersion": "apps/v1",
@@ -147,7 +176,7 @@ def dispatcher_deployment(
                     "serviceAccountName": service_account,
                     # It forwards jobs and holds their SQS leases until the pod answers:
                     # on SIGTERM it stops receiving and waits for those answers.
-                    "terminationGracePeriodSeconds": grace_period_s(task_time_limit_s),
+                    "terminationGracePeriodSeconds": termination_grace_s,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
                     "topologySpreadConstraints": [
                         {
@@ -162,7 +191,7 @@ def dispatcher_deployment(
                             "name": "dispatcher",
                             "image": image,
                             "command": ["python", "-m", "dispatcher"],
-                            "env": _env(env),
+                            "env": _env(env, secret_env),
                             "ports": [
                                 {"name": "metrics", "containerPort": DISPATCHER_METRICS_PORT}
                             ],

@@ -1,11 +1,13 @@
-"""Topics and queues: the task topic fans out to a queue per runtime plus the catch-all.
+"""Topics and queues: the task topic fans out to a queue per runtime plus the catch-all;
+the callback topic feeds the `webhooks` queue (terminal callbacks, for the dispatcher).
 
 Mirrors `sdeks.resources.create_stack_resources` (the local stack): same names,
-same filter policies, same redrive, same visibility timeout.
+same filter policies, same redrive, same visibility timeouts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,28 +21,33 @@ from constructs import Construct
 from sdeks.names import (
     MAX_RECEIVE_COUNT,
     VISIBILITY_TIMEOUT_S,
+    WEBHOOK_VISIBILITY_TIMEOUT_S,
     StackNames,
     catch_all_filter_policy,
     runtime_filter_policy,
 )
+from sdeks.webhooks import WEBHOOK_FILTER_POLICY
 
 _RETENTION = Duration.days(14)
 
 
 @dataclass(frozen=True)
-class TaskQueue:
+class QueuePair:
+    """A queue and the DLQ it redrives to after `MAX_RECEIVE_COUNT` receives."""
+
     queue: sqs.Queue
     dlq: sqs.Queue
 
 
-def _filter(policy: dict[str, list[object]]) -> dict[str, sns.SubscriptionFilter]:
+def _filter(policy: Mapping[str, Sequence[Any]]) -> dict[str, sns.SubscriptionFilter]:
     # The policy dicts in sdeks.names are the wire form; SubscriptionFilter takes them as is,
     # so the deployed policy is exactly what the local stack (and its tests) use.
-    return {attr: sns.SubscriptionFilter(conditions=conds) for attr, conds in policy.items()}
+    return {attr: sns.SubscriptionFilter(conditions=list(conds)) for attr, conds in policy.items()}
 
 
 class Messaging(Construct):
-    """Task topic, per-runtime queues, catch-all, DLQs and the callback topic, all KMS-encrypted.
+    """Task topic, per-runtime queues, catch-all, the callback topic and (with `webhooks`)
+    the webhooks queue, each queue with a DLQ, all KMS-encrypted.
 
     Customer-managed keys: SNS must encrypt into the queues, which the AWS-managed
     SQS key cannot allow (its key policy is fixed); `SqsSubscription` adds the
@@ -54,11 +61,12 @@ class Messaging(Construct):
         *,
         names: StackNames,
         runtimes: list[str],
+        webhooks: bool,
     ) -> None:
         super().__init__(scope, id)
-        # Two keys, not one: the queue key's policy names the task topic (SNS may encrypt
-        # into the queues only on behalf of that topic), and the topic is encrypted with
-        # its key, so one shared key would be a circular dependency.
+        # Two keys, not one: the queue key's policy names the topics (SNS may encrypt into
+        # the queues only on behalf of the topic it delivers for), and the topics are
+        # encrypted with their key, so one shared key would be a circular dependency.
         self.topic_key = self._key("TopicKey", f"{names.prefix}-topics", "SNS topics")
         self.queue_key = self._key("QueueKey", f"{names.prefix}-queues", "SQS queues")
         self.task_topic = sns.Topic(
@@ -76,7 +84,7 @@ class Messaging(Construct):
             enforce_ssl=True,
         )
 
-        self.runtime_queues: dict[str, TaskQueue] = {}
+        self.runtime_queues: dict[str, QueuePair] = {}
         for runtime in runtimes:
             pair = self._queue_pair(
                 f"Runtime-{runtime}", names.task_queue(runtime), names.task_dlq(runtime)
@@ -95,6 +103,25 @@ class Messaging(Construct):
             )
         )
 
+        # Terminal callbacks, whoever publishes them, for the dispatcher to POST to task
+        # webhooks. Its subscription adds the callback topic to the queue key's policy:
+        # no cycle, since the callback topic is encrypted with the topic key.
+        self.webhooks: QueuePair | None = None
+        if webhooks:
+            self.webhooks = self._queue_pair(
+                "Webhooks",
+                names.webhook_queue,
+                names.webhook_dlq,
+                # One delivery with all its retries fits in it (the dispatcher holds a
+                # lease beyond that anyway).
+                visibility_timeout_s=WEBHOOK_VISIBILITY_TIMEOUT_S,
+            )
+            self.callback_topic.add_subscription(
+                subs.SqsSubscription(
+                    self.webhooks.queue, filter_policy=_filter(WEBHOOK_FILTER_POLICY)
+                )
+            )
+
     def _key(self, id: str, alias: str, what: str) -> kms.Key:
         return kms.Key(
             self,
@@ -105,7 +132,14 @@ class Messaging(Construct):
             removal_policy=RemovalPolicy.DESTROY,
         )
 
-    def _queue_pair(self, id: str, name: str, dlq_name: str) -> TaskQueue:
+    def _queue_pair(
+        self,
+        id: str,
+        name: str,
+        dlq_name: str,
+        *,
+        visibility_timeout_s: int = VISIBILITY_TIMEOUT_S,
+    ) -> QueuePair:
         common: dict[str, Any] = {
             "encryption": sqs.QueueEncryption.KMS,
             "encryption_master_key": self.queue_key,
@@ -119,12 +153,13 @@ class Messaging(Construct):
             queue_name=name,
             # The dispatcher extends the lease (ChangeMessageVisibility) well before this
             # ends while a task renders, so a crash frees the task within a minute.
-            visibility_timeout=Duration.seconds(VISIBILITY_TIMEOUT_S),
+            visibility_timeout=Duration.seconds(visibility_timeout_s),
             dead_letter_queue=sqs.DeadLetterQueue(queue=dlq, max_receive_count=MAX_RECEIVE_COUNT),
             **common,
         )
-        return TaskQueue(queue=queue, dlq=dlq)
+        return QueuePair(queue=queue, dlq=dlq)
 
     @property
-    def all_pairs(self) -> list[TaskQueue]:
+    def task_pairs(self) -> list[QueuePair]:
+        """The queues tasks arrive on: one per runtime, then the catch-all."""
         return [*self.runtime_queues.values(), self.catch_all]

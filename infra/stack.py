@@ -39,7 +39,9 @@ class SdeksStack(Stack):
             output_expiry_days=config.output_expiry_days,
             destroy_data_on_delete=config.destroy_data_on_delete,
         )
-        messaging = Messaging(self, "Messaging", names=names, runtimes=config.runtime_names)
+        messaging = Messaging(
+            self, "Messaging", names=names, runtimes=config.runtime_names, webhooks=config.webhooks
+        )
         state = TaskState(
             self, "State", names=names, destroy_data_on_delete=config.destroy_data_on_delete
         )
@@ -100,6 +102,7 @@ class SdeksStack(Stack):
                 "SDEKS_S3_ALLOW_BUCKETS": json.dumps(link_buckets),
             },
             queue_urls={r: q.queue.queue_url for r, q in queues.items()},
+            webhook_queue_url=messaging.webhooks.queue.queue_url if messaging.webhooks else None,
             models_uri=models_uri,
         )
         # Pods in the namespace must not start before their Pod Identity associations
@@ -173,6 +176,13 @@ class SdeksStack(Stack):
                 f"--message-attributes '{attrs}'"
             ),
         }
+        if config.webhooks:
+            # The dispatcher starts once this Secret exists (docs/deploy.md, "Webhooks").
+            outputs["WebhookSecretCommand"] = (
+                f"kubectl -n {config.namespace} create secret generic "
+                f"{config.webhook_secret_name} "
+                f'--from-literal={config.webhook_secret_key}="$(openssl rand -hex 32)"'
+            )
         for key, value in outputs.items():
             CfnOutput(self, key, value=value)
 
@@ -210,17 +220,18 @@ def grant_data_plane(
     """Least privilege for the pods, on exact ARNs; no statement has a bare `*` resource."""
     callback = messaging.callback_topic.topic_arn
     runtime_queues = [q.queue.queue_arn for q in messaging.runtime_queues.values()]
-    all_queues = [q.queue.queue_arn for q in messaging.all_pairs]
+    task_queues = [q.queue.queue_arn for q in messaging.task_pairs]
 
     # 1. Dispatcher: consume every task queue, forward catch-all tasks to runtime queues,
-    #    publish failure callbacks, resolve s3:// image links, keep rejected messages.
+    #    publish failure callbacks, resolve s3:// image links, keep rejected messages,
+    #    deliver webhooks from the webhooks queue (the queue key covers both).
     link_objects = [
         storage.models_bucket.arn_for_objects("*"),
         storage.output_bucket.arn_for_objects("*"),
         *(f"arn:{Aws.PARTITION}:s3:::{b}/*" for b in extra_link_buckets),
     ]
     for statement in (
-        _send_and_receive(all_queues),
+        _send_and_receive(task_queues),
         _use_key(messaging.queue_key.key_arn, messaging.topic_key.key_arn),
         iam.PolicyStatement(actions=["sns:Publish"], resources=[callback]),
         iam.PolicyStatement(actions=["s3:GetObject"], resources=link_objects),
@@ -230,6 +241,19 @@ def grant_data_plane(
         ),
     ):
         dispatcher.add_to_principal_policy(statement)
+    if messaging.webhooks:
+        # Consume only: nothing but the callback topic sends to it.
+        dispatcher.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=[
+                    "sqs:ReceiveMessage",
+                    "sqs:DeleteMessage",
+                    "sqs:ChangeMessageVisibility",
+                    "sqs:GetQueueAttributes",
+                ],
+                resources=[messaging.webhooks.queue.queue_arn],
+            )
+        )
     state.grant_tasks(dispatcher)
     nag.acknowledge(
         dispatcher,

@@ -21,8 +21,9 @@ class Workloads(Construct):
     """Namespace, service accounts (Pod Identity roles as attributes), Deployments, Services,
     PodDisruptionBudgets and KEDA ScaledObjects.
 
-    `common_env`, `dispatcher_env` and `queue_urls` carry CloudFormation tokens; the
-    manifests are rendered by `infra.k8s` and applied through the kubectl provider.
+    `common_env`, `dispatcher_env`, `queue_urls` and `webhook_queue_url` carry
+    CloudFormation tokens; the manifests are rendered by `infra.k8s` and applied through
+    the kubectl provider.
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class Workloads(Construct):
         common_env: dict[str, str],
         dispatcher_env: dict[str, str],
         queue_urls: dict[str, str],
+        webhook_queue_url: str | None,
         models_uri: str,
     ) -> None:
         super().__init__(scope, id)
@@ -54,6 +56,7 @@ class Workloads(Construct):
             common_env=common_env,
             dispatcher_env=dispatcher_env,
             queue_urls=queue_urls,
+            webhook_queue_url=webhook_queue_url,
             models_uri=models_uri,
             region=Aws.REGION,
         )
@@ -73,13 +76,35 @@ def render(
     common_env: dict[str, str],
     dispatcher_env: dict[str, str],
     queue_urls: dict[str, str],
+    webhook_queue_url: str | None,
     models_uri: str,
     region: str,
 ) -> list[dict]:
-    """Every workload manifest, namespace first. Pure: tests call it with plain strings."""
+    """Every workload manifest, namespace first. Pure: tests call it with plain strings.
+
+    `webhook_queue_url` is the webhooks queue when `config.webhooks` is on, else None.
+    """
     ns = config.namespace
     longest_task_s = max(r.task_time_limit_s for r in config.runtimes)
+    # A forwarded job may take the longest runtime's whole time limit, and on SIGTERM
+    # the dispatcher waits that long for running jobs.
+    drain_s = longest_task_s + k8s.DRAIN_MARGIN_S
     services = {r.name: k8s.runtime_workload_name(r.name) for r in config.runtimes}
+    if (webhook_queue_url is not None) != config.webhooks:
+        raise ValueError(
+            f"webhook_queue_url must be given exactly when webhooks are on "
+            f"(webhooks={config.webhooks}, webhook_queue_url={webhook_queue_url!r})"
+        )
+    webhook_env: dict[str, str] = {}
+    webhook_secret: dict[str, tuple[str, str]] = {}
+    if webhook_queue_url is not None:
+        # The dispatcher accepts the queue only with the secret (and the task table, in
+        # common_env): both come together or not at all.
+        webhook_env["SDEKS_WEBHOOK_QUEUE_URL"] = webhook_queue_url
+        webhook_secret["SDEKS_WEBHOOK_SECRET"] = (
+            config.webhook_secret_name,
+            config.webhook_secret_key,
+        )
     manifests: list[dict] = [
         k8s.namespace(ns),
         k8s.service_account(name=DISPATCHER_SERVICE_ACCOUNT, namespace=ns),
@@ -96,15 +121,17 @@ def render(
                 "SDEKS_KUBERNETES_SERVICES": json.dumps(services, sort_keys=True),
                 "SDEKS_KUBERNETES_PORT_NAME": "http",
                 "SDEKS_METRICS_PORT": str(k8s.DISPATCHER_METRICS_PORT),
-                # A forwarded job may take the longest runtime's whole time limit, and
-                # on SIGTERM the dispatcher waits that long for running jobs (its pod's
-                # terminationGracePeriodSeconds is longer still).
-                "SDEKS_JOB_TIMEOUT_S": str(longest_task_s + k8s.DRAIN_MARGIN_S),
-                "SDEKS_GRACE_PERIOD_S": str(longest_task_s + k8s.DRAIN_MARGIN_S),
+                "SDEKS_JOB_TIMEOUT_S": str(drain_s),
+                "SDEKS_GRACE_PERIOD_S": str(drain_s),
+                "SDEKS_RECEIVE_WAIT_S": str(k8s.DISPATCHER_RECEIVE_WAIT_S),
+                **webhook_env,
             },
+            secret_env=webhook_secret,
             replicas=config.dispatcher_replicas,
             service_account=DISPATCHER_SERVICE_ACCOUNT,
-            task_time_limit_s=longest_task_s,
+            termination_grace_s=k8s.dispatcher_grace_period_s(
+                receive_wait_s=k8s.DISPATCHER_RECEIVE_WAIT_S, drain_s=drain_s
+            ),
         ),
         k8s.pod_disruption_budget(
             name=k8s.DISPATCHER,

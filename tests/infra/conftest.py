@@ -41,6 +41,10 @@ TEST_CONFIG: dict[str, Any] = {
 }
 
 
+#: The webhooks queue URL `render_plain` uses.
+WEBHOOK_QUEUE_URL = "https://sqs.us-east-1.amazonaws.com/123456789012/sdeks-webhooks"
+
+
 def render_plain(config: DeployConfig) -> list[dict[str, Any]]:
     """Every manifest the app renders, with plain strings where the stack has tokens."""
     from infra import k8s
@@ -64,6 +68,7 @@ def render_plain(config: DeployConfig) -> list[dict[str, Any]]:
             "SDEKS_S3_ALLOW_BUCKETS": json.dumps(["sdeks-models-123456789012-us-east-1"]),
         },
         queue_urls={r: queue.format(r) for r in config.runtime_names},
+        webhook_queue_url=WEBHOOK_QUEUE_URL if config.webhooks else None,
         models_uri="s3://sdeks-models-123456789012-us-east-1",
         region="us-east-1",
     )

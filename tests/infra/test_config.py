@@ -32,6 +32,16 @@ def test_config_defaults_without_context() -> None:
     config = _load({})
     assert config.prefix == "sdeks"
     assert config.runtimes[0].instance_types == ["g6.xlarge", "g5.xlarge"]
+    assert config.webhooks is True
+    assert (config.webhook_secret_name, config.webhook_secret_key) == ("sdeks-webhook", "secret")
+
+
+def test_config_webhooks_switch_and_secret_name() -> None:
+    config = _load({"sdeks": {"webhookSecretName": "hooks.v2"}, "sdeks:webhooks": "false"})
+    assert config.webhooks is False
+    assert config.webhook_secret_name == "hooks.v2"
+    with pytest.raises(ConfigError, match=r"webhookSecretName: String should match"):
+        _load({"sdeks": {"webhookSecretName": "Bad_Name"}})
 
 
 def test_config_error_names_the_field_and_value() -> None:

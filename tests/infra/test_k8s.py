@@ -97,6 +97,38 @@ def test_grace_period_covers_prestop_a_whole_task_and_upload() -> None:
     assert k8s.grace_period_s(600) == k8s.PRESTOP_SLEEP_S + 600 + k8s.DRAIN_MARGIN_S
 
 
+def test_dispatcher_reads_secrets_through_secret_key_refs() -> None:
+    deployment = k8s.dispatcher_deployment(
+        namespace="sdeks",
+        image="img",
+        env={"SDEKS_A": "1"},
+        secret_env={"SDEKS_WEBHOOK_SECRET": ("sdeks-webhook", "secret")},
+        replicas=1,
+        service_account="sdeks-dispatcher",
+        termination_grace_s=100,
+    )
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": "SDEKS_A", "value": "1"},
+        {
+            "name": "SDEKS_WEBHOOK_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": "sdeks-webhook", "key": "secret"}},
+        },
+    ]
+    _validate(deployment, CONFIG.kubernetes_version)
+    # A variable given both ways is a mistake, not a precedence question.
+    with pytest.raises(ValueError, match=r"\['SDEKS_A'\] given both"):
+        k8s.dispatcher_deployment(
+            namespace="sdeks",
+            image="img",
+            env={"SDEKS_A": "1"},
+            secret_env={"SDEKS_A": ("s", "k")},
+            replicas=1,
+            service_account="sdeks-dispatcher",
+            termination_grace_s=100,
+        )
+
+
 def test_runtime_pods_follow_the_restricted_pod_security_profile() -> None:
     deployment = k8s.runtime_deployment(
         namespace="sdeks",

@@ -12,11 +12,13 @@ from infra import k8s
 from sdeks.names import (
     MAX_RECEIVE_COUNT,
     VISIBILITY_TIMEOUT_S,
+    WEBHOOK_VISIBILITY_TIMEOUT_S,
     StackNames,
     catch_all_filter_policy,
     runtime_filter_policy,
 )
 from sdeks.tasks import table_schema
+from sdeks.webhooks import WEBHOOK_FILTER_POLICY
 from tests.infra.conftest import Synth, ref
 
 NAMES = StackNames("sdeks")
@@ -79,23 +81,58 @@ def test_subscriptions_filter_each_runtime_and_the_catch_all(synth: Synth) -> No
             "FilterPolicy": catch_all_filter_policy(RUNTIMES),
         },
     )
-    synth.template.resource_count_is("AWS::SNS::Subscription", len(RUNTIMES) + 1)
+    # ... and one more on the callback topic: the webhooks queue
+    synth.template.resource_count_is("AWS::SNS::Subscription", len(RUNTIMES) + 2)
 
 
-def test_task_queues_redrive_to_their_dlq(synth: Synth) -> None:
-    pairs = [(NAMES.task_queue(r), NAMES.task_dlq(r)) for r in RUNTIMES]
-    pairs.append((NAMES.catch_all_queue, NAMES.catch_all_dlq))
-    for queue, dlq in pairs:
+def test_webhooks_queue_takes_terminal_callbacks_only(synth: Synth) -> None:
+    # GIVEN the local stack's subscription (sdeks.resources): the callback topic, filtered
+    # on the `status` message attribute
+    callback = synth.logical_id("AWS::SNS::Topic", TopicName=NAMES.callback_topic)
+    (subscription,) = [
+        s["Properties"]
+        for s in synth.resources("AWS::SNS::Subscription").values()
+        if s["Properties"]["TopicArn"] == {"Ref": callback}
+    ]
+    # THEN the deployed one is the same
+    assert subscription == {
+        "Protocol": "sqs",
+        "TopicArn": {"Ref": callback},
+        "Endpoint": {"Fn::GetAtt": [_queue_id(synth, NAMES.webhook_queue), "Arn"]},
+        "FilterPolicy": WEBHOOK_FILTER_POLICY,
+    }
+    # Only SNS on behalf of the callback topic may send to the queue.
+    (policy,) = [
+        p["Properties"]
+        for p in synth.resources("AWS::SQS::QueuePolicy").values()
+        if p["Properties"]["Queues"] == [{"Ref": _queue_id(synth, NAMES.webhook_queue)}]
+    ]
+    (allow,) = [st for st in policy["PolicyDocument"]["Statement"] if st["Effect"] == "Allow"]
+    assert allow["Principal"] == {"Service": "sns.amazonaws.com"}
+    assert allow["Action"] == "sqs:SendMessage"
+    assert allow["Condition"] == {"ArnEquals": {"aws:SourceArn": {"Ref": callback}}}
+
+
+def test_queues_redrive_to_their_dlq(synth: Synth) -> None:
+    pairs = [(NAMES.task_queue(r), NAMES.task_dlq(r), VISIBILITY_TIMEOUT_S) for r in RUNTIMES]
+    pairs.append((NAMES.catch_all_queue, NAMES.catch_all_dlq, VISIBILITY_TIMEOUT_S))
+    pairs.append((NAMES.webhook_queue, NAMES.webhook_dlq, WEBHOOK_VISIBILITY_TIMEOUT_S))
+    for queue, dlq, visibility in pairs:
         synth.template.has_resource_properties(
             "AWS::SQS::Queue",
             {
                 "QueueName": queue,
-                "VisibilityTimeout": VISIBILITY_TIMEOUT_S,
+                "VisibilityTimeout": visibility,
+                "MessageRetentionPeriod": 14 * 24 * 3600,
                 "RedrivePolicy": {
                     "deadLetterTargetArn": {"Fn::GetAtt": [_queue_id(synth, dlq), "Arn"]},
                     "maxReceiveCount": MAX_RECEIVE_COUNT,
                 },
             },
+        )
+        synth.template.has_resource_properties(
+            "AWS::SQS::Queue",
+            {"QueueName": dlq, "MessageRetentionPeriod": 14 * 24 * 3600},
         )
 
 
@@ -106,33 +143,40 @@ def test_topics_and_queues_are_kms_encrypted_and_sns_may_use_the_queue_key(synth
         props = queue["Properties"]
         # Karpenter's interruption queue takes EventBridge events: SQS-managed SSE there.
         assert "KmsMasterKeyId" in props or props.get("SqsManagedSseEnabled") is True, props
-    task_queue_keys = {
+    queue_names = [
+        *(NAMES.task_queue(r) for r in RUNTIMES),
+        NAMES.catch_all_queue,
+        NAMES.webhook_queue,
+        NAMES.webhook_dlq,
+    ]
+    queue_keys = {
         json.dumps(
-            synth.resources("AWS::SQS::Queue")[_queue_id(synth, NAMES.task_queue(r))]["Properties"][
+            synth.resources("AWS::SQS::Queue")[_queue_id(synth, name)]["Properties"][
                 "KmsMasterKeyId"
             ]
         )
-        for r in RUNTIMES
+        for name in queue_names
     }
-    assert len(task_queue_keys) == 1
-    synth.template.has_resource_properties(
-        "AWS::KMS::Key",
-        {
-            "EnableKeyRotation": True,
-            "KeyPolicy": {
-                "Statement": Match.array_with(
-                    [
-                        Match.object_like(
-                            {
-                                "Principal": {"Service": "sns.amazonaws.com"},
-                                "Action": Match.array_with(["kms:Decrypt"]),
-                                "Effect": "Allow",
-                            }
-                        )
-                    ]
-                )
-            },
-        },
+    assert len(queue_keys) == 1
+    (queue_key,) = queue_keys
+    key = synth.resources("AWS::KMS::Key")[json.loads(queue_key)["Fn::GetAtt"][0]]["Properties"]
+    assert key["EnableKeyRotation"] is True
+    # SNS may encrypt into the queues on behalf of each topic that delivers there, no other.
+    sns_statements = [
+        st
+        for st in key["KeyPolicy"]["Statement"]
+        if st.get("Principal") == {"Service": "sns.amazonaws.com"}
+    ]
+    assert all(
+        st["Effect"] == "Allow" and set(st["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey"}
+        for st in sns_statements
+    )
+    topics = [
+        {"Ref": synth.logical_id("AWS::SNS::Topic", TopicName=name)}
+        for name in (NAMES.task_topic, NAMES.callback_topic)
+    ]
+    assert sorted((st["Condition"] for st in sns_statements), key=json.dumps) == sorted(
+        ({"ArnEquals": {"aws:SourceArn": topic}} for topic in topics), key=json.dumps
     )
 
 
@@ -169,7 +213,7 @@ def test_tls_is_enforced_on_buckets_topics_and_queues(synth: Synth) -> None:
     for type_, count in (
         ("AWS::S3::BucketPolicy", 3),
         ("AWS::SNS::TopicPolicy", 2),
-        ("AWS::SQS::QueuePolicy", 5),
+        ("AWS::SQS::QueuePolicy", 6),
     ):
         policies = synth.resources(type_)
         assert len(policies) >= count, type_
@@ -315,8 +359,23 @@ def test_dispatcher_may_use_exactly_the_task_queues_and_callback_topic(synth: Sy
             "sqs:SendMessage",
         ):
             assert (action, arn) in allowed, (action, name)
+    # The webhooks queue: consumed, never sent to (only the callback topic sends there).
+    webhooks = json.dumps({"Fn::GetAtt": [_queue_id(synth, NAMES.webhook_queue), "Arn"]})
+    assert {a for a, r in allowed if r == webhooks} == {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes",
+    }
     sqs_resources = {r for a, r in allowed if a.startswith("sqs:")}
-    assert len(sqs_resources) == len(queue_names)  # no DLQ, no other queue
+    assert len(sqs_resources) == len(queue_names) + 1  # no DLQ, no other queue
+    # Receiving from the KMS-encrypted queues needs the queue key.
+    queue_key = json.dumps(
+        synth.resources("AWS::SQS::Queue")[_queue_id(synth, NAMES.webhook_queue)]["Properties"][
+            "KmsMasterKeyId"
+        ]
+    )
+    assert ("kms:Decrypt", queue_key) in allowed
     callback = json.dumps(
         {"Ref": synth.logical_id("AWS::SNS::Topic", TopicName=NAMES.callback_topic)}
     )
@@ -412,9 +471,10 @@ def test_runtime_pods_outlive_a_task_on_termination(synth: Synth) -> None:
         assert service["spec"]["clusterIP"] == "None"
 
 
-def _env(deployment: dict[str, Any]) -> dict[str, str]:
+def _env(deployment: dict[str, Any]) -> dict[str, Any]:
+    """name -> literal value, or the `valueFrom` object of a variable read from a Secret."""
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in container["env"]}
 
 
 def test_dispatcher_env_names_the_deployed_resources(synth: Synth) -> None:
@@ -440,6 +500,21 @@ def test_dispatcher_env_names_the_deployed_resources(synth: Synth) -> None:
     )
     allow = json.loads(env["SDEKS_S3_ALLOW_BUCKETS"])
     assert len(allow) == 3 and allow[-1] == "public-inputs"
+    assert env["SDEKS_WEBHOOK_QUEUE_URL"] == ref(_queue_id(synth, NAMES.webhook_queue))
+    # The HMAC secret never passes through CloudFormation: the kubelet reads it.
+    assert env["SDEKS_WEBHOOK_SECRET"] == {
+        "secretKeyRef": {"name": "sdeks-webhook", "key": "secret"}
+    }
+
+
+def test_dispatcher_pod_outlives_its_stop_sequence(synth: Synth) -> None:
+    deployment = synth.manifest("Deployment", k8s.DISPATCHER)
+    env = _env(deployment)
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    longest_task_s = max(r.task_time_limit_s for r in synth.config.runtimes)
+    # The last long poll, then the grace period for running jobs, which covers a whole task.
+    assert int(env["SDEKS_GRACE_PERIOD_S"]) > longest_task_s
+    assert grace > int(env["SDEKS_RECEIVE_WAIT_S"]) + int(env["SDEKS_GRACE_PERIOD_S"])
 
 
 def test_runtime_env_and_command_point_at_the_models_bucket(synth: Synth) -> None:
@@ -482,7 +557,11 @@ def test_outputs_tell_the_user_what_was_deployed(synth: Synth) -> None:
         "ClientPolicyArn",
         "KubeconfigCommand",
         "PublishFirstTaskCommand",
+        "WebhookSecretCommand",
     ):
         assert key in outputs, key
+    secret_command = outputs["WebhookSecretCommand"]["Value"]
+    assert secret_command.startswith("kubectl -n sdeks create secret generic sdeks-webhook ")
+    assert "--from-literal=secret=" in secret_command
     command = json.dumps(outputs["PublishFirstTaskCommand"]["Value"])
     assert "aws sns publish" in command and "sdruntime" in command
