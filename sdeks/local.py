@@ -146,14 +146,8 @@ class LocalStack:
     # --- lifecycle ---------------------------------------------------------
 
     def start(self) -> LocalStack:
-        from moto.server import ThreadedMotoServer
-
         self.workdir.mkdir(parents=True, exist_ok=True)
-        make_moto_dynamodb_atomic()
-        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
-        self._moto.start()
-        host, port = self._moto.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
+        self._moto = self._start_moto()
         log.info("embedded AWS (moto) on %s", self.endpoint)
 
         clients = {s: self.client(s) for s in ("sns", "sqs", "s3", "dynamodb")}
@@ -193,7 +187,12 @@ class LocalStack:
         self.dispatcher_services.clear()
         self.pods.clear()
         if self._moto is not None:
-            self._moto.stop()
+            self._moto.terminate()
+            try:
+                self._moto.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._moto.kill()
+                self._moto.wait()
             self._moto = None
 
     def __enter__(self) -> LocalStack:
@@ -203,6 +202,38 @@ class LocalStack:
         self.stop()
 
     # --- pieces --------------------------------------------------------------
+
+    def _start_moto(self) -> subprocess.Popen[bytes]:
+        """The embedded AWS in a process of its own (moto's state is per process)."""
+        port = self.moto_port or free_port()
+        log_path = self.workdir / "logs" / f"moto-{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sdeks.moto_server", "--port", str(port)],
+            env=self.service_env_base(),
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise LocalStackError(f"embedded AWS exited with {proc.returncode}\n{tail}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise LocalStackError(f"embedded AWS did not listen on {port}") from None
+                time.sleep(0.1)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        log.info("embedded AWS (moto) on %s", self.endpoint)
+        return proc
+
+    def service_env_base(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "AWS_PROFILE"}
+        return env | LOCAL_CREDENTIALS | OFFLINE | {"PYTHONUNBUFFERED": "1"}
 
     def client(self, service: str) -> Any:
         """A boto3 client for the embedded AWS (its own fake credentials)."""
@@ -231,9 +262,7 @@ class LocalStack:
         """Variables shared by every service process."""
         assert self.resources
         env = {
-            **{k: v for k, v in os.environ.items() if k != "AWS_PROFILE"},
-            **LOCAL_CREDENTIALS,
-            **OFFLINE,
+            **self.service_env_base(),
             "AWS_ENDPOINT_URL": self.endpoint,
             "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
             "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
