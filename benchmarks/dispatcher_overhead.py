@@ -208,8 +208,12 @@ def run_dispatcher(
     records = fleet.records()
     if len(records) != tasks:
         raise RuntimeError(f"pods saw {len(records)} jobs for {tasks} tasks")
-    if queue_depth(moto.client("sqs"), stack.queues[RUNTIME]):
-        raise RuntimeError("the dispatcher left messages behind")
+    depth = queue_depth(moto.client("sqs"), stack.queues[RUNTIME])
+    if depth:
+        warnings = [line for line in d.log_tail(200_000).splitlines() if "WARN" in line]
+        raise RuntimeError(
+            f"the dispatcher left {depth} messages behind:\n" + "\n".join(warnings[-20:])
+        )
     return measured([r["start"] for r in records], sampler, calls, tasks)
 
 
