@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -56,7 +57,7 @@ from sdeks.errors import (
     UnknownRuntimeError,
 )
 from sdeks.job import Job
-from sdeks.lifecycle import Reporter
+from sdeks.lifecycle import CallbackPending, Reporter
 from sdeks.names import REJECTED_PREFIX, RUNTIME_ATTRIBUTE
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,16 @@ class Dispatcher:
         runtime = task.runtime
         # 1. The task table: a finished id is dropped (redelivery, republish);
         #    a random seed is drawn once so every attempt renders the same image.
-        if not await self.reporter.admit(task, published_at=published_at):
+        try:
+            admitted = await self.reporter.admit(task, published_at=published_at)
+        except CallbackPending as exc:
+            # Its winner claimed the end but has not confirmed the publish yet: keep
+            # the message until the claim is stale, then `admit` republishes it.
+            log.info("%s; released", exc, extra={"task_id": task.id})
+            await self.leases.release(lease, delay_s=int(min(exc.retry_after_s + 5, 900)))
+            self.metrics.completed.labels(runtime, "released").inc()
+            return
+        if not admitted:
             log.info("task %s already ended; message dropped", task.id, extra={"task_id": task.id})
             await self.leases.delete(lease)
             self.metrics.completed.labels(runtime, "duplicate").inc()
@@ -470,7 +480,12 @@ def _message_attributes(message: dict[str, Any]) -> dict[str, str]:
 
 
 def _float(value: Any) -> float | None:
+    """A finite, non-negative number, else None: attributes are untrusted input
+    (an `inf` or `nan` stamp would break every duration computed from it)."""
     try:
-        return float(value) if value is not None else None
+        number = float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+    if number is None or not math.isfinite(number) or number < 0:
+        return None
+    return number

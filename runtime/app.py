@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from runtime import a1111, infotext, samplers
+from runtime.families import preload_pipeline_classes
 from runtime.metrics import PodMetrics
 from runtime.models import Models
 from runtime.outputs import OutputError, OutputWriter
@@ -194,6 +195,9 @@ def create_app(
         async with AsyncExitStack() as stack:
             if pod.reporter is None and pod.writer is not None:
                 pod.reporter = await _build_reporter(settings, stack)
+            # First lazy imports of diffusers are not thread-safe: do them all now,
+            # before renders and prefetches start in worker threads.
+            await asyncio.to_thread(preload_pipeline_classes)
             warm = None
             if settings.warm_default_model and settings.default_model:
                 # In the background: /health answers at once, the first job finds it loaded.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,13 +234,34 @@ def detect(path: Path) -> Family:
 # --- pipelines --------------------------------------------------------------
 
 
-def pipeline_class(family: Family | FamilyName, kind: PipelineKind = "txt2img") -> type:
-    import diffusers
+#: diffusers (and transformers under it) resolve classes through lazy modules that
+#: are not thread-safe on first access: a render and a prefetch resolving their
+#: first pipeline classes at once in a fresh pod saw `AttributeError: module
+#: 'diffusers' has no attribute ...`. Every lazy lookup goes through this lock.
+_LAZY_IMPORT_LOCK = threading.Lock()
 
+
+def diffusers_attr(name: str) -> Any:
+    """`getattr(diffusers, name)`, safe from several threads."""
+    with _LAZY_IMPORT_LOCK:
+        import diffusers
+
+        return getattr(diffusers, name)
+
+
+def preload_pipeline_classes() -> None:
+    """Resolve every pipeline class once (imports diffusers and the transformers
+    classes under it), so no two threads do a first lazy import at the same time."""
+    for kinds in PIPELINES.values():
+        for name in kinds.values():
+            diffusers_attr(name)
+
+
+def pipeline_class(family: Family | FamilyName, kind: PipelineKind = "txt2img") -> type:
     name = family.name if isinstance(family, Family) else family
     if kind not in PIPELINE_KINDS:
         raise ValueError(f"pipeline kind must be one of {', '.join(PIPELINE_KINDS)}, got {kind!r}")
-    return getattr(diffusers, PIPELINES[name][kind])
+    return diffusers_attr(PIPELINES[name][kind])
 
 
 def derive(pipe: Any, family: Family | FamilyName, kind: PipelineKind, **overrides: Any) -> Any:

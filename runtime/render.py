@@ -545,9 +545,9 @@ class Renderer:
 
     def _job_pipeline(self, pipe: Any, loaded: Loaded, choice: Any, vae_name: str) -> Any:
         """The lease's pipeline (already this job's own object) with our scheduler and VAE."""
-        import diffusers
+        from runtime.families import diffusers_attr
 
-        scheduler_cls = getattr(diffusers, choice.scheduler_class)
+        scheduler_cls = diffusers_attr(choice.scheduler_class)
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
         pipe.set_progress_bar_config(disable=True)
         if self.settings.compile and self.device.startswith("cuda"):

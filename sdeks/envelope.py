@@ -383,7 +383,7 @@ def unwrap_sns(sqs_body: str) -> Notification:
 
     try:
         doc = json.loads(sqs_body)
-    except ValueError:
+    except (ValueError, RecursionError):  # parse_task reports it as invalid_envelope
         return Notification(body=sqs_body)
     if not (isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc):
         return Notification(body=sqs_body)

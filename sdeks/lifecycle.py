@@ -31,6 +31,15 @@ from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable, call
 log = logging.getLogger(__name__)
 
 
+class CallbackPending(Exception):
+    """A terminal callback is claimed but unconfirmed and not yet stale."""
+
+    def __init__(self, task_id: str, retry_after_s: float) -> None:
+        super().__init__(f"task {task_id}: callback claimed, not yet confirmed published")
+        self.task_id = task_id
+        self.retry_after_s = retry_after_s
+
+
 class Reporter:
     """Publishes callbacks to the callback topic, guarded by the task table.
 
@@ -65,13 +74,19 @@ class Reporter:
         """The dispatcher received `task`. True: dispatch it. False: delete the message
         and do nothing else: the task already ended (its callback is out, or is
         republished here if its publisher died), or it was cancelled while a pod
-        that has since died was running it (this call publishes the `cancelled`)."""
+        that has since died was running it (this call publishes the `cancelled`).
+        Raises `CallbackPending` when the task ended but its callback is claimed and
+        not yet confirmed: keep the message and come back after `retry_after_s`."""
         if self.table is None:
             return True
         record = await self.table.record_queued(task, published_at=published_at)
         if record.status.terminal:
-            if record.callback_published is False:
-                await self.recover(task.id, stale_after_s=self.republish_after_s)
+            if record.callback_published is False and not await self.recover(
+                task.id, stale_after_s=self.republish_after_s
+            ):
+                # Deleting the message now would lose the callback if its winner died
+                # between claim and publish: keep it until the claim goes stale.
+                raise CallbackPending(task.id, self.republish_after_s)
             return False
         if record.cancel_requested:
             message = "cancelled while running; its pod stopped before reporting"

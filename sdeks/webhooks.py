@@ -308,9 +308,11 @@ async def deliver_notification(
 ) -> WebhookOutcome | None:
     """Handle one message of the ``webhooks`` queue (an SNS notification of a callback).
 
-    Looks up the task's webhook URL in the table; None when there is nothing to
-    do (no webhook, not terminal, already delivered on an earlier receipt). The
-    consumer deletes the message after this returns, whatever the outcome.
+    Looks up the task's webhook URL and its claimed terminal callback in the
+    table, and delivers that callback; the notification only says which task
+    ended. None when there is nothing to do (no webhook, nothing claimed,
+    already delivered on an earlier receipt). The consumer deletes the message
+    after this returns, whatever the outcome.
     """
     notification = unwrap_sns(body)
     try:
@@ -325,4 +327,11 @@ async def deliver_notification(
         return None
     if record.webhook_status is WebhookStatus.DELIVERED:
         return None
-    return await sender.deliver(record.webhook, callback)
+    claimed = record.terminal_callback()
+    if claimed is None:
+        log.warning("task %s: no claimed terminal callback; webhook not sent", callback.id)
+        return None
+    # Deliver the one callback the task table holds as this task's end, never the
+    # notification's body: whoever may publish to the callback topic could
+    # otherwise have a forged body signed and delivered to the task's webhook.
+    return await sender.deliver(record.webhook, claimed)

@@ -1,8 +1,8 @@
-"""Bugs the reliability work found in code it does not own, each pinned by a test of
-what the contract demands, marked `xfail(strict=True)` until its owner fixes it
-(a fix turns the test into an XPASS failure: then drop the mark).
-
-Each docstring says where the bug is, how it shows, and what was observed.
+"""Regression tests for bugs the reliability work found, each a test of what the
+contract demands: a raw body nested past the recursion limit, a non-finite
+`published_at` attribute, a claimed-but-unpublished callback on redelivery, the
+diffusers lazy-import race between two threads, and a forged callback on the
+callback topic reaching a task's webhook.
 """
 
 from __future__ import annotations
@@ -42,12 +42,6 @@ async def harness(aws, stack):
     await harness.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdeks/envelope.py unwrap_sns catches ValueError only: json.loads raises "
-    "RecursionError on a raw SQS body nested ~1000 deep, Dispatcher._handle treats it as "
-    "unexpected: no callback, the message is retried until SQS dead-letters it silently",
-)
 async def test_raw_sqs_body_nested_beyond_recursion_limit_gets_a_failed_callback(harness):
     # GIVEN a body sent straight to the queue (not through SNS), nested 100 000 deep
     deep = "[" * 100_000 + "]" * 100_000
@@ -62,13 +56,6 @@ async def test_raw_sqs_body_nested_beyond_recursion_limit_gets_a_failed_callback
     assert harness.in_flight() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dispatcher/service.py _process takes the `published_at` message attribute "
-    "as any float: 'inf' or 'nan' reaches sdeks/tasks.py record_queued, where "
-    "int(published_at * 1000) raises (OverflowError/ValueError); the message is never "
-    "answered and is dead-lettered silently",
-)
 @pytest.mark.parametrize("stamp", ["inf", "nan"])
 async def test_non_finite_published_at_attribute_still_gets_a_callback(harness, stamp):
     # GIVEN a valid task sent raw to the runtime queue with a hostile published_at attribute
@@ -84,13 +71,6 @@ async def test_non_finite_published_at_attribute_still_gets_a_callback(harness, 
     assert harness.in_flight() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdeks/lifecycle.py Reporter.admit returns False (drop) for a terminal record "
-    "whose callback is not confirmed and not yet stale (republish_after_s, 120 s), and "
-    "dispatcher/service.py _dispatch then deletes the message: when a pod dies (or its SNS "
-    "publish fails) between claim_terminal and publish, the callback is never published",
-)
 async def test_callback_claimed_but_never_published_is_not_lost(harness):
     # GIVEN a task a pod claimed as succeeded and then died before publishing its callback
     task_id = f"bug-claim-{uuid.uuid4().hex[:8]}"
@@ -135,14 +115,6 @@ _RACE = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/families.py pipeline_class: the first getattr of a diffusers pipeline "
-    "class from two threads at once (a render and a /v1/prefetch load on a fresh pod) "
-    "fails in diffusers/transformers' lazy imports (AttributeError: module 'diffusers' has "
-    "no attribute 'StableDiffusionPipeline'); seen in the chaos run as an internal_error "
-    "callback for a valid task",
-)
 def test_pipeline_classes_load_from_two_threads_at_once_in_a_fresh_pod():
     # Each trial is a fresh interpreter (once a class is imported the race is gone); two
     # run side by side. The race lost 8 times in 8 trials on the 2-core machine.
@@ -154,3 +126,58 @@ def test_pipeline_classes_load_from_two_threads_at_once_in_a_fresh_pod():
         out, _ = trial.communicate(timeout=120)
         assert trial.returncode == 0
         assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+async def test_forged_callback_is_not_signed_and_delivered_to_the_tasks_webhook(aws, stack):
+    from aiohttp import web
+
+    from dispatcher.links import LinkPolicy, LinkResolver
+    from sdeks import aws as sdeks_aws
+    from sdeks.tasks import TaskTable
+    from sdeks.webhooks import RetryPolicy, WebhookSender, deliver_notification
+
+    posts: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        posts.append(await request.read())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    try:
+        async with (
+            sdeks_aws.aio_client("dynamodb") as dynamodb,
+            LinkResolver(LinkPolicy(allow_nets=("127.0.0.1/32",))) as links,
+        ):
+            table = TaskTable(dynamodb, stack.task_table)
+            # GIVEN a task with a webhook, still running
+            task_id = f"bug-forge-{uuid.uuid4().hex[:8]}"
+            body = envelope(task_id)
+            body["task"]["metadata"]["webhook"] = url
+            await table.record_queued(parse_task(body))
+            assert await table.mark_running(task_id, pod="pod-a")
+            sender = WebhookSender(
+                links.session,
+                secret="s3cret",
+                guard=links.check_url,
+                table=table,
+                retry=RetryPolicy(retries=0, timeout_s=5.0),
+            )
+            # WHEN someone who may publish to the callback topic publishes a forged callback
+            forged = Callback(
+                id=task_id,
+                runtime=RUNTIME,
+                status=TaskStatus.SUCCEEDED,
+                result=True,
+                image_url=["s3://attacker-bucket/not-yours.png"],
+            )
+            await deliver_notification(forged.model_dump_json(), table=table, sender=sender)
+    finally:
+        await runner.cleanup()
+    # THEN the dispatcher does not sign and deliver it: the task has not ended
+    assert posts == []
