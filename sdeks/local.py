@@ -71,6 +71,36 @@ def make_moto_dynamodb_atomic() -> None:
         setattr(DynamoDBBackend, name, locked)
 
 
+def make_moto_sqs_deletes_atomic() -> None:
+    """Make moto's DeleteMessage atomic per queue, as SQS's is.
+
+    moto 5 deletes by rebuilding the queue's message list from a snapshot and
+    assigning it, with no lock: two deletes served at once by its threads (the
+    dispatcher deletes in concurrent batches) each put back the message the
+    other removed, which then comes back after its visibility timeout and is
+    delivered again. Each delete runs under the queue's own lock (the one
+    SendMessage appends under). Idempotent; affects this process only.
+    """
+    from moto.sqs.models import Queue
+
+    original = Queue.delete_message
+    if getattr(original, "_sdeks_atomic", False):
+        return
+
+    def delete_message(self: Any, receipt_handle: str) -> None:
+        with self._messages_lock:
+            original(self, receipt_handle)
+
+    delete_message._sdeks_atomic = True  # type: ignore[attr-defined]
+    Queue.delete_message = delete_message  # type: ignore[method-assign]
+
+
+def make_moto_faithful() -> None:
+    """Every fix that makes moto server behave like AWS where the pipeline relies on it."""
+    make_moto_dynamodb_atomic()
+    make_moto_sqs_deletes_atomic()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from moto.server import ThreadedMotoServer
 
-    from sdeks.local import make_moto_dynamodb_atomic
+    from sdeks.local import make_moto_faithful
 
-    make_moto_dynamodb_atomic()
+    make_moto_faithful()
     server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     server.start()
     stop = threading.Event()

@@ -29,9 +29,9 @@ def moto_endpoint() -> Iterator[str]:
     """One moto server for the session; tests isolate themselves by resource names."""
     from moto.server import ThreadedMotoServer
 
-    from sdeks.local import make_moto_dynamodb_atomic
+    from sdeks.local import make_moto_faithful
 
-    make_moto_dynamodb_atomic()
+    make_moto_faithful()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
