@@ -92,27 +92,36 @@ class Harness:
             Attributes={"RawMessageDelivery": "true"},
         )
 
-    async def start(self) -> None:
+    async def start(self, behaviours: list[Any] | None = None) -> None:
+        """`behaviours`: one `FakePod.behaviour` per pod (None: one plain pod)."""
         stack = self.stack
         sqs, sns, s3, dynamodb = [
             await self.exit.enter_async_context(sdeks_aws.aio_client(name))
             for name in ("sqs", "sns", "s3", "dynamodb")
         ]
         self.sqs = sqs
-        reporter = Reporter(
+        self.reporter = reporter = Reporter(
             sns, stack.callback_topic_arn, table=TaskTable(dynamodb, stack.task_table)
         )
-        self.pod = await FakePod(
-            sns=self.aws.sns, topic_arn=stack.callback_topic_arn, reporter=reporter
-        ).start()
-        self.exit.push_async_callback(self.pod.stop)
+        self.pods = []
+        for behaviour in behaviours or [None]:
+            pod = await FakePod(
+                sns=self.aws.sns,
+                topic_arn=stack.callback_topic_arn,
+                reporter=reporter,
+                behaviour=behaviour,
+            ).start()
+            self.exit.push_async_callback(pod.stop)
+            self.pods.append(pod)
+        self.pod = self.pods[0]
+        urls = [pod.url for pod in self.pods]
         settings = DispatcherSettings(
             callback_topic_arn=stack.callback_topic_arn,
             output_bucket=stack.output_bucket,
             task_table=stack.task_table,
             queues=stack.queues,
             catch_all_queue_url=stack.catch_all_queue_url,
-            pods={RUNTIME: [self.pod.url]},
+            pods={RUNTIME: urls},
             metrics_port=0,
             state_interval_s=0.2,
             link_timeout_s=2,
@@ -129,7 +138,7 @@ class Harness:
             metrics=self.metrics,
             state_interval_s=0.2,
         )
-        self.router.set_pods(RUNTIME, [self.pod.url])
+        self.router.set_pods(RUNTIME, urls)
         planning = asyncio.create_task(self.router.run())
         self.exit.push_async_callback(_cancel, planning)
         self.leases = LeaseKeeper(sqs, extension_s=60, interval_s=20)
