@@ -404,11 +404,18 @@ def _run(stack: LocalStack, config: ChaosConfig, say: Callable[[str], None]) -> 
             monkey.join(timeout=1)
         if monkey.error is not None:
             raise RuntimeError(f"the monkey failed: {monkey.error}") from monkey.error
+        task_queues = [resources.queues["sdruntime"], resources.catch_all_queue_url]
         while collector.done() < len(planned):
             if time.monotonic() - published_at > config.timeout_s:
                 say(f"timed out with {len(planned) - collector.done()} tasks unanswered")
                 break
-            time.sleep(0.5)
+            # Nothing held, nothing queued (delayed and in-flight messages count) and no
+            # callback for a while: what has not ended by now never will.
+            quiet = time.monotonic() - collector.last_terminal_at > 2 * VISIBILITY_S + 10
+            if quiet and sum(queue_depth(stack, q) for q in task_queues) == 0:
+                say(f"queues empty, {len(planned) - collector.done()} tasks unanswered")
+                break
+            time.sleep(1)
         quiet_until = time.monotonic() + config.grace_s
         while time.monotonic() < quiet_until:
             time.sleep(0.5)
@@ -511,10 +518,14 @@ def diagnose(stack: LocalStack, report: ChaosReport) -> list[str]:
         **{i: f"incomplete outputs: {why}" for i, why in report.incomplete.items()},
     }
     lines = [f"unknown callback id {c.id}: {c.status.value}" for c in report.strangers]
+    failures: dict[str, list[tuple[str, str]]] = {}
     for task_id in sorted(report.planned):
         callback = report.first(task_id)
         if callback is not None and callback.error is not None:
-            lines.append(f"failed {task_id}: {callback.error.code}: {callback.error.message[:160]}")
+            failures.setdefault(callback.error.code, []).append((task_id, callback.error.message))
+    for code, failed in sorted(failures.items()):
+        lines.append(f"failed with {code}: {len(failed)} tasks, e.g.")
+        lines += [f"  {task_id}: {message[:160]}" for task_id, message in failed[:3]]
     if not suspects:
         return lines
     dynamodb = stack.client("dynamodb")
