@@ -180,7 +180,9 @@ class PodClient:
             raise PodBusyError(f"pod {pod_url} is full", pod=pod_url, task_id=task_id)
         if status == 409:
             raise PodDuplicateError(
-                f"pod {pod_url} already runs task {task_id}", pod=pod_url, task_id=task_id
+                f"pod {pod_url} already runs task {task_id}, or it already ended",
+                pod=pod_url,
+                task_id=task_id,
             )
         if 400 <= status < 500 and status not in (404, 408, 409):
             code, message = _error_of(body)

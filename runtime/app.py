@@ -261,8 +261,17 @@ def create_app(
                     task, pod=settings.pod_name, total_steps=_total_steps(task.content)
                 ):
                     callback = _cancelled_before_start(job, writer)
-                    await reporter.finish(callback)  # publishes only if nobody ended it yet
-                    return callback
+                    if await reporter.finish(callback):  # cancel requested: ended here
+                        return callback
+                    # It had already ended elsewhere and nothing was published here:
+                    # answering 200 would tell the dispatcher the callback exists. 409
+                    # sends it back through the task table, which deletes the message
+                    # once that end is confirmed published, or republishes it if its
+                    # publisher died between claim and publish.
+                    return JSONResponse(
+                        {"code": "already_ended", "message": f"task {task.id} already ended"},
+                        status_code=409,
+                    )
                 # 2. Render and store outputs in a worker thread, reporting progress.
                 control.on_progress = _progress_reporter(reporter, task.id, control)
 

@@ -53,6 +53,8 @@ from .model_catalog import MODELS_CONFIG_PREFIX, Catalog, ModelEntry, folder_sha
 from .model_disk import DiskCache, file_sha256
 from .model_source import ModelSource
 
+#: Serializes diffusers model construction (see `ModelStore._load_to_ram`).
+_FROM_PRETRAINED_LOCK = threading.Lock()
 log = logging.getLogger(__name__)
 
 Tier = Literal["gpu", "ram", "disk", "source"]
@@ -450,11 +452,16 @@ class ModelStore:
         else:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
-            if entry.kind == "folder":
-                pipe = cls.from_pretrained(str(path), **kwargs)
-            else:
-                config = self._config_dir(entry, family)
-                pipe = cls.from_single_file(str(path), config=str(config), **kwargs)
+            # One load at a time per process: diffusers builds models under
+            # accelerate's `init_empty_weights`, which patches torch process-wide and
+            # restores it on exit; two overlapping loads restore each other's patch,
+            # leaving every module built afterwards on the `meta` device.
+            with _FROM_PRETRAINED_LOCK:
+                if entry.kind == "folder":
+                    pipe = cls.from_pretrained(str(path), **kwargs)
+                else:
+                    config = self._config_dir(entry, family)
+                    pipe = cls.from_single_file(str(path), config=str(config), **kwargs)
         except (ModelLoadError, ModelNotFoundError):
             raise
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:

@@ -3,8 +3,9 @@
 Links in `task.content` are already resolved to base64. The pod renders,
 writes outputs, publishes the callback, and answers with that `Callback`
 (HTTP 200 for succeeded and failed alike, the callback already published);
-429 when it has no free slot; any other status means the callback was NOT
-published and the dispatcher must retry or report.
+429 when it has no free slot; 409 when it already runs the task or the task
+already ended (come back later: the task table settles it); any other status
+means the callback was NOT published and the dispatcher must retry or report.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A loss the chaos run found: a pod claims a task's end, dies (or its SNS publish
+"""Regression test for a loss the chaos run found: a pod claims a task's end, dies (or its SNS publish
 fails) before publishing, and the dispatcher retries the job on another pod in
 the same receive. That pod sees the task already ended, does not render it and
 answers 200 with a callback it did not publish (runtime/app.py `post_job`:
@@ -14,6 +14,11 @@ and dispatcher-1 deleted the message ("task ... cancelled (attempt 1)"). The
 fix of the redelivery path (`CallbackPending` in `Reporter.admit`) does not
 cover this path, which never goes back to `admit`.
 
+The fix: the pod answers 409 `already_ended` when it finds the task ended and
+published nothing (runtime/app.py `post_job`); the dispatcher releases the
+message, and on its next receive `Reporter.admit` keeps it (`CallbackPending`)
+until the claim is stale, then republishes the claimed callback.
+
 The pods here are doubles of exactly those two behaviours of the real pod,
 built on the real `Reporter` and task table: the first claims and then answers
 502 `report_failed` (what runtime/app.py answers when the publish after the
@@ -27,7 +32,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import pytest
 from aiohttp import web
 
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
@@ -35,13 +39,6 @@ from sdeks.job import Job
 from tests.reliability.harness import RUNTIME, Delivery, Harness
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dispatcher/service.py deletes the message on a pod's 200 even when that pod "
-    "did not publish the callback it returns (runtime/app.py answers 200 for a task that "
-    "already ended); a callback claimed by a pod that died before publishing is then "
-    "never published",
-)
 async def test_claimed_callback_survives_a_retry_on_another_pod_in_the_same_receive(aws, stack):
     harness = Harness(aws, stack)
     calls: list[str] = []
@@ -64,7 +61,7 @@ async def test_claimed_callback_survives_a_retry_on_another_pod_in_the_same_rece
             # ... and the publish that follows the claim never happens
             return web.json_response({"code": "report_failed", "message": "SNS"}, status=502)
         # Not started because it ended elsewhere: the pod's own `cancelled` is not
-        # claimed (the task ended), so not published, and answered with 200.
+        # claimed (the task ended), so not published, and the pod says so with 409.
         calls.append("found it ended")
         cancelled = Callback(
             id=job.task.id,
@@ -74,7 +71,9 @@ async def test_claimed_callback_survives_a_retry_on_another_pod_in_the_same_rece
             result=False,
         )
         assert not await harness.reporter.finish(cancelled)
-        return web.json_response(json.loads(cancelled.model_dump_json()))
+        return web.json_response(
+            {"code": "already_ended", "message": f"task {job.task.id} already ended"}, status=409
+        )
 
     await harness.start([like_the_real_pod, like_the_real_pod])
     try:

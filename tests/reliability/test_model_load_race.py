@@ -1,4 +1,4 @@
-"""A bug the chaos run found in the runtime's model store, pinned by a test of what a
+"""Regression test for a bug the chaos run found in the runtime's model store, pinned by a test of what a
 pod needs: two models loaded at once (a render and a `/v1/prefetch`, or two
 prefetches) must leave the process able to build models on the CPU.
 
@@ -24,8 +24,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-
-import pytest
 
 _RACE = textwrap.dedent(
     """
@@ -54,13 +52,6 @@ _RACE = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/model_store.py _load_to_ram runs from_pretrained for two models in "
-    "parallel threads; accelerate's init_empty_weights patches torch process-wide and the "
-    "overlapping restores leave the patch on: every module built afterwards is on `meta` "
-    "(the chaos run saw every later render on that pod fail with internal_error)",
-)
 def test_two_models_loaded_at_once_leave_the_pod_able_to_build_models(tmp_path, tiny_models):
     # GIVEN a models folder holding two checkpoints (the tiny model twice)
     for name in ("a", "b"):

@@ -252,10 +252,13 @@ def test_state_and_health(pod):
 @pytest.mark.parametrize("pod", ["table"], indirect=True)
 def test_redelivered_finished_task_is_not_rendered_or_reported_again(pod, aws, stack, callbacks):
     first = Callback.model_validate(pod.post("/v1/jobs", json=job("dup-1")).json())
-    again = Callback.model_validate(pod.post("/v1/jobs", json=job("dup-1")).json())
+    again = pod.post("/v1/jobs", json=job("dup-1"))
 
     assert first.status == "succeeded"
-    assert again.status == "cancelled"  # not started: the task had ended
+    # Not started, nothing published: 409 (not 200, which would tell the dispatcher
+    # that this answer's callback exists) sends the dispatcher back to the task table.
+    assert again.status_code == 409
+    assert again.json()["code"] == "already_ended"
     assert [c.status for c in callbacks()] == ["succeeded"]
     item = aws.dynamodb.get_item(TableName=stack.task_table, Key={"id": {"S": "dup-1"}})["Item"]
     assert item["status"]["S"] == "succeeded"
