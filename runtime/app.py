@@ -244,7 +244,10 @@ def create_app(
             )
         task = job.task
         if task.id in pod.running:
-            return JSONResponse({"detail": f"task {task.id} is already running"}, status_code=409)
+            return JSONResponse(
+                {"code": "already_running", "message": f"task {task.id} is already running"},
+                status_code=409,
+            )
         control = JobControl(job_id=task.id)
         received = time.time()
         async with pod.slot(control, wait=False) as held:
