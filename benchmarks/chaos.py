@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import random
+import re
 import shutil
 import signal
 import sys
@@ -125,8 +126,8 @@ class ChaosReport:
     strangers: list[Callback]
     #: Succeeded task id -> what is wrong with its outputs.
     incomplete: dict[str, str]
-    #: Task id -> dispatcher receipts recorded in the task table (`attempts`).
-    attempts: dict[str, int]
+    #: Retries the dispatchers logged, by kind (`count_retries`).
+    retries: dict[str, int]
     dlq_depth: int
     duration_s: float
     diagnosis: list[str] = field(default_factory=list)
@@ -169,7 +170,6 @@ class ChaosReport:
             for i in self.planned
             if (c := self.first(i)) is not None and c.error is not None
         )
-        redelivered = [n for n in self.attempts.values() if n > 1]
         restarts = [k.restart_s for k in self.kills]
         rows = [
             (
@@ -188,9 +188,8 @@ class ChaosReport:
             ("callbacks", ", ".join(f"{s}={n}" for s, n in sorted(statuses.items())) or "0"),
             ("failure codes", ", ".join(f"{c}={n}" for c, n in sorted(codes.items())) or "-"),
             (
-                "redelivered",
-                f"{len(redelivered)} tasks received more than once "
-                f"({sum(redelivered) - len(redelivered)} extra receipts)",
+                "retries",
+                ", ".join(f"{kind}={n}" for kind, n in self.retries.items()),
             ),
             ("incomplete outputs", str(len(self.incomplete))),
             ("unknown ids", str(len(self.strangers))),
@@ -431,7 +430,7 @@ def _run(stack: LocalStack, config: ChaosConfig, say: Callable[[str], None]) -> 
         arrivals=collector.arrivals,
         strangers=collector.strangers,
         incomplete={},
-        attempts=read_attempts(stack, list(planned)),
+        retries=count_retries(stack),
         dlq_depth=queue_depth(stack, resources.dlqs["sdruntime"])
         + queue_depth(stack, resources.catch_all_dlq_url),
         duration_s=duration,
@@ -483,21 +482,26 @@ def check_outputs(stack: LocalStack, report: ChaosReport) -> dict[str, str]:
     return problems
 
 
-def read_attempts(stack: LocalStack, task_ids: list[str]) -> dict[str, int]:
-    """`attempts` of each task in the task table: how many times a dispatcher received it."""
-    assert stack.resources
-    dynamodb = stack.client("dynamodb")
-    table = stack.resources.task_table
-    attempts: dict[str, int] = {}
-    for start in range(0, len(task_ids), 100):
-        keys = [{"id": {"S": i}} for i in task_ids[start : start + 100]]
-        request: dict[str, Any] = {table: {"Keys": keys, "ProjectionExpression": "id, attempts"}}
-        while request:
-            answer = dynamodb.batch_get_item(RequestItems=request)
-            for item in answer["Responses"].get(table, []):
-                attempts[item["id"]["S"]] = int(item.get("attempts", {"N": "0"})["N"])
-            request = answer.get("UnprocessedKeys") or {}
-    return attempts
+#: Dispatcher log lines that show a retry (dispatcher/service.py, dispatcher/routing.py).
+_RETRY_LINES = {
+    # a job that failed on one pod and was tried on another within the same receive
+    "pod retries": re.compile(r"attempt \d+/\d+ failed"),
+    # a task that ended on a later receive than its first (its lease lapsed or was released)
+    "later receives": re.compile(r"task \S+ \w+ \(attempt ([2-9]|\d\d+)\)"),
+    # a message received again after its task had ended: dropped, not rendered again
+    "dropped as ended": re.compile(r"already ended; message dropped"),
+}
+
+
+def count_retries(stack: LocalStack) -> dict[str, int]:
+    """Retries seen, counted from the dispatchers' logs (killed ones included)."""
+    counts = dict.fromkeys(_RETRY_LINES, 0)
+    for path in sorted((stack.workdir / "logs").glob("dispatcher-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            for kind, pattern in _RETRY_LINES.items():
+                if pattern.search(line):
+                    counts[kind] += 1
+    return counts
 
 
 def queue_depth(stack: LocalStack, url: str) -> int:
