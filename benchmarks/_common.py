@@ -92,6 +92,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid` (and threads it starts later) on `cpus` only."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 class CpuSampler:
     """Samples processes' CPU time every `interval_s` in a thread, to read it for any window.
 

@@ -1,31 +1,44 @@
 """Dispatcher overhead: tasks/s through one real dispatcher against a plain SQS loop.
 
-Both sides consume the same kind of queue on the same moto server process,
-fed the same way: tasks published to the task topic (SNS PublishBatch), which
-delivers them to the runtime queue as SNS notifications, like real ones.
+Both sides consume the same kind of queue on the same moto server process
+(`benchmarks._common.MotoServer`), fed the same way: tasks published to the
+task topic (SNS PublishBatch), which delivers them to the runtime queue as SNS
+notifications, like real ones.
 
 - ceiling: a plain boto3 loop in this process, ReceiveMessage (10, all
   attributes) then DeleteMessageBatch, one call at a time - the backend's pace.
 - dispatcher: `python -m dispatcher` (its own process) with `--pods` instant
-  pod doubles (`benchmarks._common`, another process) that answer every job at
-  once with a succeeded callback. Measured twice: without the task table (the
-  pure dispatch path) and with it (as the local stack runs: two conditional
-  DynamoDB writes per task, `admit` and `pin_seed`).
+  pod doubles (another process) that answer every job at once with a
+  succeeded callback and publish nothing.
+
+Both are measured without the task table (the pure dispatch path: the
+headline) and with it, as the local stack runs: the dispatcher then makes two
+conditional DynamoDB writes per task (`admit`, `pin_seed`), so its ceiling is
+the plain loop making the same two writes (`sdeks.tasks.TaskTable`) per message.
 
 Throughput: `--tasks` published before the consumer starts; tasks/s over the
 receipts after the first 10% (the warm-up: process start, first polls). A
 receipt is the plain loop's ReceiveMessage returning, or a pod double getting
-the job. Each side runs `--repeats` times, alternating; the best run counts.
+the job. Every configuration runs `--repeats` times, interleaved; the best run
+counts (the machine may be shared). CPU time per task of each process over
+the same window, and moto's API calls per task, say where the time goes.
+
+By default moto runs alone on the first CPU and everything else (this
+process, the dispatcher, the pod doubles) on the others, so the backend is
+not slowed by the consumer it serves, as in a cluster; `--no-pin` lets the
+OS place them (then the dispatcher's own CPU comes out of moto's share on a
+2-core machine).
 
 Latency: tasks published one at a time at `--rate` per second to an idle
 consumer; per task, publish call start -> the plain loop's ReceiveMessage
-returning, or -> the pod double receiving the job. Both long-poll with the
-same wait time (moto answers a long poll as soon as a message lands).
+returning (after its table writes, with the table), or -> the pod double
+receiving the job. Both long-poll with the same wait (moto answers a long poll
+as soon as a message lands).
 
-    python benchmarks/dispatcher_overhead.py            # 2000 tasks x 2 repeats, ~2 min
-    python benchmarks/dispatcher_overhead.py --quick    # 300 tasks, ~25 s
+    python benchmarks/dispatcher_overhead.py            # 2000 tasks x 3, ~5 min on 2 cores
+    python benchmarks/dispatcher_overhead.py --quick    # 200 tasks x 1, ~30 s
 
-The last line is the headline: `dispatcher/ceiling throughput: X.XX (...)`.
+The last line is the headline: `dispatcher/ceiling throughput: X.XX (N vs M tasks/s)`.
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ from benchmarks._common import (
     envelope,
     machine,
     percentile,
+    pin,
     publish_all,
     queue_depth,
     runtime_attribute,
@@ -180,7 +194,14 @@ def run_plain(moto: MotoServer, fleet: PodFleet, tasks: int, *, task_table: bool
 # --- the dispatcher ----------------------------------------------------------------
 
 #: Dispatcher settings of every run: the long poll of the plain loop; the rest defaults.
-SETTINGS = {"receive_wait_s": WAIT_S}
+SETTINGS: dict[str, Any] = {"receive_wait_s": WAIT_S}
+#: `--pin`: CPUs per role; moto alone on one, everything else on the rest.
+PLACEMENT: dict[str, set[int]] = {}
+
+
+def place(pid: int, role: str) -> None:
+    if PLACEMENT:
+        pin(pid, PLACEMENT[role])
 
 
 def run_dispatcher(
@@ -193,6 +214,7 @@ def run_dispatcher(
     fleet.reset()
     before = moto.calls()
     with DispatcherProcess(work, moto, stack, fleet.urls, task_table=task_table, **SETTINGS) as d:
+        place(d.pid, "rest")
         pids = {"moto": moto.pid, "consumer": d.pid, "pods": fleet.pid}
         with CpuSampler(pids) as sampler:
             try:
@@ -262,6 +284,7 @@ def latency_dispatcher(
     fleet.reset()
     ids = [f"ld{i:05d}" for i in range(count)]
     with DispatcherProcess(work, moto, stack, fleet.urls, task_table=task_table, **SETTINGS) as d:
+        place(d.pid, "rest")
         wait_until(
             lambda: d.metric("sdeks_dispatcher_pods") >= len(fleet.urls),
             timeout_s=30,
@@ -350,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 tasks, 1 repeat (the tests)")
     parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pods", type=int, default=4)
     parser.add_argument("--slots", type=int, default=2, help="job slots per pod double")
     parser.add_argument(
@@ -358,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency-tasks", type=int, default=200)
     parser.add_argument("--rate", type=float, default=10.0, help="latency: tasks/s published")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the OS place the processes (default: moto alone on the first CPU)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs folder")
     args = parser.parse_args(argv)
     if args.quick:
@@ -379,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             MotoServer(work) as moto,
             PodFleet(work, kind="instant", count=args.pods, slots=args.slots) as fleet,
         ):
+            cpus = sorted(os.sched_getaffinity(0))
+            if args.pin and len(cpus) >= 2:
+                PLACEMENT.update(moto={cpus[0]}, rest=set(cpus[1:]))
+                print(f"# pinned: moto on CPU {cpus[0]}, the rest on CPUs {cpus[1:]}")
+                place(moto.pid, "moto")
+                place(fleet.pid, "rest")
+                place(os.getpid(), "rest")
             for _ in range(args.repeats):
                 runs["plain"].append(run_plain(moto, fleet, args.tasks, task_table=False))
                 runs["dispatcher"].append(
