@@ -9,6 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DIFFUSERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
+export TRANSFORMERS_VERBOSITY := error
 
 .PHONY: install demo test lint typecheck synth bench clean
 
@@ -29,7 +30,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check sdeks dispatcher runtime infra tests benchmarks examples
 	$(VENV)/bin/ruff format --check sdeks dispatcher runtime infra tests benchmarks examples
 
-test: $(STAMP) lint
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy sdeks dispatcher runtime infra
+
+test: $(STAMP) lint typecheck
 	$(VENV)/bin/pytest -q
 
 synth: $(STAMP)

@@ -76,6 +76,7 @@ def main() -> int:
         tasks = [t2i, i2i_s3, i2i_http]
         ids = [t["task"]["metadata"]["id"] for t in tasks]
 
+        assert stack.resources is not None
         client = SdeksClient(
             sns=stack.client("sns"),
             sqs=stack.client("sqs"),
