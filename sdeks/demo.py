@@ -41,13 +41,18 @@ def init_image_png(size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def serve_once(payload: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """Serve `payload` as /cat.png on 127.0.0.1 (the http:// link example)."""
+def serve_once(
+    payload: bytes, path: str = "/cat.png", content_type: str = "image/png"
+) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve `payload` at `path` on 127.0.0.1 (the http:// link example); 404 elsewhere."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path != path:
+                self.send_error(404)
+                return
             self.send_response(200)
-            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
@@ -57,7 +62,7 @@ def serve_once(payload: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    return server, f"http://127.0.0.1:{server.server_address[1]}{path}"
 
 
 def main() -> int:

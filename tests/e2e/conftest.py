@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from sdeks.client import SdeksClient
+from sdeks.demo import serve_once
 from sdeks.local import LocalStack
 
 
@@ -43,24 +42,7 @@ def png_bytes(size: int = 64, color: tuple[int, int, int] = (200, 80, 40)) -> by
 
 @pytest.fixture(scope="package")
 def image_server() -> Iterator[str]:
-    """Serves /img.png on 127.0.0.1 (an http:// init image link)."""
-    payload = png_bytes(color=(30, 160, 90))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/img.png":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    """Serves /img.png on 127.0.0.1 (an http:// init image link); yields the base URL."""
+    server, url = serve_once(png_bytes(color=(30, 160, 90)), path="/img.png")
+    yield url.removesuffix("/img.png")
     server.shutdown()
