@@ -1,6 +1,6 @@
-"""Regression test for a bug the chaos run found in the runtime's model store, pinned by a test of what a
-pod needs: two models loaded at once (a render and a `/v1/prefetch`, or two
-prefetches) must leave the process able to build models on the CPU.
+"""Regression test for a bug the chaos run found in the runtime's model store, a test
+of what a pod needs: two models loaded at once (a render and a `/v1/prefetch`, or
+two prefetches) must leave the process able to build models on the CPU.
 
 Observed in `benchmarks/chaos.py` (2 pods, 4 models): a pod got two prefetch
 hints at once; after the two loads every render on that pod failed with
@@ -13,8 +13,8 @@ under accelerate's `init_empty_weights`, which patches
 `torch.nn.Module.register_parameter` process-wide and restores it on exit;
 two overlapping loads restore each other's patch, so the patch stays and
 every module built afterwards has its parameters on the `meta` device.
-Serializing `from_pretrained`/`from_single_file` (one lock in the store)
-avoids it.
+Fixed in af85742: `from_pretrained`/`from_single_file` are serialized (one
+lock per process in the store).
 """
 
 from __future__ import annotations
