@@ -1,6 +1,6 @@
-"""Regression test for a loss the chaos run found: a pod claims a task's end, dies (or its SNS publish
-fails) before publishing, and the dispatcher retries the job on another pod in
-the same receive. That pod sees the task already ended, does not render it and
+"""Regression test for a loss the chaos run found: a pod claims a task's end, dies
+(or its SNS publish fails) before publishing, and the dispatcher retries the job
+on another pod in the same receive. That pod sees the task already ended, does not render it and
 answers 200 with a callback it did not publish (runtime/app.py `post_job`:
 `reporter.running` False -> `_cancelled_before_start`); the dispatcher takes the
 200 as "the callback exists" and deletes the message. Nobody ever publishes the
