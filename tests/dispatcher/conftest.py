@@ -165,28 +165,6 @@ class Callbacks:
         return [c for c in self.received if c.get("id") == task_id]
 
 
-@pytest.fixture(scope="session")
-def _aws_clients(moto_endpoint: str):
-    from types import SimpleNamespace
-
-    from sdeks import aws as sdeks_aws
-
-    return SimpleNamespace(
-        endpoint=moto_endpoint,
-        **{
-            name: sdeks_aws.client(name, endpoint_url=moto_endpoint)
-            for name in ("sqs", "sns", "s3", "dynamodb")
-        },
-    )
-
-
-@pytest.fixture
-def aws(_aws_clients):
-    """The root `aws` fixture, with clients built once per session: building four
-    boto3 clients per test was most of each test's setup time."""
-    return _aws_clients
-
-
 @pytest.fixture
 def callbacks(aws, stack) -> Callbacks:
     return Callbacks(aws, stack.callback_topic_arn)
