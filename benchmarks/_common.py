@@ -4,9 +4,10 @@ Every service a benchmark measures runs in its own process, as in the local
 stack, so the process under test competes for the CPU the way it would there:
 
     MotoServer        `python -m benchmarks._common moto`: moto server (S3, SNS,
-                      SQS, DynamoDB) on 127.0.0.1, DynamoDB writes made atomic as
-                      `sdeks.local` does, SQS deletes made atomic and SQS calls
-                      freed of per-message clock costs (see the `make_moto_*`)
+                      SQS, DynamoDB) on 127.0.0.1, made faithful as the local
+                      stack's (`sdeks.local.make_moto_faithful`), its SQS calls
+                      freed of per-message clock costs (`make_moto_sqs_fast`),
+                      counting the API calls it serves
     PodFleet          `python -m benchmarks._common pods`: pod doubles, one port each,
                       speaking the pod contract (`POST /v1/jobs`, `GET /v1/state` in
                       the shape runtime/app.py serves, `POST /v1/prefetch`) plus
@@ -675,31 +676,6 @@ def make_moto_sqs_fast() -> None:
     )
 
 
-def make_moto_sqs_deletes_atomic() -> None:
-    """Make moto's DeleteMessage atomic per queue, as SQS's is.
-
-    moto 5 deletes by rebuilding the queue's message list from a snapshot and
-    assigning it, with no lock: two deletes served at once by its threads (a
-    consumer that deletes in concurrent batches, as the dispatcher does) each
-    put back the message the other removed, and a message sent meanwhile can
-    vanish. A resurrected message comes back after its visibility timeout and
-    is delivered again. This runs each delete under the queue's own lock (the
-    one SendMessage appends under). Nothing else changes.
-    """
-    from moto.sqs.models import Queue
-
-    original = Queue.delete_message
-    if getattr(original, "_bench_atomic", False):
-        return
-
-    def delete_message(self: Any, receipt_handle: str) -> None:
-        with self._messages_lock:
-            original(self, receipt_handle)
-
-    delete_message._bench_atomic = True  # type: ignore[attr-defined]
-    Queue.delete_message = delete_message  # type: ignore[method-assign]
-
-
 def _count_moto_calls(calls: dict[str, int]) -> None:
     """Count every API call moto serves, by `service.Action`."""
     import threading
@@ -721,11 +697,10 @@ def _count_moto_calls(calls: dict[str, int]) -> None:
 def _serve_moto(port: int, stats: Path) -> None:
     from moto.server import ThreadedMotoServer
 
-    from sdeks.local import make_moto_dynamodb_atomic
+    from sdeks.local import make_moto_faithful
 
-    make_moto_dynamodb_atomic()
+    make_moto_faithful()  # as the local stack's moto: atomic DynamoDB writes and SQS deletes
     make_moto_sqs_fast()
-    make_moto_sqs_deletes_atomic()
     calls: dict[str, int] = {}
     _count_moto_calls(calls)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
