@@ -299,11 +299,11 @@ def measure_ceilings(
 
 
 def tier_ceiling(tier: str, c: dict[str, float], on_cuda: bool, get: str = "get") -> float | None:
-    """A tier's ceiling from the raw steps. On CPU the store maps the weight files and
-    reads nothing until the first render (diffusers loads safetensors by mmap), so
-    its ceiling is the mapping `load_file`; on a GPU the bytes are read to be copied."""
+    """A tier's ceiling from the raw steps. The store reads the weights into memory
+    (no mmap: the RAM tier holds real bytes), so a disk activation's ceiling is
+    `load_file` plus reading the bytes; on a GPU, plus the host-to-device copy."""
     h2d = c.get("h2d", 0.0)
-    load = c["load"] if on_cuda else c["mmap"]
+    load = c["load"]
     if tier == "gpu":
         return c["build"]
     if tier == "ram":
@@ -414,8 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(raw, ["step", "ms", "MiB/s"]))
     if not on_cuda:
         print(
-            "# CPU: the ram row's device copies share the RAM tensors (no copy to compare with); "
-            "disk and s3 map the weights and read them at the first render, as load_file does"
+            "# CPU: the ram row's device copies share the RAM tensors (no copy to compare with)"
         )
     worst = max(ratios, key=lambda t: ratios[t])
     print(

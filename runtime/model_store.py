@@ -446,7 +446,15 @@ class ModelStore:
         started = time.perf_counter()
         family = detect(path)
         cls: Any = pipeline_class(family, "txt2img")
-        kwargs: dict[str, Any] = {**dtype_kwargs(self.dtype), "local_files_only": True}
+        # disable_mmap: the RAM tier holds the weights, not a mapping of the disk
+        # cache (diffusers maps safetensors by default: the first render would pay
+        # the reads, the RAM budget would count bytes not in memory, and an evicted
+        # file's space would stay in use while mapped).
+        kwargs: dict[str, Any] = {
+            **dtype_kwargs(self.dtype),
+            "local_files_only": True,
+            "disable_mmap": True,
+        }
         if family.name == "sdxl":
             kwargs["add_watermarker"] = False
         else:
