@@ -39,8 +39,13 @@ test: $(STAMP) lint typecheck
 synth: $(STAMP)
 	$(PY) -m infra.app --check
 
+# Full runs (minutes each); every benchmark also has --quick, run by the tests.
 bench: $(STAMP)
 	$(PY) benchmarks/scheduling.py
+	$(PY) benchmarks/dispatcher_overhead.py
+	$(PY) benchmarks/model_switch.py
+	$(PY) benchmarks/gpu_inference.py --quick
+	$(PY) benchmarks/chaos.py
 
 clean:
 	rm -rf $(VENV) outputs cdk.out .pytest_cache .ruff_cache .mypy_cache

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import table
 from dispatcher.scheduler import FifoPolicy
 from dispatcher.simulator import (
     SimResult,
@@ -39,14 +40,6 @@ from dispatcher.simulator import (
 
 def p50(result: SimResult) -> float:
     return statistics.median(result.waits.values()) if result.waits else 0.0
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 HEADER = [
