@@ -413,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n# raw steps (ms)")
     print(table(raw, ["step", "ms", "MiB/s"]))
     if not on_cuda:
-        print(
-            "# CPU: the ram row's device copies share the RAM tensors (no copy to compare with)"
-        )
+        print("# CPU: the ram row's device copies share the RAM tensors (no copy to compare with)")
     worst = max(ratios, key=lambda t: ratios[t])
     print(
         "\n"
