@@ -83,34 +83,6 @@ RuntimeName = Annotated[str, AfterValidator(check_runtime_name)]
 WebhookUrl = Annotated[str, AfterValidator(check_webhook)]
 
 
-class TaskMetadata(BaseModel):
-    """`task.metadata` as published."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    id: TaskId
-    runtime: RuntimeName
-    tasktype: TaskType
-    prefix: Prefix
-    context: Any = None
-    webhook: WebhookUrl | None = None
-
-
-class TaskBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    metadata: TaskMetadata
-    content: dict[str, Any] = Field(default_factory=dict)
-
-
-class TaskEnvelope(BaseModel):
-    """The canonical envelope: ``{"task": {"metadata": ..., "content": ...}}``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    task: TaskBody
-
-
 class Task(BaseModel):
     """The normalized task every service works with."""
 
@@ -144,6 +116,9 @@ class Task(BaseModel):
         if self.webhook:
             metadata["webhook"] = self.webhook
         return {"task": {"metadata": metadata, "content": self.content}}
+
+
+_METADATA_FIELDS = frozenset(Task.model_fields) - {"content"}
 
 
 def requested_model(content: Mapping[str, Any]) -> str | None:
@@ -284,8 +259,8 @@ def _from_metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
     content = doc.get("content", {})
     if content is None:
         content = {}
-    allowed = {"id", "runtime", "tasktype", "prefix", "context", "webhook"}
-    fields = {k: v for k, v in metadata.items() if k in allowed}
+    # Unknown metadata fields are ignored (publishers add their own); the rest are Task's.
+    fields = {k: v for k, v in metadata.items() if k in _METADATA_FIELDS}
     fields["content"] = content
     return fields
 

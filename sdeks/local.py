@@ -18,8 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,13 +429,3 @@ class LocalStack:
             lines.append(f"pods {runtime:<11}{' '.join(urls)}")
         lines.append(f"logs            {(self.workdir / 'logs').resolve()}")
         return "\n".join(lines)
-
-
-@contextmanager
-def local_stack(**kwargs: Any) -> Iterator[LocalStack]:
-    stack = LocalStack(**kwargs)
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()

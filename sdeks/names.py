@@ -15,8 +15,6 @@ from typing import Any
 
 #: SNS message attribute that routes a task to its runtime queue.
 RUNTIME_ATTRIBUTE = "runtime"
-#: SNS message attributes set on every callback, for subscriber filter policies.
-CALLBACK_ATTRIBUTES = ("status", "runtime")
 
 #: Receives before SQS moves a message to its DLQ (redrive policy).
 MAX_RECEIVE_COUNT = 5

@@ -8,7 +8,7 @@ same redrive) for a real account.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sdeks.names import (
@@ -37,10 +37,6 @@ class StackResources:
     output_bucket: str
     models_bucket: str
     task_table: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _queue_with_dlq(
