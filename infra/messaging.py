@@ -20,6 +20,7 @@ from constructs import Construct
 
 from sdeks.names import (
     MAX_RECEIVE_COUNT,
+    MESSAGE_RETENTION_S,
     VISIBILITY_TIMEOUT_S,
     WEBHOOK_VISIBILITY_TIMEOUT_S,
     StackNames,
@@ -28,7 +29,7 @@ from sdeks.names import (
 )
 from sdeks.webhooks import WEBHOOK_FILTER_POLICY
 
-_RETENTION = Duration.days(14)
+_RETENTION = Duration.seconds(MESSAGE_RETENTION_S)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,7 @@ from infra.messaging import Messaging
 from infra.state import TaskState
 from infra.storage import Storage
 from infra.workloads import Workloads
-from sdeks.names import REJECTED_PREFIX
-
-#: Name prefix of the temporary callback queues `sdeks submit --wait` creates (sdeks.client).
-CLI_QUEUE_PREFIX = "sdeks-cli-"
+from sdeks.names import CLI_QUEUE_PREFIX, REJECTED_PREFIX, RUNTIME_ATTRIBUTE
 
 
 class SdeksStack(Stack):
@@ -158,7 +155,7 @@ class SdeksStack(Stack):
             },
             separators=(",", ":"),
         )
-        attrs = json.dumps({"runtime": {"DataType": "String", "StringValue": first.name}})
+        attrs = json.dumps({RUNTIME_ATTRIBUTE: {"DataType": "String", "StringValue": first.name}})
         outputs = {
             "TaskTopicArn": messaging.task_topic.topic_arn,
             "CallbackTopicArn": messaging.callback_topic.topic_arn,

@@ -24,8 +24,6 @@ TASK_TABLE_ACTIONS = [
     "dynamodb:GetItem",
     "dynamodb:PutItem",
     "dynamodb:UpdateItem",
-    "dynamodb:DeleteItem",
-    "dynamodb:ConditionCheckItem",
     "dynamodb:Query",
 ]
 

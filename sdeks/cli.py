@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdeks.callback import Callback
+from sdeks.callback import Callback, TaskStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -54,7 +54,7 @@ class Spinner:
 
 
 def describe_callback(callback: Callback) -> str:
-    if callback.status.value == "succeeded":
+    if callback.status is TaskStatus.SUCCEEDED:
         return (
             f"{callback.id}: succeeded, {len(callback.image_url)} image(s) at "
             f"{callback.output_location} in {callback.timings.total_ms / 1000:.1f}s"
@@ -102,7 +102,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         spinner.done()
     callback = results[task.id]
     _print(describe_callback(callback))
-    if callback.status.value != "succeeded":
+    if callback.status is not TaskStatus.SUCCEEDED:
         return EXIT_FAILED
     for path in client.download(callback, Path(args.out)):
         _print(f"  {path}")
@@ -228,9 +228,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
     callback = record.terminal_callback()
     if callback is None:
         _print(f"{args.id}: {record.status.value}")
-        return EXIT_OK if record.status.value == "succeeded" else EXIT_FAILED
+        return EXIT_OK if record.status is TaskStatus.SUCCEEDED else EXIT_FAILED
     _print(describe_callback(callback))
-    if callback.status.value != "succeeded":
+    if callback.status is not TaskStatus.SUCCEEDED:
         return EXIT_FAILED
     for path in SdeksClient().download(callback, Path(args.out)):
         _print(f"  {path}")
@@ -345,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     tasks = sub.add_parser("tasks", help="recent tasks")
-    tasks.add_argument(
-        "--status", choices=["queued", "running", "succeeded", "failed", "cancelled"]
-    )
+    tasks.add_argument("--status", choices=[s.value for s in TaskStatus])
     tasks.add_argument("--limit", type=int, default=20)
     tasks.set_defaults(func=cmd_tasks)
 

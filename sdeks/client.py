@@ -22,7 +22,7 @@ from sdeks import aws
 from sdeks.callback import Callback
 from sdeks.envelope import Task, parse_task
 from sdeks.errors import InvalidEnvelopeError
-from sdeks.names import RUNTIME_ATTRIBUTE, StackNames
+from sdeks.names import CLI_QUEUE_PREFIX, RUNTIME_ATTRIBUTE, StackNames
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class CallbackListener:
         self.subscription_arn: str | None = None
 
     def __enter__(self) -> CallbackListener:
-        name = f"sdeks-cli-{uuid.uuid4().hex[:16]}"
+        name = f"{CLI_QUEUE_PREFIX}{uuid.uuid4().hex[:16]}"
         self.queue_url = self.sqs.create_queue(QueueName=name)["QueueUrl"]
         queue_arn = self.sqs.get_queue_attributes(
             QueueUrl=self.queue_url, AttributeNames=["QueueArn"]

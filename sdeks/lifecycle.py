@@ -238,8 +238,10 @@ async def describe(table: TaskTable, task_id: str, *, workers: int = 1) -> Statu
     if not record.status.terminal:
         if record.status is TaskStatus.QUEUED:
             position = await table.count_queued_before(record)
-        durations = await table.recent_durations_ms(record.runtime)
-        mean_ms = sum(durations) / len(durations) if durations else None
+        # A running task with progress is estimated from its own step rate.
+        if record.status is TaskStatus.QUEUED or not record.progress_done:
+            durations = await table.recent_durations_ms(record.runtime)
+            mean_ms = sum(durations) / len(durations) if durations else None
     eta = estimate_eta_s(
         record,
         ahead=position or 0,

@@ -18,6 +18,11 @@ RUNTIME_ATTRIBUTE = "runtime"
 
 #: Receives before SQS moves a message to its DLQ (redrive policy).
 MAX_RECEIVE_COUNT = 5
+#: Message retention of every queue and DLQ (SQS's maximum, 14 days).
+MESSAGE_RETENTION_S = 14 * 24 * 3600
+#: Name prefix of the temporary callback queues `sdeks submit --wait` creates; the
+#: stack's client policy grants SQS on exactly these.
+CLI_QUEUE_PREFIX = "sdeks-cli-"
 #: Queue visibility timeout; the dispatcher extends held messages well before it ends.
 VISIBILITY_TIMEOUT_S = 60
 #: Webhooks queue visibility timeout: one delivery with all its retries fits in it.

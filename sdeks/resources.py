@@ -13,6 +13,7 @@ from typing import Any
 
 from sdeks.names import (
     MAX_RECEIVE_COUNT,
+    MESSAGE_RETENTION_S,
     VISIBILITY_TIMEOUT_S,
     WEBHOOK_VISIBILITY_TIMEOUT_S,
     StackNames,
@@ -43,7 +44,7 @@ def _queue_with_dlq(
     sqs: Any, name: str, dlq_name: str, visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
 ) -> tuple[str, str, str]:
     dlq_url = sqs.create_queue(
-        QueueName=dlq_name, Attributes={"MessageRetentionPeriod": "1209600"}
+        QueueName=dlq_name, Attributes={"MessageRetentionPeriod": str(MESSAGE_RETENTION_S)}
     )["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
@@ -52,7 +53,7 @@ def _queue_with_dlq(
         QueueName=name,
         Attributes={
             "VisibilityTimeout": str(visibility_timeout_s),
-            "MessageRetentionPeriod": "1209600",
+            "MessageRetentionPeriod": str(MESSAGE_RETENTION_S),
             "RedrivePolicy": json.dumps(
                 {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVE_COUNT)}
             ),

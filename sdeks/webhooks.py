@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from sdeks.callback import Callback
+from sdeks.callback import Callback, TaskStatus
 from sdeks.envelope import unwrap_sns
 from sdeks.errors import LinkForbiddenError, SdeksError
 from sdeks.tasks import TaskTable, WebhookStatus
@@ -51,7 +51,9 @@ SIGNATURE_VERSION = "v1"
 #: Receivers refuse signatures older (or newer) than this: replay protection.
 DEFAULT_TOLERANCE_S = 300
 #: Filter policy of the `webhooks` queue's subscription to the callback topic.
-WEBHOOK_FILTER_POLICY: dict[str, list[str]] = {"status": ["succeeded", "failed", "cancelled"]}
+WEBHOOK_FILTER_POLICY: dict[str, list[str]] = {
+    "status": [s.value for s in TaskStatus if s.terminal]
+}
 
 
 # --- signing (sender and receiver) ------------------------------------------------
