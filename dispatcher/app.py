@@ -88,7 +88,12 @@ async def serve(
             await queue_visibility(sqs, urls) or VISIBILITY_TIMEOUT_S
         )
         interval = settings.heartbeat_interval_s or extension / 3
-        leases = LeaseKeeper(sqs, extension_s=extension, interval_s=interval)
+        leases = LeaseKeeper(
+            sqs,
+            extension_s=extension,
+            interval_s=interval,
+            on_lost=lambda _lease: metrics.lost_leases.inc(),
+        )
         if settings.webhook_queue_url and table is not None and settings.webhook_secret:
             sender = WebhookSender(
                 links.session,

@@ -49,4 +49,5 @@ class PodRejectedError(PodError):
         self, message: str, *, pod: str, error_code: str, task_id: str | None = None
     ) -> None:
         super().__init__(message, pod=pod, task_id=task_id)
-        self.error_code = error_code
+        # The pod's own error code is this error's code (it goes into the callback).
+        self.code = error_code  # type: ignore[misc]

@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,13 @@ class Lease:
 
 class LeaseKeeper:
     def __init__(
-        self, sqs: Any, *, extension_s: int, interval_s: float, delete_delay_s: float = 0.005
+        self,
+        sqs: Any,
+        *,
+        extension_s: int,
+        interval_s: float,
+        delete_delay_s: float = 0.005,
+        on_lost: Callable[[Lease], None] | None = None,
     ) -> None:
         if interval_s >= extension_s:
             raise ValueError(
@@ -52,6 +59,7 @@ class LeaseKeeper:
                 f"extension ({extension_s} s), or held messages become visible again"
             )
         self._sqs = sqs
+        self._on_lost = on_lost
         self.extension_s = extension_s
         self.interval_s = interval_s
         self._held: dict[str, Lease] = {}
@@ -63,9 +71,6 @@ class LeaseKeeper:
 
     def __len__(self) -> int:
         return len(self._held)
-
-    def held(self, runtime: str | None = None) -> list[Lease]:
-        return [le for le in self._held.values() if runtime is None or le.runtime == runtime]
 
     def hold(
         self, queue_url: str, receipt_handle: str, message_id: str, *, runtime: str | None = None
@@ -188,6 +193,8 @@ class LeaseKeeper:
                 continue
             if failure.get("SenderFault", True):
                 lease.lost = True
+                if self._on_lost is not None:
+                    self._on_lost(lease)
                 log.warning(
                     "lease on message %s lost: %s",
                     lease.message_id,

@@ -320,7 +320,7 @@ class Dispatcher:
                 await self._fail(lease, task, exc)
                 return
             except PodRejectedError as exc:
-                await self._fail(lease, task, _coded(exc.error_code, exc.message))
+                await self._fail(lease, task, exc)
                 return
             except PodDuplicateError as exc:
                 # Rendering it again elsewhere would race the running copy; come back
@@ -463,12 +463,6 @@ def _failed(task: Task, error: SdeksError) -> Callback:
         context=task.context,
         error=ErrorInfo.from_exception(error),
     )
-
-
-def _coded(code: str, message: str) -> SdeksError:
-    error = SdeksError(message)
-    error.code = code  # type: ignore[misc]  # the pod's own code, passed through
-    return error
 
 
 def _message_attributes(message: dict[str, Any]) -> dict[str, str]:

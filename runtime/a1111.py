@@ -24,6 +24,10 @@ ROUTING_SCRIPT_KEYS = frozenset(
 )
 
 
+#: `sd_vae` values that mean "the checkpoint's own VAE" (A1111's names for it).
+NO_VAE = frozenset({"Automatic", "None", ""})
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

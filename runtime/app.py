@@ -389,10 +389,7 @@ def create_app(
         response_model=a1111.ExtrasSingleImageResponse,
     )
     async def extra_single_image(request: a1111.ExtrasSingleImageRequest) -> Any:
-        try:
-            result = await asyncio.to_thread(pod.renderer.extras, request)
-        except SdeksError as exc:
-            return _a1111_error(exc)
+        result = await asyncio.to_thread(pod.renderer.extras, request)
         image = base64.b64encode(encode_png(result.images[0], result.infotexts[0])).decode()
         return a1111.ExtrasSingleImageResponse(html_info=result.infotexts[0], image=image)
 
@@ -405,23 +402,14 @@ def create_app(
         checkpoint = body.get("sd_model_checkpoint")
         if checkpoint is not None:
             # A1111 loads the model when it is set; an unknown one is refused.
-            try:
-                await asyncio.to_thread(pod.renderer.check_pinned, str(checkpoint))
-                await asyncio.to_thread(pod.models.load, str(checkpoint))
-            except SdeksError as exc:
-                return _a1111_error(exc)
+            await asyncio.to_thread(pod.renderer.check_pinned, str(checkpoint))
+            await asyncio.to_thread(pod.models.load, str(checkpoint))
         if "CLIP_stop_at_last_layers" in body:
-            try:
-                from runtime.render import clip_skip_of
+            from runtime.render import clip_skip_of
 
-                clip_skip_of(body["CLIP_stop_at_last_layers"])
-            except SdeksError as exc:
-                return _a1111_error(exc)
-        if body.get("sd_vae") not in (None, "Automatic", "None"):
-            try:
-                await asyncio.to_thread(pod.models.fetch_vae, str(body["sd_vae"]))
-            except SdeksError as exc:
-                return _a1111_error(exc)
+            clip_skip_of(body["CLIP_stop_at_last_layers"])
+        if body.get("sd_vae") is not None and body["sd_vae"] not in a1111.NO_VAE:
+            await asyncio.to_thread(pod.models.fetch_vae, str(body["sd_vae"]))
         pod.options.update(body)
         return None
 
@@ -492,10 +480,7 @@ def create_app(
     async def png_info(body: a1111.PngInfoRequest) -> Any:
         from runtime.render import decode_image
 
-        try:
-            image = decode_image(body.image, "image", settings.max_upscale_pixels)
-        except SdeksError as exc:
-            return _a1111_error(exc)
+        image = decode_image(body.image, "image", settings.max_upscale_pixels)
         text = str(image.info.get(infotext.PNG_TEXT_KEY, ""))
         items = {str(k): v for k, v in image.info.items() if isinstance(v, str)}
         return a1111.PngInfoResponse(
@@ -509,6 +494,7 @@ def create_app(
             if job_id in pod.running:
                 pod.running[job_id].cancel()
 
+    # Every A1111 route's SdeksError is answered here, in A1111's error shape.
     @app.exception_handler(SdeksError)
     async def sdeks_error(_request: Request, exc: SdeksError) -> JSONResponse:
         return _a1111_error(exc)

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,9 +94,6 @@ class LoadTimings:
     def model_load_ms(self) -> int:
         """The callback's `timings.model_load_ms`."""
         return round(self.total_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -317,9 +314,6 @@ class ModelStore:
             }
             for e in self.catalog.checkpoints
         ]
-
-    def checkpoints(self) -> list[ModelEntry]:
-        return list(self.catalog.checkpoints)
 
     def loras(self) -> list[ModelEntry]:
         return list(self.catalog.loras)

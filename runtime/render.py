@@ -34,6 +34,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from runtime import infotext, prompts, samplers, seeds
 from runtime.a1111 import (
+    NO_VAE,
     ExtrasSingleImageRequest,
     GenerationRequest,
     Img2ImgRequest,
@@ -458,7 +459,7 @@ class Renderer:
         vae_name = str(opts.get("sd_vae") or "Automatic")
         # LoRA and VAE files first: a missing one fails before the checkpoint is loaded.
         lora_files = [(name, self.models.fetch_lora(name), weight) for name, weight in loras]
-        if vae_name not in ("Automatic", "None", ""):
+        if vae_name not in NO_VAE:
             self.models.fetch_vae(vae_name)
 
         # 3. Load the model: pinned in the store for the whole render, as a pipeline of our kind.
@@ -571,7 +572,7 @@ class Renderer:
 
     def _vae(self, pipe: Any, loaded: Loaded, vae_name: str) -> Any:
         """`sd_vae`: "Automatic"/"None" keep the checkpoint's VAE; a name loads `VAE/<name>`."""
-        if vae_name in ("Automatic", "None", ""):
+        if vae_name in NO_VAE:
             return None
         key = (loaded.title, vae_name)
         with self._lock:
@@ -800,7 +801,7 @@ class Renderer:
             "Size": f"{request.width}x{request.height}",
             "Model hash": loaded.hash,
             "Model": loaded.model_name,
-            "VAE": vae_name if vae_name not in ("Automatic", "None") else None,
+            "VAE": vae_name if vae_name not in NO_VAE else None,
             "Variation seed": plan.all_subseeds[i] if varies else None,
             "Variation seed strength": plan.subseed_strength if varies else None,
             "Denoising strength": strength if img is not None else None,
@@ -849,7 +850,7 @@ class Renderer:
             "face_restoration_model": None,
             "sd_model_name": loaded.model_name,
             "sd_model_hash": loaded.hash,
-            "sd_vae_name": vae_name if vae_name not in ("Automatic", "None") else None,
+            "sd_vae_name": vae_name if vae_name not in NO_VAE else None,
             "sd_vae_hash": None,
             "seed_resize_from_w": request.seed_resize_from_w,
             "seed_resize_from_h": request.seed_resize_from_h,
@@ -916,7 +917,3 @@ def _inject_noise(pipe: Any, noise: Any) -> None:
         return pipe.scheduler.add_noise(init, noise.to(device=device, dtype=dtype), timestep)
 
     pipe.prepare_latents = prepare_latents
-
-
-# Used by app.py to run one of the three task kinds from a parsed request.
-Handler = Callable[..., RenderResult]

@@ -297,3 +297,14 @@ def test_png_info_reads_back_the_parameters(client):
     assert info["parameters"]["Negative prompt"] == "dull"
     assert info["parameters"]["Seed"] == "5"
     assert info["items"]["parameters"] == info["info"]
+
+
+@pytest.mark.parametrize("value", ["", "None", "Automatic"])
+def test_options_accept_every_name_of_the_checkpoints_own_vae(client, value):
+    assert client.post("/sdapi/v1/options", json={"sd_vae": value}).status_code == 200
+
+
+def test_options_refuse_an_unknown_vae_in_a1111_shape(client):
+    response = client.post("/sdapi/v1/options", json={"sd_vae": "no-such-vae.safetensors"})
+    assert response.status_code == 404
+    assert "no-such-vae" in response.text
