@@ -42,6 +42,10 @@ class LocalStackError(Exception):
     pass
 
 
+class ServiceExitedError(LocalStackError):
+    """A service process exited while starting (it crashed, or was killed)."""
+
+
 _ATOMIC_LOCK = threading.RLock()
 
 
@@ -109,7 +113,7 @@ def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | Non
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise LocalStackError(f"process for {url} exited with {proc.returncode}")
+            raise ServiceExitedError(f"process for {url} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -328,7 +332,7 @@ class LocalStack:
         except LocalStackError as exc:
             proc.kill()
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise LocalStackError(f"runtime pod did not start: {exc}\n{tail}") from exc
+            raise type(exc)(f"runtime pod did not start: {exc}\n{tail}") from exc
         log.info("runtime pod %s up on %s", runtime, url)
         return Service(f"pod-{runtime}-{index}", proc, url, log_path)
 
@@ -390,7 +394,7 @@ class LocalStack:
         except LocalStackError as exc:
             proc.kill()
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise LocalStackError(f"dispatcher did not start: {exc}\n{tail}") from exc
+            raise type(exc)(f"dispatcher did not start: {exc}\n{tail}") from exc
         log.info("dispatcher up (metrics on %s)", url)
         return Service(f"dispatcher-{index}", proc, url, log_path)
 
