@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdeks.envelope import TaskType
+from sdeks.envelope import TaskType, requested_model
 from sdeks.errors import InvalidParameterError
 
 #: The keys that route a task (DESIGN.md); not script arguments.
@@ -81,6 +81,25 @@ class GenerationRequest(_Body):
     def sampler(self) -> str:
         """The sampler asked for, as A1111 reads it: `sampler_name or sampler_index`."""
         return self.sampler_name or self.sampler_index
+
+    def requested_checkpoint(self) -> str | None:
+        """The checkpoint this request names, by the rule the dispatcher schedules with
+        (`sdeks.envelope.requested_model`: `alwayson_scripts`, then `override_settings`).
+
+        Both blocks are free-form dicts, so a non-string `sd_model_checkpoint` gets
+        this far: it is refused, never read as absent or turned into a string.
+        """
+        blocks = {
+            "alwayson_scripts": self.alwayson_scripts,
+            "override_settings": self.override_settings or {},
+        }
+        for section, block in blocks.items():
+            value = block.get("sd_model_checkpoint")
+            if value is not None and not isinstance(value, str):
+                raise InvalidParameterError(
+                    f"`{section}.sd_model_checkpoint` must be a string, got {value!r}"
+                )
+        return requested_model(blocks)
 
     @property
     def script_alwayson(self) -> dict[str, Any]:

@@ -342,14 +342,14 @@ def create_app(
     async def a1111_generate(request: a1111.GenerationRequest, kind: str) -> Any:
         control = JobControl(job_id=f"a1111-{uuid.uuid4().hex[:12]}", keep_partial=True)
         options = dict(pod.options)
-        model = request.alwayson_scripts.get("sd_model_checkpoint")
 
         def work() -> RenderResult:
+            # The renderer reads the checkpoint the request names.
             if kind == "txt2img":
                 assert isinstance(request, a1111.Txt2ImgRequest)
-                return pod.renderer.txt2img(request, options=options, model=model, control=control)
+                return pod.renderer.txt2img(request, options=options, control=control)
             assert isinstance(request, a1111.Img2ImgRequest)
-            return pod.renderer.img2img(request, options=options, model=model, control=control)
+            return pod.renderer.img2img(request, options=options, control=control)
 
         pod.a1111_ids.add(control.job_id)
         try:
@@ -401,9 +401,13 @@ def create_app(
     async def set_options(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
         checkpoint = body.get("sd_model_checkpoint")
         if checkpoint is not None:
+            if not isinstance(checkpoint, str):
+                raise InvalidParameterError(
+                    f"`sd_model_checkpoint` must be a string, got {checkpoint!r}"
+                )
             # A1111 loads the model when it is set; an unknown one is refused.
-            await asyncio.to_thread(pod.renderer.check_pinned, str(checkpoint))
-            await asyncio.to_thread(pod.models.load, str(checkpoint))
+            await asyncio.to_thread(pod.renderer.check_pinned, checkpoint)
+            await asyncio.to_thread(pod.models.load, checkpoint)
         if "CLIP_stop_at_last_layers" in body:
             from runtime.render import clip_skip_of
 

@@ -38,7 +38,9 @@ def render_task(
 ) -> RenderResult:
     task = job.task
     request = parse_request(task.tasktype, task.content)
-    model = job.model or requested_model(task.content)
+    # `job.model` is what the dispatcher scheduled for; without one the renderer
+    # reads the checkpoint the request names.
+    model = job.model
     if task.tasktype is TaskType.TEXT_TO_IMAGE:
         assert isinstance(request, Txt2ImgRequest)
         return renderer.txt2img(request, options=options, model=model, control=control)

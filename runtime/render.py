@@ -427,6 +427,7 @@ class Renderer:
 
         # 1. Check inputs.
         check_generation(request, self.settings)
+        named = request.requested_checkpoint()
         choice = samplers.resolve(request.sampler, request.scheduler)
         count = request.batch_size * request.n_iter
         plan = seeds.plan_seeds(request.seed, request.subseed, request.subseed_strength, count)
@@ -441,13 +442,10 @@ class Renderer:
 
         # 2. Resolve the settings in force (override_settings apply to this request only).
         opts = effective_settings(options, request)
-        # DESIGN.md: alwayson_scripts (the routing key, passed in as `model`), then
-        # override_settings, then the persisted /options value, then the pod's default.
+        # DESIGN.md: the model the dispatcher scheduled, the one the request names,
+        # then the persisted /options value, then the pod's default.
         checkpoint = (
-            model
-            or (request.override_settings or {}).get("sd_model_checkpoint")
-            or options.get("sd_model_checkpoint")
-            or self.settings.default_model
+            model or named or options.get("sd_model_checkpoint") or self.settings.default_model
         )
         if not checkpoint:
             raise ModelNotFoundError(

@@ -308,3 +308,19 @@ def test_options_refuse_an_unknown_vae_in_a1111_shape(client):
     response = client.post("/sdapi/v1/options", json={"sd_vae": "no-such-vae.safetensors"})
     assert response.status_code == 404
     assert "no-such-vae" in response.text
+
+
+@pytest.mark.parametrize("section", ["alwayson_scripts", "override_settings"])
+def test_non_string_checkpoint_is_refused_in_a1111_shape(client, section):
+    body = {"steps": 2, "width": 64, "height": 64, section: {"sd_model_checkpoint": 7}}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid_parameter"
+    assert f"`{section}.sd_model_checkpoint` must be a string, got 7" in response.json()["detail"]
+
+
+def test_options_refuse_a_non_string_checkpoint(client):
+    response = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": {"name": "x"}})
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid_parameter"
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] != {"name": "x"}

@@ -175,6 +175,11 @@ BAD_TASKS = [
     ({"sampler_name": "DPM fast"}, "invalid_parameter", "Euler a"),
     ({"steps": "many"}, "invalid_parameter", "steps"),
     ({"alwayson_scripts": {"sd_model_checkpoint": "nope.safetensors"}}, "model_not_found", "nope"),
+    (
+        {"alwayson_scripts": {"sd_model_checkpoint": 5}},
+        "invalid_parameter",
+        "`alwayson_scripts.sd_model_checkpoint` must be a string",
+    ),
 ]
 
 

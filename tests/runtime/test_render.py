@@ -250,6 +250,14 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"refiner_checkpoint": "sdxl-refiner"}, "`refiner_checkpoint`"),
         ({"alwayson_scripts": {"controlnet": {"args": []}}}, "controlnet"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
+        (
+            {"alwayson_scripts": {"sd_model_checkpoint": 5}},
+            "`alwayson_scripts.sd_model_checkpoint` must be a string, got 5",
+        ),
+        (
+            {"override_settings": {"sd_model_checkpoint": ["tiny-sd15"]}},
+            "`override_settings.sd_model_checkpoint` must be a string, got ['tiny-sd15']",
+        ),
     ],
 )
 def test_bad_parameters_name_field_and_value(renderer, fields, needle):
