@@ -105,6 +105,9 @@ class JobControl:
 class Loaded:
     """What the results say about the model a render used (from the store's lease)."""
 
+    #: The store's name for the checkpoint (`sub/foo.safetensors`, `bar`): unlike
+    #: `title`, it stays the same once the hash becomes known.
+    name: str
     title: str
     model_name: str
     hash: str | None
@@ -118,6 +121,7 @@ class Loaded:
             name = name.removesuffix(suffix)
         unet = getattr(lease.pipeline, "unet", None)
         return cls(
+            name=lease.name,
             title=lease.title,
             model_name=name,
             hash=lease.hash,
@@ -572,7 +576,9 @@ class Renderer:
         """`sd_vae`: "Automatic"/"None" keep the checkpoint's VAE; a name loads `VAE/<name>`."""
         if vae_name in NO_VAE:
             return None
-        key = (loaded.title, vae_name)
+        # Keyed by the checkpoint's name: its title gains ` [hash]` once the hash is
+        # known, which would load the same VAE again.
+        key = (loaded.name, vae_name)
         with self._lock:
             if key in self._vae_cache:
                 return self._vae_cache[key]

@@ -212,6 +212,41 @@ def test_sd_vae_from_the_vae_folder(renderer, vae):
     assert not np.array_equal(pixels(plain.images[0]), pixels(result.images[0]))
 
 
+def test_sd_vae_is_loaded_once_per_checkpoint_when_its_hash_becomes_known(
+    models_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from runtime import vae as vae_module
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+
+    # GIVEN a fresh store whose hash of the checkpoint is not known yet
+    store = ModelStore(LocalSource(models_root), cache_dir=tmp_path / "cache")
+    renderer = Renderer(store, RuntimeSettings(default_model="tiny-sd15"))
+    loads = []
+    real_load_vae = vae_module.load_vae
+
+    def counting_load_vae(*args, **kwargs):
+        loads.append(args[0])
+        return real_load_vae(*args, **kwargs)
+
+    monkeypatch.setattr(vae_module, "load_vae", counting_load_vae)
+    request = t2i(override_settings={"sd_vae": "bright"})
+    with monkeypatch.context() as hold:
+        hold.setattr(store, "_hash_local", lambda *_: None)  # the background hash, held off
+        first = renderer.txt2img(request, options=OPTIONS)
+    assert first.model == "tiny-sd15"
+
+    # WHEN the hash becomes known (the title changes) and the VAE is used again
+    sha256 = store.ensure_hash("tiny-sd15")
+    assert sha256
+    again = renderer.txt2img(request, options=OPTIONS)
+
+    # THEN the VAE file was loaded once, and both renders used it
+    assert again.model == f"tiny-sd15 [{sha256[:10]}]"
+    assert len(loads) == 1
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+
+
 def test_prompt_lora_changes_pixels_and_is_unloaded(renderer):
     plain = renderer.txt2img(t2i(), options=OPTIONS)
     with_lora = renderer.txt2img(t2i(prompt="a red cube <lora:tiny:0.8>"), options=OPTIONS)
