@@ -17,6 +17,7 @@ from tests.dispatcher.conftest import (
     running,
     settings_for,
 )
+from tests.helpers import serve_app
 
 
 def png_bytes(size: tuple[int, int] = (8, 8)) -> bytes:
@@ -98,26 +99,18 @@ async def test_dispatch_resolves_http_and_s3_links_to_base64(aws, stack, make_po
 
     app = web.Application()
     app.router.add_get("/cat.png", serve_png)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     pod = await make_pod()
-    try:
-        async with running(settings_for(stack, {"sdruntime": [pod.url]})):
-            publish(
-                aws,
-                stack,
-                envelope(
-                    "linked",
-                    init_images=[f"http://127.0.0.1:{port}/cat.png"],
-                    mask=f"s3://{stack.models_bucket}/inputs/cat.png",
-                ),
-            )
-            (got,) = await callbacks.wait_for(1)
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as base, running(settings_for(stack, {"sdruntime": [pod.url]})):
+        publish(
+            aws,
+            stack,
+            envelope(
+                "linked",
+                init_images=[f"{base}/cat.png"],
+                mask=f"s3://{stack.models_bucket}/inputs/cat.png",
+            ),
+        )
+        (got,) = await callbacks.wait_for(1)
     assert got["status"] == "succeeded"
     content = pod.jobs[0].task.content
     assert base64.b64decode(content["init_images"][0]) == image
@@ -230,22 +223,14 @@ async def test_dispatch_link_ahead_bounds_tasks_holding_images(aws, stack, make_
 
     app = web.Application()
     app.router.add_get("/x.png", serve_png)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     pod = await make_pod(delay_s=0.3)
     settings = settings_for(stack, {"sdruntime": [pod.url]}, link_ahead=1)
-    try:
-        async with running(settings):
-            for i in range(3):
-                link = f"http://127.0.0.1:{port}/x.png?i={i}"
-                publish(aws, stack, envelope(f"img-{i}", init_images=[link]))
-            publish(aws, stack, envelope("plain"))
-            got = await callbacks.wait_for(4)
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as base, running(settings):
+        for i in range(3):
+            link = f"{base}/x.png?i={i}"
+            publish(aws, stack, envelope(f"img-{i}", init_images=[link]))
+        publish(aws, stack, envelope("plain"))
+        got = await callbacks.wait_for(4)
     # THEN every task completes, and no download started while another image task
     # still held its images
     assert sorted(c["id"] for c in got) == ["img-0", "img-1", "img-2", "plain"]

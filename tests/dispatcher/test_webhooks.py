@@ -10,24 +10,11 @@ from aiohttp import web
 
 from sdeks.lifecycle import Reporter
 from sdeks.tasks import TaskTable
-from sdeks.webhooks import WEBHOOK_FILTER_POLICY, verify_signature
+from sdeks.webhooks import verify_signature
 from tests.dispatcher.conftest import envelope, publish, running, settings_for
+from tests.helpers import serve_app
 
 SECRET = "s3cret-for-tests"
-
-
-def webhooks_queue(aws, stack) -> str:
-    url = aws.sqs.create_queue(QueueName=f"{stack.output_bucket}-webhooks")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(
-        TopicArn=stack.callback_topic_arn,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"FilterPolicy": json.dumps(WEBHOOK_FILTER_POLICY)},
-    )
-    return url
 
 
 async def webhook_outcomes(table: TaskTable, ids: list[str], within: float = 20.0):
@@ -54,35 +41,26 @@ async def test_webhooks_signed_delivery_and_private_address_refused(
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
     table = TaskTable(aws.dynamodb, stack.task_table)
     pod = await make_pod(reporter=Reporter(aws.sns, stack.callback_topic_arn, table=table))
     settings = settings_for(
         stack,
         {"sdruntime": [pod.url]},
         task_table=stack.task_table,
-        webhook_queue_url=webhooks_queue(aws, stack),
+        webhook_queue_url=stack.webhook_queue_url,
         webhook_secret=SECRET,
         webhook_retries=0,
     )
-    good = envelope("hooked")
-    good["task"]["metadata"]["webhook"] = f"http://127.0.0.1:{port}/hook"
     evil = envelope("evil-hook")
     evil["task"]["metadata"]["webhook"] = "http://169.254.169.254/latest/meta-data/"
-    try:
-        async with running(settings):
-            publish(aws, stack, good)
-            publish(aws, stack, evil)
-            await callbacks.wait_for(2)
+    async with serve_app(app) as base, running(settings):
+        good = envelope("hooked")
+        good["task"]["metadata"]["webhook"] = f"{base}/hook"
+        publish(aws, stack, good)
+        publish(aws, stack, evil)
+        await callbacks.wait_for(2)
 
-            statuses = await webhook_outcomes(table, ["hooked", "evil-hook"])
-    finally:
-        await runner.cleanup()
+        statuses = await webhook_outcomes(table, ["hooked", "evil-hook"])
     # THEN the receiver got one signed callback; the metadata address was refused unasked
     assert [(ok, doc["id"], doc["status"]) for ok, doc in received] == [
         (True, "hooked", "succeeded")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +29,13 @@ from dispatcher.service import Dispatcher, Source
 from dispatcher.settings import DispatcherSettings
 from sdeks import aws as sdeks_aws
 from sdeks.callback import Callback
+from sdeks.client import CallbackListener
 from sdeks.envelope import Task, parse_task, unwrap_sns
 from sdeks.errors import InvalidEnvelopeError
 from sdeks.lifecycle import Reporter
 from sdeks.tasks import TaskTable
 from tests.dispatcher.conftest import FakePod
+from tests.helpers import drain_callbacks, queue_depth
 
 RUNTIME = "sdruntime"
 LINK_CODES = {"link_forbidden", "link_unreachable", "link_too_large", "not_an_image"}
@@ -79,17 +80,8 @@ class Harness:
         self.handled = 0
         self.kinds: Counter[str] = Counter()
         self.rejected = 0
-        self.callback_queue = aws.sqs.create_queue(QueueName=f"fz-cb-{uuid.uuid4().hex[:10]}")[
-            "QueueUrl"
-        ]
-        arn = aws.sqs.get_queue_attributes(
-            QueueUrl=self.callback_queue, AttributeNames=["QueueArn"]
-        )["Attributes"]["QueueArn"]
-        aws.sns.subscribe(
-            TopicArn=stack.callback_topic_arn,
-            Protocol="sqs",
-            Endpoint=arn,
-            Attributes={"RawMessageDelivery": "true"},
+        self.callbacks_listener = self.exit.enter_context(
+            CallbackListener(aws.sns, aws.sqs, stack.callback_topic_arn)
         )
 
     async def start(self, behaviours: list[Any] | None = None) -> None:
@@ -305,35 +297,10 @@ class Harness:
         return out
 
     def callbacks(self) -> list[Callback]:
-        out = []
-        while True:
-            answer = self.aws.sqs.receive_message(
-                QueueUrl=self.callback_queue, MaxNumberOfMessages=10, WaitTimeSeconds=0
-            )
-            messages = answer.get("Messages", [])
-            if not messages:
-                return out
-            out += [Callback.model_validate_json(m["Body"]) for m in messages]
-            self.aws.sqs.delete_message_batch(
-                QueueUrl=self.callback_queue,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                    for i, m in enumerate(messages)
-                ],
-            )
+        return drain_callbacks(self.callbacks_listener)
 
     def in_flight(self) -> int:
-        total = 0
-        for source in self.sources.values():
-            attributes = self.aws.sqs.get_queue_attributes(
-                QueueUrl=source.queue_url,
-                AttributeNames=[
-                    "ApproximateNumberOfMessages",
-                    "ApproximateNumberOfMessagesNotVisible",
-                ],
-            )["Attributes"]
-            total += sum(int(v) for v in attributes.values())
-        return total
+        return sum(queue_depth(self.aws.sqs, s.queue_url) for s in self.sources.values())
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -16,22 +16,19 @@ import uuid
 import pytest
 
 from sdeks.callback import Callback, TaskStatus
-from sdeks.envelope import parse_task
+from sdeks.envelope import Task, TaskType, parse_task
+from tests.helpers import serve_app
 from tests.reliability.harness import RUNTIME, Delivery, Harness
 
 
 def envelope(task_id: str) -> dict:
-    return {
-        "task": {
-            "metadata": {
-                "id": task_id,
-                "runtime": RUNTIME,
-                "tasktype": "text-to-image",
-                "prefix": "bugs",
-            },
-            "content": {"prompt": "a cat", "steps": 2},
-        }
-    }
+    return Task(
+        id=task_id,
+        runtime=RUNTIME,
+        tasktype=TaskType.TEXT_TO_IMAGE,
+        prefix="bugs",
+        content={"prompt": "a cat", "steps": 2},
+    ).to_envelope()
 
 
 @pytest.fixture
@@ -140,40 +137,33 @@ async def test_forged_callback_is_not_signed_and_delivered_to_the_tasks_webhook(
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    try:
-        async with (
-            sdeks_aws.aio_client("dynamodb") as dynamodb,
-            LinkResolver(LinkPolicy(allow_nets=("127.0.0.1/32",))) as links,
-        ):
-            table = TaskTable(dynamodb, stack.task_table)
-            # GIVEN a task with a webhook, still running
-            task_id = f"bug-forge-{uuid.uuid4().hex[:8]}"
-            body = envelope(task_id)
-            body["task"]["metadata"]["webhook"] = url
-            await table.record_queued(parse_task(body))
-            assert await table.mark_running(task_id, pod="pod-a")
-            sender = WebhookSender(
-                links.session,
-                secret="s3cret",
-                guard=links.check_url,
-                table=table,
-                retry=RetryPolicy(retries=0, timeout_s=5.0),
-            )
-            # WHEN someone who may publish to the callback topic publishes a forged callback
-            forged = Callback(
-                id=task_id,
-                runtime=RUNTIME,
-                status=TaskStatus.SUCCEEDED,
-                result=True,
-                image_url=["s3://attacker-bucket/not-yours.png"],
-            )
-            await deliver_notification(forged.model_dump_json(), table=table, sender=sender)
-    finally:
-        await runner.cleanup()
+    async with (
+        serve_app(app) as base,
+        sdeks_aws.aio_client("dynamodb") as dynamodb,
+        LinkResolver(LinkPolicy(allow_nets=("127.0.0.1/32",))) as links,
+    ):
+        table = TaskTable(dynamodb, stack.task_table)
+        # GIVEN a task with a webhook, still running
+        task_id = f"bug-forge-{uuid.uuid4().hex[:8]}"
+        body = envelope(task_id)
+        body["task"]["metadata"]["webhook"] = f"{base}/hook"
+        await table.record_queued(parse_task(body))
+        assert await table.mark_running(task_id, pod="pod-a")
+        sender = WebhookSender(
+            links.session,
+            secret="s3cret",
+            guard=links.check_url,
+            table=table,
+            retry=RetryPolicy(retries=0, timeout_s=5.0),
+        )
+        # WHEN someone who may publish to the callback topic publishes a forged callback
+        forged = Callback(
+            id=task_id,
+            runtime=RUNTIME,
+            status=TaskStatus.SUCCEEDED,
+            result=True,
+            image_url=["s3://attacker-bucket/not-yours.png"],
+        )
+        await deliver_notification(forged.model_dump_json(), table=table, sender=sender)
     # THEN the dispatcher does not sign and deliver it: the task has not ended
     assert posts == []

@@ -9,9 +9,11 @@ import pytest
 
 from sdeks import cli
 from sdeks.callback import Callback, TaskStatus
+from sdeks.client import CallbackListener
 from sdeks.envelope import parse_task
 from sdeks.lifecycle import Reporter
 from sdeks.tasks import TaskTable
+from tests.helpers import drain_callbacks
 
 
 @pytest.fixture
@@ -33,20 +35,6 @@ def a_task(task_id: str):
             "content": {"steps": 4},
         }
     )
-
-
-def callback_queue(aws, stack) -> str:
-    url = aws.sqs.create_queue(QueueName=f"cb-{stack.task_table}")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(
-        TopicArn=stack.callback_topic_arn,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"RawMessageDelivery": "true"},
-    )
-    return url
 
 
 def test_status_shows_a_queued_task_with_its_position(env, capsys):
@@ -84,13 +72,12 @@ def test_status_json_and_tasks_listing(env, aws, stack, capsys):
 
 
 def test_cancel_a_queued_task_publishes_one_cancelled_callback(env, aws, stack, capsys):
-    queue = callback_queue(aws, stack)
-    asyncio.run(env.record_queued(a_task("to-cancel")))
-    assert cli.main(["cancel", "to-cancel"]) == cli.EXIT_OK
-    assert "cancelled" in capsys.readouterr().out
-    got = aws.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
-    bodies = [json.loads(m["Body"]) for m in got.get("Messages", [])]
-    assert [(b["id"], b["status"]) for b in bodies] == [("to-cancel", "cancelled")]
+    with CallbackListener(aws.sns, aws.sqs, stack.callback_topic_arn) as listener:
+        asyncio.run(env.record_queued(a_task("to-cancel")))
+        assert cli.main(["cancel", "to-cancel"]) == cli.EXIT_OK
+        assert "cancelled" in capsys.readouterr().out
+        published = drain_callbacks(listener)
+    assert [(c.id, c.status) for c in published] == [("to-cancel", "cancelled")]
     # a second cancel finds it finished and publishes nothing
     assert cli.main(["cancel", "to-cancel"]) == cli.EXIT_FAILED
     assert "already finished" in capsys.readouterr().out

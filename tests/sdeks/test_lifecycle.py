@@ -4,8 +4,8 @@ SQS queue subscribed to the callback topic."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +13,10 @@ import pytest
 from sdeks import aws as sdeks_aws
 from sdeks.aws import aio_client
 from sdeks.callback import Callback, TaskStatus
+from sdeks.client import CallbackListener
 from sdeks.lifecycle import Reporter, describe, estimate_eta_s
 from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable
+from tests.helpers import drain_callbacks
 from tests.sdeks.test_tasks import (  # noqa: F401 (an autouse fixture)
     FakeClock,
     atomic_dynamodb_writes,
@@ -40,26 +42,10 @@ def stack(aws):
 
 
 @pytest.fixture
-def callbacks_queue(aws, stack) -> str:
+def callbacks_queue(aws, stack) -> Iterator[CallbackListener]:
     """Everything published to the callback topic lands here."""
-    url = aws.sqs.create_queue(QueueName=f"q-{uuid.uuid4().hex[:10]}")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(TopicArn=stack.callback_topic_arn, Protocol="sqs", Endpoint=arn)
-    return url
-
-
-def published(aws, queue_url: str) -> list[Callback]:
-    out = []
-    while True:
-        got = aws.sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)
-        messages = got.get("Messages", [])
-        if not messages:
-            return out
-        for message in messages:
-            out.append(Callback.model_validate_json(json.loads(message["Body"])["Message"]))
-            aws.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    with CallbackListener(aws.sns, aws.sqs, stack.callback_topic_arn) as listener:
+        yield listener
 
 
 @pytest.fixture
@@ -87,7 +73,7 @@ def reporter(clients, stack, table) -> Reporter:
 
 
 async def test_finish_race_publishes_exactly_one_callback(
-    aws, clients, stack, table_name, callbacks_queue
+    clients, stack, table_name, callbacks_queue
 ):
     # GIVEN two services with their own reporters racing to end the same task
     sns, ddb = clients
@@ -105,22 +91,22 @@ async def test_finish_race_publishes_exactly_one_callback(
 
     # THEN exactly one callback is on the topic: the winner's
     assert sorted(results) == [False, True]
-    callbacks = published(aws, callbacks_queue)
+    callbacks = drain_callbacks(callbacks_queue)
     assert [c.status for c in callbacks] == [
         [TaskStatus.SUCCEEDED, TaskStatus.FAILED][results.index(True)]
     ]
     # and a late third attempt (a redelivery) publishes nothing
     assert not await pod.finish(finished(status=TaskStatus.FAILED))
-    assert published(aws, callbacks_queue) == []
+    assert drain_callbacks(callbacks_queue) == []
     assert (await pod.table.get(task.id)).callback_published is True
 
 
-async def test_finish_without_table_publishes_every_time(aws, clients, stack, callbacks_queue):
+async def test_finish_without_table_publishes_every_time(clients, stack, callbacks_queue):
     # The weaker guarantee without a table: at-least-once.
     reporter = Reporter(clients[0], stack.callback_topic_arn)
     assert await reporter.finish(finished())
     assert await reporter.finish(finished())
-    assert len(published(aws, callbacks_queue)) == 2
+    assert len(drain_callbacks(callbacks_queue)) == 2
 
 
 async def test_finish_refuses_a_running_status(reporter):
@@ -128,7 +114,7 @@ async def test_finish_refuses_a_running_status(reporter):
         await reporter.finish(Callback(id="t-1", status=TaskStatus.RUNNING))
 
 
-async def test_running_callback_only_when_switched_on(aws, clients, stack, table, callbacks_queue):
+async def test_running_callback_only_when_switched_on(clients, stack, table, callbacks_queue):
     quiet = Reporter(clients[0], stack.callback_topic_arn, table=table)
     chatty = Reporter(clients[0], stack.callback_topic_arn, table=table, publish_running=True)
     first, second = make_task("r-1"), make_task("r-2")
@@ -138,21 +124,21 @@ async def test_running_callback_only_when_switched_on(aws, clients, stack, table
     assert await quiet.running(first, pod="pod-a", total_steps=10)
     assert await chatty.running(second, pod="pod-a", total_steps=10)
 
-    callbacks = published(aws, callbacks_queue)
+    callbacks = drain_callbacks(callbacks_queue)
     assert [(c.id, c.status) for c in callbacks] == [("r-2", TaskStatus.RUNNING)]
     assert callbacks[0].context == {"user": "u1"}
     assert (await table.get("r-1")).status is TaskStatus.RUNNING
 
 
 async def test_cancel_while_queued_publishes_one_cancelled_callback(
-    aws, reporter, table, callbacks_queue
+    reporter, table, callbacks_queue
 ):
     task = make_task()
     await table.record_queued(task)
 
     assert await reporter.cancel(task.id) is CancelOutcome.CANCELLED
 
-    callbacks = published(aws, callbacks_queue)
+    callbacks = drain_callbacks(callbacks_queue)
     assert [(c.id, c.status, c.error.code) for c in callbacks] == [
         ("t-1", TaskStatus.CANCELLED, "cancelled")
     ]
@@ -162,25 +148,25 @@ async def test_cancel_while_queued_publishes_one_cancelled_callback(
     assert not await reporter.running(task, pod="pod-a")
     assert not await reporter.finish(finished(status=TaskStatus.FAILED))
     assert await reporter.cancel(task.id) is CancelOutcome.ALREADY_FINISHED
-    assert published(aws, callbacks_queue) == []
+    assert drain_callbacks(callbacks_queue) == []
 
 
-async def test_cancel_while_running_stops_between_steps(aws, reporter, table, callbacks_queue):
+async def test_cancel_while_running_stops_between_steps(reporter, table, callbacks_queue):
     task = make_task()
     await table.record_queued(task)
     assert await reporter.running(task, pod="pod-a", total_steps=20)
     assert await reporter.progress(task.id, 1, 20)
 
     assert await reporter.cancel(task.id) is CancelOutcome.CANCEL_REQUESTED
-    assert published(aws, callbacks_queue) == []  # the pod reports, not the canceller
+    assert drain_callbacks(callbacks_queue) == []  # the pod reports, not the canceller
 
     reporter._last_progress.clear()  # the next step is past the throttle interval
     assert not await reporter.progress(task.id, 2, 20)  # the pod's step callback: stop
     assert await reporter.finish(finished(status=TaskStatus.CANCELLED))
-    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.CANCELLED]
+    assert [c.status for c in drain_callbacks(callbacks_queue)] == [TaskStatus.CANCELLED]
 
 
-async def test_admit_drops_finished_and_recovers_unpublished(aws, reporter, table, callbacks_queue):
+async def test_admit_drops_finished_and_recovers_unpublished(reporter, table, callbacks_queue):
     task = make_task()
     assert await reporter.admit(task, published_at=1_800_000_000.0)  # first delivery
     assert await reporter.admit(task)  # redelivery of an unfinished task: dispatch again
@@ -190,12 +176,10 @@ async def test_admit_drops_finished_and_recovers_unpublished(aws, reporter, tabl
     reporter.republish_after_s = 0
     assert not await reporter.admit(task)  # republish of a finished id: no second render
     assert not await reporter.admit(task)
-    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.SUCCEEDED]
+    assert [c.status for c in drain_callbacks(callbacks_queue)] == [TaskStatus.SUCCEEDED]
 
 
-async def test_admit_ends_a_cancel_requested_task_whose_pod_died(
-    aws, reporter, table, callbacks_queue
-):
+async def test_admit_ends_a_cancel_requested_task_whose_pod_died(reporter, table, callbacks_queue):
     task = make_task()
     assert await reporter.admit(task)
     assert await reporter.running(task, pod="pod-a")
@@ -203,7 +187,7 @@ async def test_admit_ends_a_cancel_requested_task_whose_pod_died(
 
     assert not await reporter.admit(task)
 
-    [callback] = published(aws, callbacks_queue)
+    [callback] = drain_callbacks(callbacks_queue)
     assert (callback.status, callback.error.code) == (TaskStatus.CANCELLED, "cancelled")
 
 
@@ -244,16 +228,14 @@ async def test_progress_writes_are_throttled(clients, stack, table):
     assert (await table.get(task.id)).progress_done == 10
 
 
-async def test_recover_republishes_a_claim_whose_publish_was_lost(
-    aws, reporter, table, callbacks_queue
-):
+async def test_recover_republishes_a_claim_whose_publish_was_lost(reporter, table, callbacks_queue):
     await table.record_queued(make_task())
     await table.claim_terminal(finished())  # the winner crashed before publishing
 
     assert await reporter.recover("t-1", stale_after_s=0)
     assert not await reporter.recover("t-1", stale_after_s=0)  # confirmed now
 
-    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.SUCCEEDED]
+    assert [c.status for c in drain_callbacks(callbacks_queue)] == [TaskStatus.SUCCEEDED]
 
 
 async def test_describe_gives_queue_position_and_eta(clients, table_name):
@@ -305,4 +287,4 @@ async def test_plain_boto3_clients_serve_the_cli(aws, stack, table_name, callbac
     assert (view.record.status, view.queue_position) == (TaskStatus.QUEUED, 0)
     assert [r.id for r in await table.list_recent()] == ["t-1"]
     assert await reporter.cancel("t-1") is CancelOutcome.CANCELLED
-    assert [c.status for c in published(aws, callbacks_queue)] == [TaskStatus.CANCELLED]
+    assert [c.status for c in drain_callbacks(callbacks_queue)] == [TaskStatus.CANCELLED]

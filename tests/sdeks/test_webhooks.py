@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import uuid
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -14,7 +13,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sdeks import aws as sdeks_aws
 from sdeks.aws import aio_client
 from sdeks.callback import Callback, TaskStatus
 from sdeks.errors import LinkForbiddenError
@@ -23,7 +21,6 @@ from sdeks.tasks import TaskTable, WebhookStatus
 from sdeks.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
-    WEBHOOK_FILTER_POLICY,
     RetryPolicy,
     WebhookSender,
     compute_signature,
@@ -31,6 +28,7 @@ from sdeks.webhooks import (
     signature_headers,
     verify_signature,
 )
+from tests.helpers import serve_app
 from tests.sdeks.test_tasks import (  # noqa: F401 (an autouse fixture)
     atomic_dynamodb_writes,
     create_task_table,
@@ -79,16 +77,11 @@ async def receiver():
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    rec.url = f"http://127.0.0.1:{port}/hook"
-    yield rec
-    if rec.hold is not None:
-        rec.hold.set()
-    await runner.cleanup()
+    async with serve_app(app) as base:
+        rec.url = f"{base}/hook"
+        yield rec
+        if rec.hold is not None:
+            rec.hold.set()
 
 
 class RequestCounter:
@@ -109,13 +102,6 @@ async def session():
     async with aiohttp.ClientSession(trace_configs=[counter.config]) as http:
         http.counter = counter
         yield http
-
-
-@pytest.fixture(scope="module")
-def aws(moto_endpoint):
-    return SimpleNamespace(
-        **{n: sdeks_aws.client(n, endpoint_url=moto_endpoint) for n in ("sns", "sqs", "dynamodb")}
-    )
 
 
 @pytest.fixture
@@ -289,20 +275,10 @@ async def test_submit_refuses_when_the_queue_is_full(receiver, session):
 
 
 async def test_webhooks_queue_delivers_terminal_callbacks_once(
-    aws, moto_endpoint, receiver, session, table
+    aws, moto_endpoint, stack, receiver, session, table
 ):
-    # GIVEN a webhooks queue subscribed to the callback topic, terminal statuses only
-    topic = aws.sns.create_topic(Name=f"cb-{uuid.uuid4().hex[:10]}")["TopicArn"]
-    queue = aws.sqs.create_queue(QueueName=f"wh-{uuid.uuid4().hex[:10]}")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(
-        TopicArn=topic,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"FilterPolicy": json.dumps(WEBHOOK_FILTER_POLICY)},
-    )
+    # GIVEN the stack's webhooks queue, subscribed to the callback topic for terminal statuses
+    topic, queue = stack.callback_topic_arn, stack.webhook_queue_url
     task = make_task(webhook=receiver.url)
     await table.record_queued(task)
     sender = WebhookSender(session, secret=SECRET, guard=loopback_only, table=table, retry=FAST)
