@@ -454,15 +454,7 @@ class Dispatcher:
 
 
 def _failed(task: Task, error: SdeksError) -> Callback:
-    return Callback(
-        id=task.id,
-        runtime=task.runtime,
-        tasktype=task.tasktype.value,
-        status=TaskStatus.FAILED,
-        result=False,
-        context=task.context,
-        error=ErrorInfo.from_exception(error),
-    )
+    return Callback.for_task(task, TaskStatus.FAILED, error=ErrorInfo.from_exception(error))
 
 
 def _message_attributes(message: dict[str, Any]) -> dict[str, str]:

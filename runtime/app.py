@@ -579,13 +579,10 @@ def _total_steps(content: dict[str, Any]) -> int | None:
 
 def _cancelled_before_start(job: Job, writer: OutputWriter) -> Callback:
     task = job.task
-    return Callback(
-        id=task.id,
-        runtime=task.runtime,
-        tasktype=task.tasktype.value,
-        status=TaskStatus.CANCELLED,
+    return Callback.for_task(
+        task,
+        TaskStatus.CANCELLED,
         output_location=writer.output_location(task),
-        context=task.context,
         error=ErrorInfo(code="cancelled", message="cancel requested before rendering started"),
     )
 

@@ -114,17 +114,13 @@ def run_job(
     manifest_key = writer.write_manifest(task, manifest)
 
     callback = _fit_for_sns(
-        Callback(
-            id=task.id,
-            runtime=task.runtime,
-            tasktype=task.tasktype.value,
-            status=status,
-            result=status is TaskStatus.SUCCEEDED,
+        Callback.for_task(
+            task,
+            status,
             output_location=writer.output_location(task),
             image_url=[writer.url(k) for k in keys],
             output_url=writer.url(manifest_key),
             seeds=manifest.seeds,
-            context=task.context,
             error=error,
             timings=timings,
             info=manifest.info,

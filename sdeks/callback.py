@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdeks.envelope import Task
 from sdeks.errors import SdeksError
 
 
@@ -65,6 +66,20 @@ class Callback(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     #: A1111 `info` (seed, all_seeds, infotexts, ...) on success.
     info: dict[str, Any] | None = None
+
+    @classmethod
+    def for_task(cls, task: Task, status: TaskStatus, **fields: Any) -> Callback:
+        """A callback about `task`: its id, runtime, tasktype and context, `result`
+        mirroring success, and the other `fields` as given."""
+        return cls(
+            id=task.id,
+            runtime=task.runtime,
+            tasktype=task.tasktype.value,
+            context=task.context,
+            status=status,
+            result=status is TaskStatus.SUCCEEDED,
+            **fields,
+        )
 
     def sns_publish_kwargs(self, topic_arn: str) -> dict[str, Any]:
         """Arguments for `sns.publish` (boto3 and aiobotocore alike)."""

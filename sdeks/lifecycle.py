@@ -142,14 +142,7 @@ class Reporter:
                 log.info("task %s: not starting, it ended or a cancel was requested", task.id)
                 return False
         if self.publish_running:
-            callback = Callback(
-                id=task.id,
-                runtime=task.runtime,
-                tasktype=task.tasktype.value,
-                status=TaskStatus.RUNNING,
-                context=task.context,
-                timings=timings or Timings(),
-            )
+            callback = Callback.for_task(task, TaskStatus.RUNNING, timings=timings or Timings())
             try:
                 await self._publish(callback)
             except Exception:  # informational only: a render must not fail for it
