@@ -257,13 +257,13 @@ class DiskCache:
                     raise ModelLoadError(
                         f"{obj.key} changed size while listing ({obj.size} -> {head.size})"
                     )
-                source.download(head, dest)
+                streamed = source.download(head, dest)  # sha256 hashed on the way, if any
                 size = dest.stat().st_size
                 if size != head.size:
                     raise ModelLoadError(
                         f"{obj.key}: downloaded {size} bytes, expected {head.size}"
                     )
-                digest = file_sha256(dest)
+                digest = streamed or file_sha256(dest)
                 if head.sha256 and head.sha256 != digest:
                     raise ModelLoadError(f"{obj.key}: sha256 mismatch after download")
                 files[rel] = {"size": size, "etag": obj.etag, "sha256": digest}

@@ -8,12 +8,16 @@ that stops a read is `ModelLoadError`.
 
 S3 downloads are parallel ranged GETs written with `os.pwrite` into one
 preallocated file; every range carries `IfMatch=<etag>` so an object replaced
-mid-download fails instead of mixing two versions.
+mid-download fails instead of mixing two versions. The file's sha256 is
+computed while it downloads, over the prefix that has arrived, so checking it
+costs no second read. `part_bytes=0` makes one GET per object: for backends
+that read the whole object to serve each range (moto, the local stack).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import shutil
@@ -61,7 +65,9 @@ class ModelSource(Protocol):
 
     def download(
         self, obj: ObjectInfo, dest: Path, progress: Callable[[int], None] | None = None
-    ) -> None: ...
+    ) -> str | None:
+        """Write the object to `dest`; the sha256 (hex) of what was written, if computed."""
+        ...
 
     def local_path(self, key: str) -> Path | None:
         """The object's own path when the source is on this disk (no copy needed)."""
@@ -116,7 +122,7 @@ class LocalSource:
 
     def download(
         self, obj: ObjectInfo, dest: Path, progress: Callable[[int], None] | None = None
-    ) -> None:
+    ) -> str | None:
         try:
             shutil.copyfile(self._path(obj.key), dest)
         except FileNotFoundError as exc:
@@ -125,13 +131,17 @@ class LocalSource:
             raise ModelLoadError(f"cannot copy {obj.key}: {exc}") from exc
         if progress:
             progress(obj.size)
+        return None
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
 
 class S3Source:
-    """`s3://bucket[/prefix]` through an injected boto3 S3 client (thread-safe)."""
+    """`s3://bucket[/prefix]` through an injected boto3 S3 client (thread-safe).
+
+    `part_bytes` per ranged GET (0: one GET per object), `concurrency` GETs at once.
+    """
 
     def __init__(
         self,
@@ -215,23 +225,22 @@ class S3Source:
 
     def download(
         self, obj: ObjectInfo, dest: Path, progress: Callable[[int], None] | None = None
-    ) -> None:
+    ) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         # Preallocate so each part writes at its own offset, in any order.
         with dest.open("wb") as f:
             f.truncate(obj.size)
         if obj.size == 0:
-            return
-        ranges = [
-            (start, min(start + self.part_bytes, obj.size) - 1)
-            for start in range(0, obj.size, self.part_bytes)
-        ]
-        fd = os.open(dest, os.O_WRONLY)
+            return hashlib.sha256().hexdigest()
+        part = self.part_bytes or obj.size
+        ranges = [(start, min(start + part, obj.size) - 1) for start in range(0, obj.size, part)]
+        fd = os.open(dest, os.O_RDWR)
         stop = threading.Event()  # one range failed for good: the others stop early
+        hasher = _PrefixHasher(fd, [start for start, _ in ranges], obj.size, stop)
 
-        def fetch(rng: tuple[int, int]) -> None:
-            start, end = rng
+        def fetch(index: int) -> None:
+            start, end = ranges[index]
             offset = start
             for attempt in range(1, RANGE_ATTEMPTS + 1):
                 kwargs: dict[str, Any] = {
@@ -247,8 +256,11 @@ class S3Source:
                         while chunk := body.read(_CHUNK):
                             if stop.is_set():
                                 return
+                            if offset + len(chunk) > end + 1:
+                                raise ModelLoadError(f"{obj.key}: range {start}-{end} overran")
                             os.pwrite(fd, chunk, offset)
                             offset += len(chunk)
+                            hasher.advance(index, offset)
                             if progress:
                                 progress(len(chunk))
                     finally:
@@ -270,11 +282,13 @@ class S3Source:
                 )
             raise ModelLoadError(f"{obj.key}: download failed after {RANGE_ATTEMPTS} attempts")
 
+        hashing = threading.Thread(target=hasher.run, name="s3-sha256", daemon=True)
+        hashing.start()
         try:
             with ThreadPoolExecutor(
                 max_workers=min(self.concurrency, len(ranges)), thread_name_prefix="s3-range"
             ) as pool:
-                futures = [pool.submit(fetch, r) for r in ranges]
+                futures = [pool.submit(fetch, i) for i in range(len(ranges))]
                 try:
                     for future in futures:
                         future.result()
@@ -283,13 +297,79 @@ class S3Source:
                     for future in futures:
                         future.cancel()
                     raise
+            return hasher.result()
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, obj.key) from exc
         finally:
+            stop.set()
+            hasher.wake()
+            hashing.join()
             os.close(fd)
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+
+class _PrefixHasher:
+    """sha256 of a file whose ranges are written concurrently, each in order.
+
+    The ranges' writers report how far each has got (`advance`); `run` (its own
+    thread) hashes the contiguous prefix as it grows, reading it back from the
+    page cache, so the digest is ready when the last byte lands.
+    """
+
+    def __init__(self, fd: int, starts: list[int], size: int, stop: threading.Event) -> None:
+        self._fd = fd
+        self._starts = starts
+        self._reached = list(starts)  # per range: the end of what has been written
+        self._size = size
+        self._stop = stop
+        self._hashed = 0
+        self._sha = hashlib.sha256()
+        self._cond = threading.Condition()
+        self._done = threading.Event()
+
+    def advance(self, index: int, offset: int) -> None:
+        with self._cond:
+            self._reached[index] = offset
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _prefix(self) -> int:
+        """How many bytes from the start have been written without a gap."""
+        prefix = 0
+        for i, start in enumerate(self._starts):
+            if start != prefix:
+                break
+            prefix = self._reached[i]
+        return prefix
+
+    def run(self) -> None:
+        while self._hashed < self._size:
+            with self._cond:
+                while (prefix := self._prefix()) <= self._hashed and not self._stop.is_set():
+                    self._cond.wait()
+            if prefix <= self._hashed:
+                return  # stopped before the file was complete
+            while self._hashed < prefix:
+                n = min(prefix - self._hashed, 8 * 2**20)
+                data = os.pread(self._fd, n, self._hashed)
+                if not data:
+                    return
+                self._sha.update(data)
+                self._hashed += len(data)
+        self._done.set()
+
+    def result(self) -> str:
+        """The digest, once every byte has been hashed (waits for the hashing thread)."""
+        while not self._done.wait(0.05):
+            self.wake()
+            if self._stop.is_set() and self._prefix() < self._size:
+                raise ModelLoadError("download stopped before the file was complete")
+        return self._sha.hexdigest()
 
 
 def _full_object_sha256(resp: dict[str, Any]) -> str | None:
@@ -303,11 +383,17 @@ def _full_object_sha256(resp: dict[str, Any]) -> str | None:
         return None
 
 
-def open_source(spec: str, *, s3_client: Any | None = None) -> ModelSource:
+def open_source(
+    spec: str,
+    *,
+    s3_client: Any | None = None,
+    part_bytes: int = DEFAULT_PART_BYTES,
+    concurrency: int = DEFAULT_CONCURRENCY,
+) -> ModelSource:
     """`s3://bucket[/prefix]` (needs `s3_client`) or a local folder."""
     if spec.startswith("s3://"):
         if s3_client is None:
             raise ValueError("an s3:// models source needs an S3 client")
         bucket, prefix = parse_s3_url(spec)
-        return S3Source(s3_client, bucket, prefix)
+        return S3Source(s3_client, bucket, prefix, part_bytes=part_bytes, concurrency=concurrency)
     return LocalSource(Path(spec))

@@ -56,7 +56,12 @@ def build_store(settings: RuntimeSettings, device: str, *, s3_client: Any = None
         gpu_reserve_bytes=settings.gpu_reserve_bytes,
     )
     return ModelStore(
-        open_source(settings.models, s3_client=s3_client),
+        open_source(
+            settings.models,
+            s3_client=s3_client,
+            part_bytes=settings.s3_part_mib * 2**20,
+            concurrency=settings.s3_concurrency,
+        ),
         cache_dir=settings.cache_dir,
         limits=limits,
         device=device,

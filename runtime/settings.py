@@ -48,6 +48,11 @@ class RuntimeSettings(ServiceSettings):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     #: Local disk cache for models fetched from S3.
     cache_dir: Path = Path("/tmp/sdeks-models")
+    #: MiB per ranged GET of a model download; 0 = one GET per object (for
+    #: backends that read the whole object to serve a range, like moto).
+    s3_part_mib: int = Field(default=16, ge=0, le=5 * 1024)
+    #: Ranged GETs of one file in flight at once.
+    s3_concurrency: int = Field(default=8, ge=1, le=64)
     #: Tier budgets of the model store (bytes); GPU None: all GPU memory less the reserve.
     disk_cache_bytes: int = Field(default=200 * GiB, ge=0)
     ram_cache_bytes: int = Field(default=48 * GiB, ge=0)

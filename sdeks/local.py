@@ -321,6 +321,8 @@ class LocalStack:
             "SDEKS_CACHE_DIR": str((self.workdir / "cache" / f"{runtime}-{port}").resolve()),
             # Distinct names in the task table's `pod` (they all share one hostname here).
             "SDEKS_POD_NAME": f"pod-{runtime}-{index}",
+            # moto reads the whole object to serve each ranged GET: one GET per file.
+            "SDEKS_S3_PART_MIB": "0",
         }
         models = f"s3://{self.resources.models_bucket}"
         cmd = [sys.executable, "-m", self.pod_module, "--models", models, "--port", str(port)]

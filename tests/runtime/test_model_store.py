@@ -530,3 +530,89 @@ def test_disk_cache_refuses_what_the_volume_cannot_hold(aws, empty_bucket: str, 
     with pytest.raises(ModelLoadError, match="not enough free disk space"):
         cache.fetch(S3Source(aws.s3, empty_bucket), entry)
     assert gets.calls == [] and cache.keys() == []
+
+
+@pytest.mark.parametrize(
+    ("part_bytes", "concurrency", "gets"),
+    [(MiB // 4, 8, 13), (0, 8, 1), (MiB, 1, 4)],
+    ids=["ranges-out-of-order", "one-get-per-object", "ranges-one-at-a-time"],
+)
+def test_s3_download_hashes_while_it_writes(
+    aws, empty_bucket: str, tmp_path: Path, part_bytes: int, concurrency: int, gets: int
+):
+    """The digest `download` returns is the sha256 of the bytes it wrote, however
+    the ranges arrive; `part_bytes=0` is one GET for the whole object."""
+    data = os.urandom(3 * MiB + 5)
+    aws.s3.put_object(Bucket=empty_bucket, Key="VAE/v.safetensors", Body=data)
+    source = S3Source(aws.s3, empty_bucket, part_bytes=part_bytes, concurrency=concurrency)
+    log = GetObjectLog(aws.s3)
+    dest = tmp_path / "v.safetensors"
+    digest = source.download(source.head("VAE/v.safetensors"), dest)
+    assert dest.read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert len(log.calls) == gets
+
+
+def test_s3_download_of_an_empty_object_hashes_nothing(aws, empty_bucket: str, tmp_path: Path):
+    aws.s3.put_object(Bucket=empty_bucket, Key="VAE/empty.safetensors", Body=b"")
+    source = S3Source(aws.s3, empty_bucket)
+    digest = source.download(source.head("VAE/empty.safetensors"), tmp_path / "e")
+    assert digest == hashlib.sha256(b"").hexdigest() and (tmp_path / "e").read_bytes() == b""
+
+
+class _AlteredBody:
+    """A GetObject body whose bytes are changed on the way (a corrupting proxy)."""
+
+    def __init__(self, body, alter) -> None:
+        self.body, self.alter = body, alter
+
+    def read(self, n: int) -> bytes:
+        return self.alter(self.body.read(n))
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def _alter_bodies(client, alter) -> None:
+    def hook(parsed, **_kwargs) -> None:
+        if "Body" in parsed:
+            parsed["Body"] = _AlteredBody(parsed["Body"], alter)
+
+    client.meta.events.register("after-call.s3.GetObject", hook)
+
+
+def test_s3_bytes_altered_in_transit_fail_the_sha256_check(aws, empty_bucket: str, tmp_path: Path):
+    """S3's stored sha256 is checked against the digest of what was written."""
+    data = os.urandom(2 * MiB)
+    aws.s3.put_object(
+        Bucket=empty_bucket, Key="Lora/flip.safetensors", Body=data, ChecksumAlgorithm="SHA256"
+    )
+    _alter_bodies(aws.s3, lambda chunk: bytes([chunk[0] ^ 1]) + chunk[1:] if chunk else chunk)
+    store = ModelStore(S3Source(aws.s3, empty_bucket, part_bytes=MiB), cache_dir=tmp_path)
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        store.fetch_lora("flip")
+    assert not list(tmp_path.glob("flip*"))  # nothing half-made left in the cache
+    store.close()
+
+
+def test_s3_body_longer_than_its_range_is_refused(aws, empty_bucket: str, tmp_path: Path):
+    """A body that sends more than the range it was asked for would overwrite the
+    next range: refused, not written."""
+    aws.s3.put_object(Bucket=empty_bucket, Key="VAE/long.safetensors", Body=os.urandom(2 * MiB))
+    _alter_bodies(aws.s3, lambda chunk: chunk + b"extra" if chunk else chunk)
+    source = S3Source(aws.s3, empty_bucket, part_bytes=MiB)
+    with pytest.raises(ModelLoadError, match="overran"):
+        source.download(source.head("VAE/long.safetensors"), tmp_path / "long")
+
+
+def test_s3_part_size_and_concurrency_come_from_settings(tmp_path: Path, aws, empty_bucket: str):
+    from runtime.models import build_store
+    from runtime.settings import RuntimeSettings
+
+    settings = RuntimeSettings(
+        models=f"s3://{empty_bucket}", cache_dir=tmp_path, s3_part_mib=0, s3_concurrency=3
+    )
+    store = build_store(settings, "cpu", s3_client=aws.s3)
+    assert isinstance(store.source, S3Source)
+    assert (store.source.part_bytes, store.source.concurrency) == (0, 3)
+    store.close()
