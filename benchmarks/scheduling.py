@@ -8,7 +8,9 @@ discrete-event simulator `dispatcher.simulator`.
 Workload (defaults = the issue's): 4 pods, 8 models with Zipf(1.1)
 popularity, 2000 tasks, inference time 1, switch cost S in {0, 2, 10, 30}.
 Part 1 is a burst (every task queued at t=0: throughput and makespan); part 2
-is Poisson arrivals at 80% of the pods' capacity (the wait bound under load).
+is Poisson arrivals at 80% of the pods' capacity (the wait bound under load);
+part 3 is the burst again with the policy seeing only what the dispatcher's
+window holds (`SDEKS_WINDOW` messages, less one per running task).
 
     python benchmarks/scheduling.py            # full run, ~30 s
     python benchmarks/scheduling.py --quick    # 200 tasks, a few seconds
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import table
 from dispatcher.scheduler import FifoPolicy
+from dispatcher.settings import DispatcherSettings
 from dispatcher.simulator import (
     SimResult,
     affinity_for,
@@ -71,7 +74,9 @@ def result_row(cost: float, result: SimResult, bound: float) -> list[str]:
     ]
 
 
-def run_sim(args: argparse.Namespace) -> dict[float, tuple[SimResult, SimResult, float]]:
+def run_sim(
+    args: argparse.Namespace,
+) -> tuple[dict[float, tuple[SimResult, SimResult, float]], dict[float, SimResult]]:
     print(
         f"# burst: {args.tasks} tasks at t=0, {args.pods} pods, {args.models} models "
         f"Zipf({args.exponent}), inference {args.inference:g}, seed {args.seed}"
@@ -114,7 +119,66 @@ def run_sim(args: argparse.Namespace) -> dict[float, tuple[SimResult, SimResult,
             result_row(cost, ours, bound) + [f"{limit:g}"],
         ]
     print(table(rows, [*HEADER, "max_wait setting"]))
-    return out
+    return out, run_windows(args, tasks, out)
+
+
+WINDOWS = (64, 128, 256, 512, 1000)
+
+
+def run_windows(
+    args: argparse.Namespace,
+    tasks: list,
+    unlimited: dict[float, tuple[SimResult, SimResult, float]],
+) -> dict[float, SimResult]:
+    """The burst with the policy limited to the dispatcher's window (FIFO is not affected)."""
+    default = DispatcherSettings.model_fields["window"].default
+    print(
+        f"\n# burst, the policy seeing the oldest (window - {args.pods}) waiting tasks: the "
+        f"dispatcher's window holds the running tasks too; default SDEKS_WINDOW = {default}"
+    )
+    rows = []
+    windowed: dict[float, SimResult] = {}
+    for cost in args.switch_costs:
+        fifo, ours, bound = unlimited[cost]
+        common = {"pods": args.pods, "inference_time": args.inference, "switch_cost": cost}
+        for window in (*WINDOWS, None):
+            if window is None:
+                result = ours
+            else:
+                view = max(1, window - args.pods)
+                result = simulate(affinity_for(args.inference, cost), tasks, window=view, **common)
+                if window == default:
+                    windowed[cost] = result
+            label = "all" if window is None else f"{window}" + (" (default)" * (window == default))
+            rows.append(
+                [
+                    f"{cost:g}",
+                    label,
+                    f"{result.throughput:.3f}",
+                    f"{result.throughput / fifo.throughput:.2f}",
+                    f"{result.makespan / bound:.3f}",
+                    str(result.switches),
+                    f"{result.max_wait:.0f}",
+                ]
+            )
+    print(table(rows, ["S", "window", "throughput", "vs fifo", "vs bound", "switches", "max wait"]))
+    return windowed
+
+
+def windowed_line(
+    args: argparse.Namespace,
+    windowed: dict[float, SimResult],
+    headline: float,
+    fifo: SimResult,
+    bound: float,
+) -> str:
+    default = DispatcherSettings.model_fields["window"].default
+    result = windowed[headline]
+    return (
+        f"with the default window ({default}) at S={headline:g}: affinity/fifo "
+        f"{result.throughput / fifo.throughput:.2f}, makespan / lower bound "
+        f"{result.makespan / bound:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.scheduling_live import run_live
 
         return run_live(args)
-    results = run_sim(args)
+    results, windowed = run_sim(args)
     headline = 10.0 if 10.0 in results else args.switch_costs[-1]
     fifo, ours, bound = results[headline]
+    print("\n" + windowed_line(args, windowed, headline, fifo, bound))
     print(
-        f"\naffinity makespan / lower bound at S={headline:g}: {ours.makespan / bound:.3f}; "
+        f"affinity makespan / lower bound at S={headline:g}: {ours.makespan / bound:.3f}; "
         f"max wait {ours.max_wait:.0f} vs fifo {fifo.max_wait:.0f}"
     )
     print(f"affinity/fifo throughput at S={headline:g}: {ours.throughput / fifo.throughput:.2f}")

@@ -52,6 +52,7 @@ from benchmarks._common import (
     workdir,
 )
 from dispatcher.scheduler import FifoPolicy
+from dispatcher.settings import DispatcherSettings
 from dispatcher.simulator import (
     SimTask,
     affinity_for,
@@ -63,7 +64,7 @@ from dispatcher.simulator import (
 
 DEFAULT_TIME_UNIT = 0.02
 #: The dispatcher's default window (SDEKS_WINDOW).
-DEFAULT_WINDOW = 64
+DEFAULT_WINDOW: int = DispatcherSettings.model_fields["window"].default
 #: How often the dispatcher polls pod state here (its default is 2 s = 100 units).
 DEFAULT_STATE_INTERVAL_S = 0.2
 

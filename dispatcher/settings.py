@@ -26,7 +26,7 @@ class DispatcherSettings(ServiceSettings):
     #: The catch-all queue (tasks published without a known `runtime` attribute).
     catch_all_queue_url: str | None = None
     #: Messages held (leased) per queue at once: the scheduler's view of the backlog.
-    window: int = Field(default=256, ge=1, le=5000)
+    window: int = Field(default=512, ge=1, le=5000)
     #: Long-poll wait of ReceiveMessage (SQS allows 0-20); stopping waits for one poll to end.
     receive_wait_s: int = Field(default=10, ge=0, le=20)
     #: Seconds each heartbeat extends a held message by; None: the queue's VisibilityTimeout.
