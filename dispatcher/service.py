@@ -84,7 +84,7 @@ class Dispatcher:
         reporter: Reporter | None = None,
     ) -> None:
         self.settings = settings
-        self.sqs, self.sns, self.s3 = sqs, sns, s3
+        self.sqs, self.s3 = sqs, s3
         self.reporter = reporter or Reporter(sns, settings.callback_topic_arn)
         self.links = links
         self.router = router
@@ -398,17 +398,16 @@ class Dispatcher:
         if task is not None:
             await self._finish(_failed(task, error))
         else:
-            # Not a task: no claim in the task table. The id was read from an
-            # invalid message; claiming it could end someone else's task.
-            await self._publish(
+            # Raises on failure: the message is then kept and retried, never deleted silently.
+            await self.reporter.reject(
                 Callback(
                     id=error.task_id,
                     runtime=runtime,
                     status=TaskStatus.FAILED,
-                    result=False,
                     error=ErrorInfo.from_exception(error),
                 )
             )
+            self.metrics.failures.labels(error.code).inc()
         await self.leases.delete(lease)
         self.metrics.completed.labels(runtime or "catch-all", "failed").inc()
 
@@ -422,12 +421,6 @@ class Dispatcher:
         """End the task with the dispatcher's own failed callback, claimed in the task
         table first (when there is one) so a pod or canceller that ended it already wins."""
         if await self.reporter.finish(callback) and callback.error is not None:
-            self.metrics.failures.labels(callback.error.code).inc()
-
-    async def _publish(self, callback: Callback) -> None:
-        # Raises on failure: the message is then kept and retried, never deleted silently.
-        await self.sns.publish(**callback.sns_publish_kwargs(self.settings.callback_topic_arn))
-        if callback.error is not None:
             self.metrics.failures.labels(callback.error.code).inc()
 
     async def _keep_rejected(

@@ -9,6 +9,7 @@ ends it (pod, dispatcher, `sdeks cancel`). See docs/lifecycle.md.
     reporter.progress(id, d, t) throttled progress write (False: stop, cancel requested)
     reporter.cancel(id)         cancel a queued (callback now) or running (flag) task
     reporter.recover(id)        republish a claimed callback whose publish was lost
+    reporter.reject(callback)   publish the failure of a message that is not a task (no claim)
 
 Also the status view: `describe` reads a task with its queue position and an
 ETA estimate.
@@ -190,6 +191,14 @@ class Reporter:
         await self._publish(callback)
         await self._confirm(callback)
         return True
+
+    async def reject(self, callback: Callback) -> None:
+        """Publish the failed callback of a message that is not a task. Nothing is
+        claimed: its id, if any, was read from an invalid message, and claiming it
+        could end someone else's task."""
+        if callback.status is not TaskStatus.FAILED:
+            raise ValueError(f"reject needs a failed callback, got {callback.status}")
+        await self._publish(callback)
 
     async def _publish(self, callback: Callback) -> None:
         await call(self._sns, "publish", **callback.sns_publish_kwargs(self._topic_arn))
