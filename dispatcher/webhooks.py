@@ -9,10 +9,12 @@ outcome. The URL is untrusted: every attempt is checked by the same SSRF
 guard as image links (`LinkResolver.check_url`) and sent through its session,
 whose connector only connects to the addresses that check approved.
 
-A message is deleted once delivery ended (delivered, failed or refused); an
-error of our own (task table down) keeps it for a later receive. Deliveries
-with their backoff can outlast the visibility timeout, so they hold leases
-like tasks do.
+Each receive takes up to 10 messages (the SQS maximum), never more than
+there are free delivery slots, and delivers them concurrently; `concurrency`
+caps the deliveries in flight. A message is deleted once its delivery ended
+(delivered, failed or refused); an error of our own (task table down) keeps
+it for a later receive. Deliveries with their backoff can outlast the
+visibility timeout, so they hold leases like tasks do.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from sdeks.tasks import TaskTable
 from sdeks.webhooks import WebhookSender, deliver_notification
 
 log = logging.getLogger(__name__)
+
+#: SQS returns at most 10 messages per ReceiveMessage.
+_SQS_BATCH = 10
 
 
 class WebhookConsumer:
@@ -55,30 +60,45 @@ class WebhookConsumer:
         """Consume until cancelled; deliveries in flight are cancelled with it."""
         try:
             while True:
-                await self._slots.acquire()
+                slots = await self._take_slots()
                 try:
                     answer = await self._sqs.receive_message(
-                        QueueUrl=self.queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=self._wait_s
+                        QueueUrl=self.queue_url,
+                        MaxNumberOfMessages=slots,
+                        WaitTimeSeconds=self._wait_s,
                     )
                 except (ClientError, BotoCoreError):
-                    self._slots.release()
+                    self._give_back(slots)
                     log.warning("receive from the webhooks queue failed", exc_info=True)
                     await asyncio.sleep(2)
                     continue
                 except BaseException:
-                    self._slots.release()
+                    self._give_back(slots)
                     raise
-                messages = answer.get("Messages", [])
-                if not messages:
-                    self._slots.release()
-                    continue
-                task = asyncio.create_task(self._deliver(messages[0]))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                messages = answer.get("Messages", [])[:slots]
+                self._give_back(slots - len(messages))
+                for message in messages:  # each delivery gives its slot back when it ends
+                    task = asyncio.create_task(self._deliver(message))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
         finally:
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _take_slots(self) -> int:
+        """Wait for one free delivery slot, then take any others free, up to a batch."""
+        await self._slots.acquire()
+        taken = 1
+        # An unlocked semaphore's acquire returns at once: no cancellation point here.
+        while taken < _SQS_BATCH and not self._slots.locked():
+            await self._slots.acquire()
+            taken += 1
+        return taken
+
+    def _give_back(self, slots: int) -> None:
+        for _ in range(slots):
+            self._slots.release()
 
     async def _deliver(self, message: dict[str, Any]) -> None:
         lease = self._leases.hold(self.queue_url, message["ReceiptHandle"], message["MessageId"])
