@@ -1,23 +1,18 @@
-"""Helpers the test packages share: an aiohttp app on a loopback port, the depth
-of an SQS queue, and a strict read of a callback listener's queue."""
+"""Helpers the test packages share: an aiohttp app on a loopback port and a
+strict read of a callback listener's queue.
+
+The depth of an SQS queue is `benchmarks._common.queue_depth`, one definition
+for the tests and the benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from sdeks.callback import Callback
 from sdeks.client import CallbackListener
-
-#: Every message still in a queue: visible, in flight, and not yet delivered.
-DEPTH_ATTRIBUTES = (
-    "ApproximateNumberOfMessages",
-    "ApproximateNumberOfMessagesNotVisible",
-    "ApproximateNumberOfMessagesDelayed",
-)
 
 
 @contextlib.asynccontextmanager
@@ -30,12 +25,6 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
-
-
-def queue_depth(sqs: Any, url: str) -> int:
-    """How many messages the queue still holds (`DEPTH_ATTRIBUTES`)."""
-    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(DEPTH_ATTRIBUTES))
-    return sum(int(attributes["Attributes"][name]) for name in DEPTH_ATTRIBUTES)
 
 
 def drain_callbacks(listener: CallbackListener) -> list[Callback]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks._common import queue_depth
 from dispatcher.app import build_policy
 from dispatcher.leases import LeaseKeeper
 from dispatcher.links import LinkPolicy, LinkResolver, find_links
@@ -30,12 +31,12 @@ from dispatcher.settings import DispatcherSettings
 from sdeks import aws as sdeks_aws
 from sdeks.callback import Callback
 from sdeks.client import CallbackListener
-from sdeks.envelope import Task, parse_task, unwrap_sns
+from sdeks.envelope import Task, TaskType, parse_task, unwrap_sns
 from sdeks.errors import InvalidEnvelopeError
 from sdeks.lifecycle import Reporter
 from sdeks.tasks import TaskTable
 from tests.dispatcher.conftest import FakePod
-from tests.helpers import drain_callbacks, queue_depth
+from tests.helpers import drain_callbacks
 
 RUNTIME = "sdruntime"
 LINK_CODES = {"link_forbidden", "link_unreachable", "link_too_large", "not_an_image"}
@@ -45,6 +46,17 @@ OUTPUT = "__OUTPUT_BUCKET__"
 
 async def no_dns(host: str) -> list[str]:
     raise OSError(f"no DNS in this test ({host})")
+
+
+def plain_task(task_id: str, *, prefix: str, prompt: str = "a cat") -> dict[str, Any]:
+    """The envelope of a small valid text-to-image task, which the pod double serves."""
+    return Task(
+        id=task_id,
+        runtime=RUNTIME,
+        tasktype=TaskType.TEXT_TO_IMAGE,
+        prefix=prefix,
+        content={"prompt": prompt, "steps": 2},
+    ).to_envelope()
 
 
 @dataclass(frozen=True)

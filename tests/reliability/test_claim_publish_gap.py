@@ -35,9 +35,8 @@ import uuid
 from aiohttp import web
 
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
-from sdeks.envelope import Task, TaskType
 from sdeks.job import Job
-from tests.reliability.harness import RUNTIME, Delivery, Harness
+from tests.reliability.harness import RUNTIME, Delivery, Harness, plain_task
 
 
 async def test_claimed_callback_survives_a_retry_on_another_pod_in_the_same_receive(aws, stack):
@@ -79,13 +78,7 @@ async def test_claimed_callback_survives_a_retry_on_another_pod_in_the_same_rece
     await harness.start([like_the_real_pod, like_the_real_pod])
     try:
         task_id = f"gap-{uuid.uuid4().hex[:8]}"
-        body = Task(
-            id=task_id,
-            runtime=RUNTIME,
-            tasktype=TaskType.TEXT_TO_IMAGE,
-            prefix="gap",
-            content={"prompt": "a cat", "steps": 2},
-        ).to_envelope()
+        body = plain_task(task_id, prefix="gap")
         # WHEN the task's one receive tries one pod, then the other
         assert harness.deliver([Delivery(json.dumps(body), "sns", attribute=RUNTIME)]) == 1
         await harness.handle_all()

@@ -16,19 +16,9 @@ import uuid
 import pytest
 
 from sdeks.callback import Callback, TaskStatus
-from sdeks.envelope import Task, TaskType, parse_task
+from sdeks.envelope import parse_task
 from tests.helpers import serve_app
-from tests.reliability.harness import RUNTIME, Delivery, Harness
-
-
-def envelope(task_id: str) -> dict:
-    return Task(
-        id=task_id,
-        runtime=RUNTIME,
-        tasktype=TaskType.TEXT_TO_IMAGE,
-        prefix="bugs",
-        content={"prompt": "a cat", "steps": 2},
-    ).to_envelope()
+from tests.reliability.harness import RUNTIME, Delivery, Harness, plain_task
 
 
 @pytest.fixture
@@ -58,7 +48,9 @@ async def test_non_finite_published_at_attribute_still_gets_a_callback(harness, 
     # GIVEN a valid task sent raw to the runtime queue with a hostile published_at attribute
     task_id = f"bug-stamp-{uuid.uuid4().hex[:8]}"
     delivery = Delivery(
-        json.dumps(envelope(task_id)), "sqs", sqs_attributes={"published_at": stamp}
+        json.dumps(plain_task(task_id, prefix="bugs")),
+        "sqs",
+        sqs_attributes={"published_at": stamp},
     )
     assert harness.deliver([delivery]) == 1
     # WHEN the dispatcher handles it
@@ -71,7 +63,7 @@ async def test_non_finite_published_at_attribute_still_gets_a_callback(harness, 
 async def test_callback_claimed_but_never_published_is_not_lost(harness):
     # GIVEN a task a pod claimed as succeeded and then died before publishing its callback
     task_id = f"bug-claim-{uuid.uuid4().hex[:8]}"
-    body = envelope(task_id)
+    body = plain_task(task_id, prefix="bugs")
     table = harness.dispatcher.reporter.table
     task = parse_task(body)
     await table.record_queued(task)
@@ -145,7 +137,7 @@ async def test_forged_callback_is_not_signed_and_delivered_to_the_tasks_webhook(
         table = TaskTable(dynamodb, stack.task_table)
         # GIVEN a task with a webhook, still running
         task_id = f"bug-forge-{uuid.uuid4().hex[:8]}"
-        body = envelope(task_id)
+        body = plain_task(task_id, prefix="bugs")
         body["task"]["metadata"]["webhook"] = f"{base}/hook"
         await table.record_queued(parse_task(body))
         assert await table.mark_running(task_id, pod="pod-a")

@@ -39,8 +39,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdeks.callback import Callback
+from sdeks.envelope import Task, TaskType
 from sdeks.names import REJECTED_PREFIX
-from tests.reliability.harness import OUTPUT, RUNTIME, Delivery, Expected, Harness
+from tests.reliability.harness import OUTPUT, RUNTIME, Delivery, Expected, Harness, plain_task
 
 BATCH = 10
 EXAMPLES = 102  # x BATCH messages, plus forwarded copies: over 1000 cases
@@ -162,23 +163,19 @@ metadata = st.fixed_dictionaries(
     },
 )
 valid_tasks = st.builds(
-    lambda u, model, n, link: {
-        "task": {
-            "metadata": {
-                "id": f"fz-ok-{u.hex[:16]}",
-                "runtime": RUNTIME,
-                "tasktype": "image-to-image" if link else "text-to-image",
-                "prefix": "fuzz",
-                "context": {"n": n},
-            },
-            "content": {
-                "prompt": "a cat",
-                "steps": 2,
-                "alwayson_scripts": {"sd_model_checkpoint": model},
-                **({"init_images": [link]} if link else {}),
-            },
-        }
-    },
+    lambda u, model, n, link: Task(
+        id=f"fz-ok-{u.hex[:16]}",
+        runtime=RUNTIME,
+        tasktype=TaskType.IMAGE_TO_IMAGE if link else TaskType.TEXT_TO_IMAGE,
+        prefix="fuzz",
+        context={"n": n},
+        content={
+            "prompt": "a cat",
+            "steps": 2,
+            "alwayson_scripts": {"sd_model_checkpoint": model},
+            **({"init_images": [link]} if link else {}),
+        },
+    ).to_envelope(),
     st.uuids(),
     st.sampled_from(["tiny-sd15", "other-model", "v1-5-pruned-emaonly.safetensors [6ce0161689]"]),
     st.integers(0, 10),
@@ -426,17 +423,7 @@ def test_fuzz_every_message_becomes_a_task_or_a_failed_callback(aws, stack):
 
         # The dispatcher still serves: a plain valid task goes through.
         task_id = f"fz-after-{uuid.uuid4().hex[:8]}"
-        body = {
-            "task": {
-                "metadata": {
-                    "id": task_id,
-                    "runtime": RUNTIME,
-                    "tasktype": "text-to-image",
-                    "prefix": "fuzz",
-                },
-                "content": {"prompt": "still alive", "steps": 2},
-            }
-        }
+        body = plain_task(task_id, prefix="fuzz", prompt="still alive")
         assert harness.deliver([Delivery(json.dumps(body), "sns", attribute=RUNTIME)]) == 1
         runner.run(harness.handle_all())
         (after,) = harness.callbacks()
