@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -573,12 +575,19 @@ class _AlteredBody:
         self.body.close()
 
 
-def _alter_bodies(client, alter) -> None:
+@contextlib.contextmanager
+def _alter_bodies(client, alter) -> Iterator[None]:
+    """Alter every GetObject body of `client` (a session-wide fixture) while inside."""
+
     def hook(parsed, **_kwargs) -> None:
         if "Body" in parsed:
             parsed["Body"] = _AlteredBody(parsed["Body"], alter)
 
     client.meta.events.register("after-call.s3.GetObject", hook)
+    try:
+        yield
+    finally:
+        client.meta.events.unregister("after-call.s3.GetObject", hook)
 
 
 def test_s3_bytes_altered_in_transit_fail_the_sha256_check(aws, empty_bucket: str, tmp_path: Path):
@@ -587,9 +596,9 @@ def test_s3_bytes_altered_in_transit_fail_the_sha256_check(aws, empty_bucket: st
     aws.s3.put_object(
         Bucket=empty_bucket, Key="Lora/flip.safetensors", Body=data, ChecksumAlgorithm="SHA256"
     )
-    _alter_bodies(aws.s3, lambda chunk: bytes([chunk[0] ^ 1]) + chunk[1:] if chunk else chunk)
     store = ModelStore(S3Source(aws.s3, empty_bucket, part_bytes=MiB), cache_dir=tmp_path)
-    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+    flip = lambda chunk: bytes([chunk[0] ^ 1]) + chunk[1:] if chunk else chunk  # noqa: E731
+    with _alter_bodies(aws.s3, flip), pytest.raises(ModelLoadError, match="sha256 mismatch"):
         store.fetch_lora("flip")
     assert not list(tmp_path.glob("flip*"))  # nothing half-made left in the cache
     store.close()
@@ -599,10 +608,11 @@ def test_s3_body_longer_than_its_range_is_refused(aws, empty_bucket: str, tmp_pa
     """A body that sends more than the range it was asked for would overwrite the
     next range: refused, not written."""
     aws.s3.put_object(Bucket=empty_bucket, Key="VAE/long.safetensors", Body=os.urandom(2 * MiB))
-    _alter_bodies(aws.s3, lambda chunk: chunk + b"extra" if chunk else chunk)
     source = S3Source(aws.s3, empty_bucket, part_bytes=MiB)
-    with pytest.raises(ModelLoadError, match="overran"):
-        source.download(source.head("VAE/long.safetensors"), tmp_path / "long")
+    head = source.head("VAE/long.safetensors")
+    longer = lambda chunk: chunk + b"extra" if chunk else chunk  # noqa: E731
+    with _alter_bodies(aws.s3, longer), pytest.raises(ModelLoadError, match="overran"):
+        source.download(head, tmp_path / "long")
 
 
 def test_s3_part_size_and_concurrency_come_from_settings(tmp_path: Path, aws, empty_bucket: str):
