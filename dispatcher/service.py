@@ -259,6 +259,10 @@ class Dispatcher:
         if task.runtime != source.runtime:
             await self._forward(lease, task, published_at)
             return
+        # The task may wait minutes in the window: keep only its parsed form, not
+        # the SQS body and the SNS message inside it (up to 256 KiB each).
+        message.pop("Body", None)
+        del note
         await self._dispatch(source, lease, task, receive_count, published_at, received_at)
 
     async def _dispatch(
