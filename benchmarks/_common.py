@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sdeks.envelope import Task, TaskType  # noqa: E402
 from sdeks.local import LOCAL_CREDENTIALS, OFFLINE, free_port  # noqa: E402
 
 RUNTIME = "sdruntime"
@@ -450,18 +451,14 @@ def envelope(task_id: str, *, model: str | None = None, **content: Any) -> dict[
     body.update(content)
     if model:
         body.setdefault("alwayson_scripts", {})["sd_model_checkpoint"] = model
-    return {
-        "task": {
-            "metadata": {
-                "id": task_id,
-                "runtime": RUNTIME,
-                "tasktype": "text-to-image",
-                "prefix": "bench",
-                "context": {"bench": True},
-            },
-            "content": body,
-        }
-    }
+    return Task(
+        id=task_id,
+        runtime=RUNTIME,
+        tasktype=TaskType.TEXT_TO_IMAGE,
+        prefix="bench",
+        context={"bench": True},
+        content=body,
+    ).to_envelope()
 
 
 def runtime_attribute(runtime: str = RUNTIME) -> dict[str, Any]:
@@ -502,14 +499,18 @@ def publish_all(sns: Any, topic_arn: str, messages: Sequence[dict[str, Any]]) ->
             raise RuntimeError(f"publish failed: {answer['Failed'][:3]}")
 
 
+#: Every message still in a queue: visible, in flight, and not yet delivered.
+DEPTH_ATTRIBUTES = (
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+)
+
+
 def queue_depth(sqs: Any, url: str) -> int:
-    attributes = sqs.get_queue_attributes(
-        QueueUrl=url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    return int(attributes["ApproximateNumberOfMessages"]) + int(
-        attributes["ApproximateNumberOfMessagesNotVisible"]
-    )
+    """How many messages the queue still holds (`DEPTH_ATTRIBUTES`)."""
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(DEPTH_ATTRIBUTES))
+    return sum(int(attributes["Attributes"][name]) for name in DEPTH_ATTRIBUTES)
 
 
 # --- the pod doubles (child process) ---------------------------------------------

@@ -49,8 +49,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import queue_depth
 from sdeks.callback import Callback, Manifest
 from sdeks.client import CallbackListener, SdeksClient
+from sdeks.envelope import Task, TaskType
 from sdeks.local import DEFAULT_MODEL, LocalStack, Service
 
 log = logging.getLogger("chaos")
@@ -231,18 +233,14 @@ def envelope(task: PlannedTask, init_image_url: str) -> dict[str, Any]:
     if task.image_to_image:
         content["init_images"] = [init_image_url]
         content["denoising_strength"] = 0.6
-    return {
-        "task": {
-            "metadata": {
-                "id": task.id,
-                "runtime": "sdruntime",
-                "tasktype": "image-to-image" if task.image_to_image else "text-to-image",
-                "prefix": PREFIX,
-                "context": {"chaos": task.id},
-            },
-            "content": content,
-        }
-    }
+    return Task(
+        id=task.id,
+        runtime="sdruntime",
+        tasktype=TaskType.IMAGE_TO_IMAGE if task.image_to_image else TaskType.TEXT_TO_IMAGE,
+        prefix=PREFIX,
+        context={"chaos": task.id},
+        content=content,
+    ).to_envelope()
 
 
 def png(color: tuple[int, int, int] = (40, 90, 200)) -> bytes:
@@ -369,9 +367,10 @@ def _run(stack: LocalStack, config: ChaosConfig, say: Callable[[str], None]) -> 
     s3.put_object(Bucket=stack.input_bucket, Key="chaos/in.png", Body=png())
     init_url = f"s3://{stack.input_bucket}/chaos/in.png"
     planned = {t.id: t for t in plan_tasks(config.tasks, config.seed)}
+    sqs = stack.client("sqs")
     client = SdeksClient(
         sns=stack.client("sns"),
-        sqs=stack.client("sqs"),
+        sqs=sqs,
         s3=s3,
         task_topic_arn=resources.task_topic_arn,
         callback_topic_arn=resources.callback_topic_arn,
@@ -408,10 +407,10 @@ def _run(stack: LocalStack, config: ChaosConfig, say: Callable[[str], None]) -> 
             if time.monotonic() - published_at > config.timeout_s:
                 say(f"timed out with {len(planned) - collector.done()} tasks unanswered")
                 break
-            # Nothing held, nothing queued (delayed and in-flight messages count) and no
-            # callback for a while: what has not ended by now never will.
+            # Nothing held, nothing queued (`queue_depth` counts delayed and in-flight
+            # messages) and no callback for a while: what has not ended by now never will.
             quiet = time.monotonic() - collector.last_terminal_at > 2 * VISIBILITY_S + 10
-            if quiet and sum(queue_depth(stack, q) for q in task_queues) == 0:
+            if quiet and sum(queue_depth(sqs, q) for q in task_queues) == 0:
                 say(f"queues empty, {len(planned) - collector.done()} tasks unanswered")
                 break
             time.sleep(1)
@@ -431,8 +430,8 @@ def _run(stack: LocalStack, config: ChaosConfig, say: Callable[[str], None]) -> 
         strangers=collector.strangers,
         incomplete={},
         retries=count_retries(stack),
-        dlq_depth=queue_depth(stack, resources.dlqs["sdruntime"])
-        + queue_depth(stack, resources.catch_all_dlq_url),
+        dlq_depth=queue_depth(sqs, resources.dlqs["sdruntime"])
+        + queue_depth(sqs, resources.catch_all_dlq_url),
         duration_s=duration,
     )
     report.incomplete = check_outputs(stack, report)
@@ -502,14 +501,6 @@ def count_retries(stack: LocalStack) -> dict[str, int]:
                 if pattern.search(line):
                     counts[kind] += 1
     return counts
-
-
-def queue_depth(stack: LocalStack, url: str) -> int:
-    attributes = stack.client("sqs").get_queue_attributes(
-        QueueUrl=url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    return sum(int(v) for v in attributes.values())
 
 
 def diagnose(stack: LocalStack, report: ChaosReport) -> list[str]:
