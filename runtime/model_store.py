@@ -140,6 +140,31 @@ def dtype_kwargs(dtype: Any) -> dict[str, Any]:
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
+def _own_weights(module: Any) -> None:
+    """Copy a module's weights out of the files diffusers mapped, once.
+
+    diffusers maps safetensors files and its tensors point into the mapping.
+    The RAM tier must hold the bytes themselves: otherwise the first render
+    pays the reads, the RAM budget counts bytes that are not in memory, and an
+    evicted cache file's space stays in use while mapped. One copy from the
+    mapping is the cheapest way there (reading the file into a buffer first,
+    diffusers' `disable_mmap`, copies every byte twice). Tensors that share
+    storage stay shared.
+    """
+    copies: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], Any], Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        key = (
+            tensor.data_ptr(),
+            tensor.untyped_storage().data_ptr(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if key not in copies:
+            copies[key] = tensor.data.clone()
+        tensor.data = copies[key]
+
+
 def module_bytes(pipe: Any) -> int:
     import torch
 
@@ -440,15 +465,7 @@ class ModelStore:
         started = time.perf_counter()
         family = detect(path)
         cls: Any = pipeline_class(family, "txt2img")
-        # disable_mmap: the RAM tier holds the weights, not a mapping of the disk
-        # cache (diffusers maps safetensors by default: the first render would pay
-        # the reads, the RAM budget would count bytes not in memory, and an evicted
-        # file's space would stay in use while mapped).
-        kwargs: dict[str, Any] = {
-            **dtype_kwargs(self.dtype),
-            "local_files_only": True,
-            "disable_mmap": True,
-        }
+        kwargs: dict[str, Any] = {**dtype_kwargs(self.dtype), "local_files_only": True}
         if family.name == "sdxl":
             kwargs["add_watermarker"] = False
         else:
@@ -476,6 +493,7 @@ class ModelStore:
         for comp in pipe.components.values():
             if isinstance(comp, torch.nn.Module):
                 comp.eval().requires_grad_(False)
+                _own_weights(comp)
         nbytes = module_bytes(pipe)
         timings.ram_ms += (time.perf_counter() - started) * 1000
         log.info(

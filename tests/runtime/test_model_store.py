@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import shutil
@@ -625,4 +626,32 @@ def test_s3_part_size_and_concurrency_come_from_settings(tmp_path: Path, aws, em
     store = build_store(settings, "cpu", s3_client=aws.s3)
     assert isinstance(store.source, S3Source)
     assert (store.source.part_bytes, store.source.concurrency) == (0, 3)
+    store.close()
+
+
+def _mapped_under(folder: Path) -> list[str]:
+    """Files under `folder` that this process has mapped into memory (Linux)."""
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return sorted({line.split()[-1] for line in maps if str(folder.resolve()) in line})
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd15-single"])
+def test_ram_tier_holds_the_weights_not_a_mapping_of_the_cache(
+    aws, models_bucket: str, tmp_path: Path, name: str
+):
+    """The RAM tier holds real bytes: no weight file of the disk cache stays
+    mapped once a model is loaded, and it renders the same as before."""
+    cache = tmp_path / "cache"
+    store = _s3_store(aws, models_bucket, cache)
+    with store.use(name) as lease:
+        assert lease.timings.found_in == "source"
+        image = _render(lease.pipeline)
+        assert _mapped_under(cache) == []
+    # Removing the cache (an eviction) does not change what the RAM tier renders.
+    shutil.rmtree(cache)
+    with store.use(name) as lease:
+        assert lease.timings.found_in == "gpu"  # CPU: the RAM pipeline is the device's
+        np.testing.assert_array_equal(image, _render(lease.pipeline))
     store.close()
