@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from sdeks import cli
+from sdeks.envelope import Task, TaskType
 from sdeks.local import LOCAL_CREDENTIALS
 
 
@@ -20,25 +21,21 @@ def cli_env(local, monkeypatch):
 
 def write_task(tmp_path, *, model: str = "tiny-sd15") -> tuple[str, str]:
     task_id = f"cli-{uuid.uuid4().hex[:8]}"
-    body = {
-        "task": {
-            "metadata": {
-                "id": task_id,
-                "runtime": "sdruntime",
-                "tasktype": "text-to-image",
-                "prefix": "cli",
-            },
-            "content": {
-                "prompt": "a blue sphere",
-                "steps": 2,
-                "width": 64,
-                "height": 64,
-                "alwayson_scripts": {"sd_model_checkpoint": model},
-            },
-        }
-    }
+    task = Task(
+        id=task_id,
+        runtime="sdruntime",
+        tasktype=TaskType.TEXT_TO_IMAGE,
+        prefix="cli",
+        content={
+            "prompt": "a blue sphere",
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "alwayson_scripts": {"sd_model_checkpoint": model},
+        },
+    )
     path = tmp_path / "task.json"
-    path.write_text(json.dumps(body))
+    path.write_text(json.dumps(task.to_envelope()))
     return str(path), task_id
 
 

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from benchmarks._common import queue_depth
 from sdeks import cli
 from sdeks.local import LOCAL_CREDENTIALS
 from sdeks.tasks import TaskTable
@@ -52,16 +53,7 @@ def wait_for(predicate, timeout_s: float = TIMEOUT_S, interval_s: float = 0.2):
 
 
 def queue_drained(local) -> bool:
-    sqs = local.client("sqs")
-    attrs = sqs.get_queue_attributes(
-        QueueUrl=local.resources.queues["sdruntime"],
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    return (
-        int(attrs["ApproximateNumberOfMessages"])
-        + int(attrs["ApproximateNumberOfMessagesNotVisible"])
-        == 0
-    )
+    return queue_depth(local.client("sqs"), local.resources.queues["sdruntime"]) == 0
 
 
 def record(table: TaskTable, task_id: str):

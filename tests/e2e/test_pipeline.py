@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sdeks.callback import Callback, Manifest
+from sdeks.envelope import Task, TaskType
 from tests.e2e.conftest import png_bytes
 
 TIMEOUT_S = 240
@@ -26,19 +27,14 @@ def envelope(task_id: str, **content) -> dict:
         "alwayson_scripts": {"sd_model_checkpoint": "tiny-sd15"},
     }
     body.update(content)
-    tasktype = "image-to-image" if "init_images" in body else "text-to-image"
-    return {
-        "task": {
-            "metadata": {
-                "id": task_id,
-                "runtime": "sdruntime",
-                "tasktype": tasktype,
-                "prefix": "e2e",
-                "context": {"ticket": task_id, "nested": [1, {"a": None}], "unicode": "ü✓"},
-            },
-            "content": body,
-        }
-    }
+    return Task(
+        id=task_id,
+        runtime="sdruntime",
+        tasktype=TaskType.IMAGE_TO_IMAGE if "init_images" in body else TaskType.TEXT_TO_IMAGE,
+        prefix="e2e",
+        context={"ticket": task_id, "nested": [1, {"a": None}], "unicode": "ü✓"},
+        content=body,
+    ).to_envelope()
 
 
 def run(client, bodies: list[dict], *, attribute: bool = True, ids=None) -> dict[str, Callback]:
