@@ -32,6 +32,7 @@ import pytest
 
 from sdeks.callback import Callback
 from sdeks.client import SdeksClient
+from sdeks.envelope import Task, TaskType
 from sdeks.local import LocalStack
 from tests.reliability.conftest import UNUSED_MODEL
 
@@ -166,18 +167,14 @@ def new_id(label: str) -> str:
 def task(task_id: str, *, prefix: str = "hostile", model: str = "tiny-sd15", **content: Any):
     body = {"prompt": "a hostile cat", "steps": 2, "width": 64, "height": 64, **content}
     body.setdefault("alwayson_scripts", {})["sd_model_checkpoint"] = model
-    return {
-        "task": {
-            "metadata": {
-                "id": task_id,
-                "runtime": "sdruntime",
-                "tasktype": "image-to-image" if "init_images" in body else "text-to-image",
-                "prefix": prefix,
-                "context": {"probe": task_id},
-            },
-            "content": body,
-        }
-    }
+    return Task(
+        id=task_id,
+        runtime="sdruntime",
+        tasktype=TaskType.IMAGE_TO_IMAGE if "init_images" in body else TaskType.TEXT_TO_IMAGE,
+        prefix=prefix,
+        context={"probe": task_id},
+        content=body,
+    ).to_envelope()
 
 
 def run(client: SdeksClient, bodies: dict[str, dict]) -> dict[str, list[Callback]]:
@@ -348,7 +345,10 @@ def test_path_tricks_in_ids_and_prefixes_are_refused_and_write_nothing(hostile, 
     before = set(kept())
     # Bad prefixes, readable ids: the callback carries the id.
     prefixed = {new_id(f"prefix{n}"): p for n, p in enumerate(HOSTILE_PREFIXES)}
-    got = run(client, {i: task(i, prefix=p) for i, p in prefixed.items()})
+    published = {i: task(i) for i in prefixed}
+    for task_id, prefix in prefixed.items():
+        published[task_id]["task"]["metadata"]["prefix"] = prefix  # `Task` would refuse it
+    got = run(client, published)
     for task_id in prefixed:
         (callback,) = got[task_id]
         assert callback.status == "failed" and callback.error is not None

@@ -18,6 +18,7 @@ import time
 import uuid
 
 from sdeks.client import SdeksClient
+from sdeks.envelope import Task, TaskType
 from sdeks.local import LocalStack
 from sdeks.names import MAX_RECEIVE_COUNT
 from tests.reliability.conftest import POISON
@@ -27,18 +28,14 @@ SETTLE_S = 3
 
 
 def body(task_id: str, prompt: str) -> dict:
-    return {
-        "task": {
-            "metadata": {
-                "id": task_id,
-                "runtime": "sdruntime",
-                "tasktype": "text-to-image",
-                "prefix": "poison",
-                "context": {"probe": task_id},
-            },
-            "content": {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 3},
-        }
-    }
+    return Task(
+        id=task_id,
+        runtime="sdruntime",
+        tasktype=TaskType.TEXT_TO_IMAGE,
+        prefix="poison",
+        context={"probe": task_id},
+        content={"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 3},
+    ).to_envelope()
 
 
 def test_poison_task_reaches_the_dlq_with_one_failed_callback_and_spares_the_others(
