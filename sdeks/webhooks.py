@@ -14,8 +14,7 @@ Where it runs: in the dispatcher, fed by a ``webhooks`` SQS queue subscribed to
 the callback topic with `WEBHOOK_FILTER_POLICY`; `deliver_notification` handles
 one message from it. Every terminal callback passes through that topic whoever
 published it (pod, dispatcher, ``sdeks cancel``), the queue keeps it across
-crashes, and no GPU waits on a slow receiver. `WebhookSender.submit` is the
-non-durable, in-process alternative (bounded queue, background workers).
+crashes, and no GPU waits on a slow receiver.
 
 Only signing and verification are needed by receivers: aiohttp is imported by
 the sender alone.
@@ -162,8 +161,6 @@ class WebhookSender:
         guard: UrlGuard,
         table: TaskTable | None = None,
         retry: RetryPolicy | None = None,
-        queue_size: int = 1000,
-        workers: int = 4,
     ) -> None:
         if not secret:
             raise ValueError("a webhook secret is required (SDEKS_WEBHOOK_SECRET)")
@@ -172,9 +169,6 @@ class WebhookSender:
         self._guard = guard
         self._table = table
         self.retry = retry or RetryPolicy()
-        self._queue: asyncio.Queue[tuple[str, Callback]] = asyncio.Queue(maxsize=queue_size)
-        self._workers = workers
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def deliver(self, url: str, callback: Callback) -> WebhookOutcome:
         """Deliver with retries and record the outcome. Never raises for the receiver's
@@ -202,53 +196,6 @@ class WebhookSender:
             except SdeksError as exc:
                 log.warning("task %s: webhook outcome not recorded: %s", callback.id, exc)
         return outcome
-
-    def submit(self, url: str, callback: Callback) -> bool:
-        """Queue a delivery without waiting. False when the queue is full (dropped)."""
-        if not self._tasks:
-            raise RuntimeError("WebhookSender.submit needs start() (or `async with`) first")
-        try:
-            self._queue.put_nowait((url, callback))
-        except asyncio.QueueFull:
-            log.error("task %s: webhook queue full, delivery dropped", callback.id)
-            return False
-        return True
-
-    async def start(self) -> None:
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._work(), name=f"webhook-{n}") for n in range(self._workers)
-            ]
-
-    async def aclose(self, *, grace_s: float = 10.0) -> None:
-        """Let queued deliveries finish for up to `grace_s`, then cancel the rest."""
-        if not self._tasks:
-            return
-        try:
-            await asyncio.wait_for(self._queue.join(), grace_s)
-        except TimeoutError:
-            log.warning("%d webhook deliveries abandoned at shutdown", self._queue.qsize())
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-
-    async def __aenter__(self) -> WebhookSender:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def _work(self) -> None:
-        while True:
-            url, callback = await self._queue.get()
-            try:
-                await self.deliver(url, callback)
-            except Exception:  # a worker must outlive any one delivery
-                log.exception("task %s: webhook delivery crashed", callback.id)
-            finally:
-                self._queue.task_done()
 
     async def _attempts(self, url: str, callback: Callback) -> WebhookOutcome:
         import aiohttp  # the dispatcher extra carries it; receivers need only verify

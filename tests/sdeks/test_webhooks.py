@@ -4,7 +4,6 @@ refusal of private addresses, and the durable path through the callback topic.""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -247,28 +246,6 @@ async def test_private_address_is_refused_before_connecting(url, session, table)
     assert (outcome.status, outcome.attempts) == (WebhookStatus.REFUSED, 0)
     assert session.counter.started == 0  # no request began (pytest-socket is the backstop)
     assert (await table.get("t-1")).webhook_status is WebhookStatus.REFUSED
-
-
-async def test_submit_delivers_in_the_background(receiver, session):
-    async with WebhookSender(session, secret=SECRET, guard=loopback_only, retry=FAST) as sender:
-        assert sender.submit(receiver.url, callback())  # returns at once
-        await asyncio.wait_for(receiver.arrived.wait(), 10)
-    assert receiver.requests[0].verified
-
-
-async def test_submit_refuses_when_the_queue_is_full(receiver, session):
-    receiver.hold = asyncio.Event()  # the receiver stalls: deliveries pile up
-    sender = WebhookSender(
-        session, secret=SECRET, guard=loopback_only, retry=FAST, queue_size=1, workers=1
-    )
-    await sender.start()
-    assert sender.submit(receiver.url, callback("a"))
-    await asyncio.wait_for(receiver.arrived.wait(), 10)  # the worker holds "a"
-    assert sender.submit(receiver.url, callback("b"))  # queued
-    assert not sender.submit(receiver.url, callback("c"))  # full: dropped, not blocking
-    receiver.hold.set()
-    await sender.aclose(grace_s=10)
-    assert [json.loads(r.body)["id"] for r in receiver.requests] == ["a", "b"]
 
 
 # --- the durable path: callback topic -> webhooks queue -> dispatcher ----------
