@@ -204,18 +204,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def measure_store(s3: Any, bucket: str, work: Path, name: str, device: str) -> dict[str, Any]:
+def measure_store(
+    s3: Any, bucket: str, work: Path, name: str, device: str, *, ranged: bool = True
+) -> dict[str, Any]:
     """One activation per tier; seconds and the store's own breakdown."""
     from runtime.model_source import DEFAULT_PART_BYTES
 
     out: dict[str, Any] = {}
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    # s3-ranged: nothing on this machine yet, the download pattern for S3.
-    store = new_store(s3, bucket, cache, device, part_bytes=DEFAULT_PART_BYTES)
-    out["s3-ranged"] = timed_acquire(store, name, device)
-    close(store)
-    shutil.rmtree(cache)
+    if ranged:
+        # s3-ranged: nothing on this machine yet, the download pattern for S3.
+        store = new_store(s3, bucket, cache, device, part_bytes=DEFAULT_PART_BYTES)
+        out["s3-ranged"] = timed_acquire(store, name, device)
+        close(store)
+        shutil.rmtree(cache)
     # s3: the same with one GET per object. Then gpu: the same store asked again.
     store = new_store(s3, bucket, cache, device)
     out["s3"] = timed_acquire(store, name, device)
@@ -264,7 +267,14 @@ def ranged_get(s3: Any, bucket: str, key: str) -> int:
 
 
 def measure_ceilings(
-    s3: Any, bucket: str, keys: list[str], files: list[Path], device: str, dtype: Any
+    s3: Any,
+    bucket: str,
+    keys: list[str],
+    files: list[Path],
+    device: str,
+    dtype: Any,
+    *,
+    ranged: bool = True,
 ) -> dict[str, float]:
     """Raw steps, seconds. `keys`: every object of the model; `files`: its weight files on disk."""
     import hashlib
@@ -281,10 +291,11 @@ def measure_ceilings(
         s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     c["get"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    for key in keys:
-        ranged_get(s3, bucket, key)
-    c["ranged"] = time.perf_counter() - started
+    if ranged:
+        started = time.perf_counter()
+        for key in keys:
+            ranged_get(s3, bucket, key)
+        c["ranged"] = time.perf_counter() - started
 
     started = time.perf_counter()
     for f in files:
@@ -345,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=["folder", "file"], default="folder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--no-ranged",
+        action="store_true",
+        help="skip the s3-ranged row (on moto each range reads the whole object: slow when large)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mib, args.repeats = 16, 1
@@ -379,17 +395,21 @@ def main(argv: list[str] | None = None) -> int:
             s3.create_bucket(Bucket=bucket)
             upload(s3, work / "models", bucket)
             keys = [f.relative_to(work / "models").as_posix() for f in files]
-            runs = [measure_store(s3, bucket, work, name, args.device) for _ in range(args.repeats)]
+            ranged = not args.no_ranged
+            runs = [
+                measure_store(s3, bucket, work, name, args.device, ranged=ranged)
+                for _ in range(args.repeats)
+            ]
             cached = sorted((work / "cache").rglob("*.safetensors"))
             ceiling_runs = [
-                measure_ceilings(s3, bucket, keys, cached, args.device, dtype)
+                measure_ceilings(s3, bucket, keys, cached, args.device, dtype, ranged=ranged)
                 for _ in range(args.repeats)
             ]
     ceilings = {k: statistics.median(c[k] for c in ceiling_runs) for k in ceiling_runs[0]}
 
     rows = []
     ratios: dict[str, float] = {}
-    for tier in TIERS:
+    for tier in [t for t in TIERS if t in runs[0]]:
         seconds = statistics.median(r[tier][0] for r in runs)
         timings = runs[len(runs) // 2][tier][1]
         ceiling = tier_ceiling(tier, ceilings, on_cuda)
@@ -422,7 +442,11 @@ def main(argv: list[str] | None = None) -> int:
 
     raw = [
         step("GetObject, one per file (same client)", "get", file_bytes / MiB),
-        step("HEAD + ranged GETs as S3Source (16 MiB x 8)", "ranged", file_bytes / MiB),
+        *(
+            [step("HEAD + ranged GETs as S3Source (16 MiB x 8)", "ranged", file_bytes / MiB)]
+            if "ranged" in ceilings
+            else []
+        ),
         step("sha256 of the weight files (not in a ceiling)", "sha256", weight_bytes / MiB),
         step("safetensors load_file (mmap, not read)", "mmap", None),
         step("safetensors load_file + read the bytes", "load", weight_bytes / MiB),
