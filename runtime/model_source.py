@@ -348,27 +348,28 @@ class _PrefixHasher:
         return prefix
 
     def run(self) -> None:
-        while self._hashed < self._size:
-            with self._cond:
-                while (prefix := self._prefix()) <= self._hashed and not self._stop.is_set():
-                    self._cond.wait()
-            if prefix <= self._hashed:
-                return  # stopped before the file was complete
-            while self._hashed < prefix:
-                n = min(prefix - self._hashed, 8 * 2**20)
-                data = os.pread(self._fd, n, self._hashed)
-                if not data:
-                    return
-                self._sha.update(data)
-                self._hashed += len(data)
-        self._done.set()
+        try:
+            while self._hashed < self._size:
+                with self._cond:
+                    while (prefix := self._prefix()) <= self._hashed and not self._stop.is_set():
+                        self._cond.wait()
+                if prefix <= self._hashed:
+                    return  # stopped before the file was complete
+                while self._hashed < prefix:
+                    n = min(prefix - self._hashed, 8 * 2**20)
+                    data = os.pread(self._fd, n, self._hashed)
+                    if not data:
+                        return
+                    self._sha.update(data)
+                    self._hashed += len(data)
+        finally:
+            self._done.set()
 
     def result(self) -> str:
-        """The digest, once every byte has been hashed (waits for the hashing thread)."""
-        while not self._done.wait(0.05):
-            self.wake()
-            if self._stop.is_set() and self._prefix() < self._size:
-                raise ModelLoadError("download stopped before the file was complete")
+        """The digest once every byte is hashed (waits for the hashing thread)."""
+        self._done.wait()
+        if self._hashed != self._size:
+            raise ModelLoadError(f"hashed {self._hashed} of {self._size} bytes")
         return self._sha.hexdigest()
 
 

@@ -655,3 +655,25 @@ def test_ram_tier_holds_the_weights_not_a_mapping_of_the_cache(
         assert lease.timings.found_in == "gpu"  # CPU: the RAM pipeline is the device's
         np.testing.assert_array_equal(image, _render(lease.pipeline))
     store.close()
+
+
+def test_prefix_hasher_fails_rather_than_waits_when_bytes_are_missing(tmp_path: Path):
+    """Writers report the whole file written but it is shorter (e.g. truncated
+    under it): the digest is an error, not a hang or a hash of fewer bytes."""
+    from runtime.model_source import _PrefixHasher
+
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = _PrefixHasher(fd, [0, 100], 200, threading.Event())
+        thread = threading.Thread(target=hasher.run)
+        thread.start()
+        hasher.advance(0, 100)
+        hasher.advance(1, 200)
+        with pytest.raises(ModelLoadError, match="hashed 100 of 200 bytes"):
+            hasher.result()
+        thread.join(5)
+        assert not thread.is_alive()
+    finally:
+        os.close(fd)
