@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -216,7 +216,26 @@ class _Child:
         self._log.close()
 
 
-class MotoServer:
+class _Service:
+    """A benchmark's helper process (`_child`): its pid, stopped on leaving a `with`."""
+
+    _child: _Child
+
+    @property
+    def pid(self) -> int:
+        return self._child.proc.pid
+
+    def stop(self) -> None:
+        self._child.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MotoServer(_Service):
     """moto server in its own process, so every client hits it alike."""
 
     def __init__(self, workdir: Path) -> None:
@@ -237,10 +256,6 @@ class MotoServer:
         except Exception:
             self.stop()
             raise
-
-    @property
-    def pid(self) -> int:
-        return self._child.proc.pid
 
     def calls(self) -> dict[str, int]:
         """API calls served so far, by `service.Action` (cumulative)."""
@@ -274,17 +289,8 @@ class MotoServer:
             names=StackNames(prefix=f"b{uuid.uuid4().hex[:8]}"),
         )
 
-    def stop(self) -> None:
-        self._child.stop()
 
-    def __enter__(self) -> MotoServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class PodFleet:
+class PodFleet(_Service):
     """`count` pod doubles of one kind, served by one child process."""
 
     def __init__(
@@ -307,10 +313,6 @@ class PodFleet:
             self.stop()
             raise
 
-    @property
-    def pid(self) -> int:
-        return self._child.proc.pid
-
     def records(self) -> list[dict[str, Any]]:
         """Every job each pod ran since the last reset, with the pod's URL."""
         out = []
@@ -328,17 +330,8 @@ class PodFleet:
         for url in self.urls:
             _post_json(f"{url}/bench/reset", settings)
 
-    def stop(self) -> None:
-        self._child.stop()
 
-    def __enter__(self) -> PodFleet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class DispatcherProcess:
+class DispatcherProcess(_Service):
     """`python -m dispatcher` against `stack`'s queues with static pods, as the local stack runs it."""
 
     def __init__(
@@ -382,10 +375,6 @@ class DispatcherProcess:
             self.stop()
             raise RuntimeError(f"{exc}\n{tail}") from exc
 
-    @property
-    def pid(self) -> int:
-        return self._child.proc.pid
-
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
         from prometheus_client.parser import text_string_to_metric_families
@@ -401,15 +390,6 @@ class DispatcherProcess:
 
     def log_tail(self, chars: int = 3000) -> str:
         return self._child.log_tail(chars)
-
-    def stop(self) -> None:
-        self._child.stop()
-
-    def __enter__(self) -> DispatcherProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _get_text(url: str) -> str:

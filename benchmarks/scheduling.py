@@ -123,6 +123,8 @@ def run_sim(
 
 
 WINDOWS = (64, 128, 256, 512, 1000)
+#: The dispatcher's default window (SDEKS_WINDOW).
+DEFAULT_WINDOW: int = DispatcherSettings.model_fields["window"].default
 
 
 def run_windows(
@@ -131,10 +133,9 @@ def run_windows(
     unlimited: dict[float, tuple[SimResult, SimResult, float]],
 ) -> dict[float, SimResult]:
     """The burst with the policy limited to the dispatcher's window (FIFO is not affected)."""
-    default = DispatcherSettings.model_fields["window"].default
     print(
         f"\n# burst, the policy seeing the oldest (window - {args.pods}) waiting tasks: the "
-        f"dispatcher's window holds the running tasks too; default SDEKS_WINDOW = {default}"
+        f"dispatcher's window holds the running tasks too; default SDEKS_WINDOW = {DEFAULT_WINDOW}"
     )
     rows = []
     windowed: dict[float, SimResult] = {}
@@ -147,9 +148,13 @@ def run_windows(
             else:
                 view = max(1, window - args.pods)
                 result = simulate(affinity_for(args.inference, cost), tasks, window=view, **common)
-                if window == default:
+                if window == DEFAULT_WINDOW:
                     windowed[cost] = result
-            label = "all" if window is None else f"{window}" + (" (default)" * (window == default))
+            label = (
+                "all"
+                if window is None
+                else f"{window}" + (" (default)" * (window == DEFAULT_WINDOW))
+            )
             rows.append(
                 [
                     f"{cost:g}",
@@ -163,22 +168,6 @@ def run_windows(
             )
     print(table(rows, ["S", "window", "throughput", "vs fifo", "vs bound", "switches", "max wait"]))
     return windowed
-
-
-def windowed_line(
-    args: argparse.Namespace,
-    windowed: dict[float, SimResult],
-    headline: float,
-    fifo: SimResult,
-    bound: float,
-) -> str:
-    default = DispatcherSettings.model_fields["window"].default
-    result = windowed[headline]
-    return (
-        f"with the default window ({default}) at S={headline:g}: affinity/fifo "
-        f"{result.throughput / fifo.throughput:.2f}, makespan / lower bound "
-        f"{result.makespan / bound:.3f}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     results, windowed = run_sim(args)
     headline = 10.0 if 10.0 in results else args.switch_costs[-1]
     fifo, ours, bound = results[headline]
-    print("\n" + windowed_line(args, windowed, headline, fifo, bound))
+    result = windowed[headline]
+    print(
+        f"\nwith the default window ({DEFAULT_WINDOW}) at S={headline:g}: affinity/fifo "
+        f"{result.throughput / fifo.throughput:.2f}, makespan / lower bound "
+        f"{result.makespan / bound:.3f}"
+    )
     print(
         f"affinity makespan / lower bound at S={headline:g}: {ours.makespan / bound:.3f}; "
         f"max wait {ours.max_wait:.0f} vs fifo {fifo.max_wait:.0f}"

@@ -51,8 +51,9 @@ from benchmarks._common import (
     wait_until,
     workdir,
 )
+from benchmarks.scheduling import DEFAULT_WINDOW
+from benchmarks.scheduling import HEADER as SIM_HEADER
 from dispatcher.scheduler import FifoPolicy
-from dispatcher.settings import DispatcherSettings
 from dispatcher.simulator import (
     SimTask,
     affinity_for,
@@ -63,26 +64,11 @@ from dispatcher.simulator import (
 )
 
 DEFAULT_TIME_UNIT = 0.02
-#: The dispatcher's default window (SDEKS_WINDOW).
-DEFAULT_WINDOW: int = DispatcherSettings.model_fields["window"].default
 #: How often the dispatcher polls pod state here (its default is 2 s = 100 units).
 DEFAULT_STATE_INTERVAL_S = 0.2
 
-HEADER = [
-    "S",
-    "policy",
-    "run",
-    "throughput",
-    "makespan",
-    "bound",
-    "vs bound",
-    "p50 wait",
-    "p95 wait",
-    "max wait",
-    "switches",
-    "429s",
-    "skew",
-]
+#: The simulated benchmark's columns, with the run kind and two live-only ones.
+HEADER = [*SIM_HEADER[:2], "run", *SIM_HEADER[2:], "429s", "skew"]
 
 
 def fill(sqs: Any, url: str, topic_arn: str, tasks: list[SimTask], published_at: float) -> None:

@@ -189,11 +189,17 @@ def test_local_store_hashes_and_name_forms(local_store: ModelStore, tiny_sd15_fi
     assert f"tiny-sd15-single.safetensors [{short}]" in titles
 
 
-def test_local_store_ram_lru_evicts_by_bytes(tiny_models_dir: Path, tmp_path: Path):
-    probe = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "probe")
+def _tiny_model_bytes(models: Path, cache: Path) -> int:
+    """What one tiny SD 1.x model weighs in the store's RAM tier."""
+    probe = ModelStore(LocalSource(models), cache_dir=cache)
     with probe.use("tiny-sd15"):
         one = probe.state()["bytes"]["ram"]
     probe.close()
+    return one
+
+
+def test_local_store_ram_lru_evicts_by_bytes(tiny_models_dir: Path, tmp_path: Path):
+    one = _tiny_model_bytes(tiny_models_dir, tmp_path / "probe")
     # Room for one SD 1.x tiny model and a half.
     store = ModelStore(
         LocalSource(tiny_models_dir),
@@ -442,10 +448,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tiny_models_dir: Path, tmp_pa
 
 def test_device_tier_lru_by_bytes_and_pins(tiny_models_dir: Path, tmp_path: Path):
     """The GPU tier's bookkeeping, exercised on CPU with separate device copies."""
-    probe = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "probe")
-    with probe.use("tiny-sd15"):
-        one = probe.state()["bytes"]["ram"]
-    probe.close()
+    one = _tiny_model_bytes(tiny_models_dir, tmp_path / "probe")
     store = ModelStore(
         LocalSource(tiny_models_dir),
         cache_dir=tmp_path / "cache",
