@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.14.1
+TORCHVISION_VERSION := 0.29.1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -16,8 +18,10 @@ export TRANSFORMERS_VERBOSITY := error
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned: the CPU wheel; an unpinned torch pulls GBs of CUDA wheels
-	$(PIP) install -q "torch==2.13.0"
+	# torch and torchvision first and pinned together: the one pair whose torchvision imports
+	# beside torch here (spandrel and controlnet_aux need torchvision; see docs/models.md);
+	# an unpinned torch or torchvision pulls another torch.
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
