@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdeks.errors import ModelNotFoundError
-from sdeks.names import MODELS_CHECKPOINT_PREFIX, MODELS_LORA_PREFIX, MODELS_VAE_PREFIX
+from sdeks.names import (
+    MODELS_ANNOTATOR_PREFIX,
+    MODELS_CHECKPOINT_PREFIX,
+    MODELS_CONTROLNET_PREFIX,
+    MODELS_DETECTOR_PREFIX,
+    MODELS_LORA_PREFIX,
+    MODELS_VAE_PREFIX,
+)
 
 from .model_source import ObjectInfo
 
@@ -187,6 +194,23 @@ def build_entries(objects: Iterable[ObjectInfo], prefix: str) -> list[ModelEntry
     return sorted(entries, key=lambda e: e.name.lower())
 
 
+#: Detector files: `.pt2` (torch.export, the default loader) and ultralytics `.pt`
+#: (only with the optional ultralytics extra; see docs/models.md).
+DETECTOR_SUFFIXES = (".pt2", ".pt")
+
+
+def build_file_entries(
+    objects: Iterable[ObjectInfo], prefix: str, suffixes: tuple[str, ...]
+) -> list[ModelEntry]:
+    """Plain files under `prefix` with one of `suffixes` (detectors), named by their path."""
+    entries = [
+        ModelEntry(name=o.key[len(prefix) :], kind="file", key=o.key, files=(o,))
+        for o in objects
+        if o.key.startswith(prefix) and o.key.endswith(suffixes)
+    ]
+    return sorted(entries, key=lambda e: e.name.lower())
+
+
 class Catalog:
     """Checkpoints, LoRAs and VAEs of one listing, with A1111 name resolution."""
 
@@ -197,13 +221,28 @@ class Catalog:
         self.checkpoints = build_entries(objects, MODELS_CHECKPOINT_PREFIX)
         self.loras = build_entries(objects, MODELS_LORA_PREFIX)
         self.vaes = build_entries(objects, MODELS_VAE_PREFIX)
+        self.controlnets = [
+            e
+            for e in build_entries(objects, MODELS_CONTROLNET_PREFIX)
+            if not e.key.startswith(MODELS_ANNOTATOR_PREFIX)
+        ]
+        self.detectors = build_file_entries(objects, MODELS_DETECTOR_PREFIX, DETECTOR_SUFFIXES)
+
+    def entries(self, kind: str) -> list[ModelEntry]:
+        return {
+            "checkpoint": self.checkpoints,
+            "lora": self.loras,
+            "vae": self.vaes,
+            "controlnet": self.controlnets,
+            "detector": self.detectors,
+        }[kind]
 
     def config_folder(self, key: str) -> tuple[ObjectInfo, ...]:
         """The files under a config folder key (`.../foo.config/`, `configs/sd1/`)."""
         return tuple(o for k, o in self.objects.items() if k.startswith(key))
 
     def find(self, requested: str, kind: str = "checkpoint") -> ModelEntry | None:
-        entries = {"checkpoint": self.checkpoints, "lora": self.loras, "vae": self.vaes}[kind]
+        entries = self.entries(kind)
         wanted = requested.strip()
         for entry in entries:
             if wanted in entry.aliases():
@@ -219,7 +258,7 @@ class Catalog:
     def resolve(self, requested: str, kind: str = "checkpoint") -> ModelEntry:
         entry = self.find(requested, kind)
         if entry is None:
-            entries = {"checkpoint": self.checkpoints, "lora": self.loras, "vae": self.vaes}[kind]
+            entries = self.entries(kind)
             known = ", ".join(e.name for e in entries[:20]) or "none"
             more = f" and {len(entries) - 20} more" if len(entries) > 20 else ""
             raise ModelNotFoundError(

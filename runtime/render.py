@@ -53,6 +53,10 @@ from sdeks.errors import (
 log = logging.getLogger(__name__)
 
 VERSION = "sdeks-runtime"
+#: `alwayson_scripts` this runtime runs (lower-cased: A1111 matches titles case-insensitively).
+SUPPORTED_SCRIPTS = frozenset({"controlnet"})
+#: Device bytes for loaded ControlNet models (LRU beyond that).
+CONTROLNET_CACHE_BYTES = 8 * 2**30
 UPSCALERS = ("None", "Lanczos", "Nearest")
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 _LORA_RE = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::[^>]*)?>")
@@ -304,10 +308,12 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
         raise InvalidParameterError(
             f"`script_name` {request.script_name!r}: scripts are not supported by this runtime"
         )
-    if request.script_alwayson:
+    unsupported = sorted(k for k in request.script_alwayson if k.lower() not in SUPPORTED_SCRIPTS)
+    if unsupported:
         raise InvalidParameterError(
-            f"`alwayson_scripts` {sorted(request.script_alwayson)}: scripts are not supported "
-            "by this runtime (only the routing key sd_model_checkpoint is accepted)"
+            f"`alwayson_scripts` {unsupported}: scripts are not supported by this runtime "
+            f"(supported: {', '.join(sorted(SUPPORTED_SCRIPTS))} and the routing key "
+            "sd_model_checkpoint)"
         )
 
 
@@ -338,6 +344,8 @@ class Renderer:
         self._lock = threading.Lock()
         self._weights = SharedWeightsLock()
         self._compiled_unets: dict[int, tuple[Any, Any]] = {}
+        self._controlnets: Any = None
+        self._annotators: Any = None
 
     # public entry points -------------------------------------------------
 
@@ -464,17 +472,112 @@ class Renderer:
         if vae_name not in NO_VAE:
             self.models.fetch_vae(vae_name)
 
-        # 3. Load the model: pinned in the store for the whole render, as a pipeline of our kind.
         kind: PipelineKind = (
             "inpaint" if mask is not None else ("img2img" if init_image is not None else "txt2img")
         )
-        with self._oom_guard(control.job_id), self.models.use(str(checkpoint), kind) as lease:
+        # ControlNet units: checked, preprocessed and their models loaded before the checkpoint.
+        conditioning = self._controlnet(request, kind, init_image, mask)
+        try:
+            images, infotexts, loaded = self._load_and_denoise(
+                request,
+                img,
+                checkpoint=str(checkpoint),
+                kind=kind,
+                prompt=prompt,
+                plan=plan,
+                choice=choice,
+                clip_skip=clip_skip,
+                init_image=init_image,
+                mask=mask,
+                control=control,
+                vae_name=vae_name,
+                loras=loras,
+                lora_files=lora_files,
+                conditioning=conditioning,
+            )
+        finally:
+            if conditioning is not None:
+                conditioning.release()
+        extra = conditioning.extra_params if conditioning is not None else {}
+
+        # 6. The A1111 `info`.
+        info = self._info(request, img, plan, choice, loaded, vae_name, clip_skip, infotexts)
+        info["extra_generation_params"] = dict(extra)
+        return RenderResult(
+            images=images,
+            infotexts=infotexts,
+            info=info,
+            parameters=_parameters(request),
+            seeds=plan.all_seeds[: len(images)],
+            model=loaded.title,
+            model_load_ms=loaded.load_ms,
+        )
+
+    def _controlnet(
+        self,
+        request: GenerationRequest,
+        kind: str,
+        init_image: Image.Image | None,
+        mask: Image.Image | None,
+    ) -> Any:
+        """The request's ControlNet conditioning, or None (no unit, or none active)."""
+        from runtime import controlnet, controlnet_units
+
+        if controlnet_units.script_args(request.alwayson_scripts, controlnet_units.SCRIPT) is None:
+            return None
+        with self._lock:
+            if self._controlnets is None:
+                from runtime.preprocessors import Annotators
+
+                self._controlnets = controlnet.ControlNetCache(
+                    self.models,
+                    budget_bytes=CONTROLNET_CACHE_BYTES,
+                    work_dir=Path(self.settings.cache_dir) / "controlnet-configs",
+                )
+                self._annotators = Annotators(self.models.fetch_file, self.device)
+        limit = self.settings.max_upscale_pixels
+        return controlnet.build_conditioning(
+            request.alwayson_scripts,
+            kind=kind,
+            width=request.width,
+            height=request.height,
+            cfg_scale=request.cfg_scale,
+            init_image=init_image,
+            mask=mask,
+            cache=self._controlnets,
+            annotators=self._annotators,
+            decode=lambda data, where: decode_image(data, where, limit),
+        )
+
+    def _load_and_denoise(
+        self,
+        request: GenerationRequest,
+        img: Img2ImgRequest | None,
+        *,
+        checkpoint: str,
+        kind: PipelineKind,
+        prompt: str,
+        plan: seeds.SeedPlan,
+        choice: samplers.SamplerChoice,
+        clip_skip: int | None,
+        init_image: Image.Image | None,
+        mask: Image.Image | None,
+        control: JobControl,
+        vae_name: str,
+        loras: list[tuple[str, float]],
+        lora_files: list[tuple[str, Path, float]],
+        conditioning: Any,
+    ) -> tuple[list[Image.Image], list[str], Loaded]:
+        # 3. Load the model: pinned in the store for the whole render, as a pipeline of our kind.
+        with self._oom_guard(control.job_id), self.models.use(checkpoint, kind) as lease:
             control.check()
             loaded = Loaded.of(lease)
             # LoRAs are injected into the shared weights: such a render runs alone.
             with self._weights.exclusive() if loras else self._weights.shared():
                 # 4. The job's own pipeline: scheduler, VAE, LoRAs.
                 pipe = self._job_pipeline(lease.pipeline, loaded, choice, vae_name)
+                if conditioning is not None:
+                    pipe = conditioning.pipeline(pipe)
                 try:
                     lora_note = self._apply_loras(pipe, lora_files)
                     # 5. Denoise.
@@ -492,22 +595,12 @@ class Renderer:
                         loaded=loaded,
                         vae_name=vae_name,
                         lora_note=lora_note,
+                        conditioning=conditioning,
                     )
                 finally:
                     if loras:
                         pipe.unload_lora_weights()
-
-        # 6. The A1111 `info`.
-        info = self._info(request, img, plan, choice, loaded, vae_name, clip_skip, infotexts)
-        return RenderResult(
-            images=images,
-            infotexts=infotexts,
-            info=info,
-            parameters=_parameters(request),
-            seeds=plan.all_seeds[: len(images)],
-            model=loaded.title,
-            model_load_ms=loaded.load_ms,
-        )
+        return images, infotexts, loaded
 
     def check_pinned(self, checkpoint: str) -> None:
         self._check_pinned(checkpoint)
@@ -622,6 +715,7 @@ class Renderer:
         loaded: Loaded,
         vae_name: str,
         lora_note: str | None,
+        conditioning: Any = None,
     ) -> tuple[list[Image.Image], list[str]]:
         import torch
 
@@ -640,6 +734,7 @@ class Renderer:
 
         images: list[Image.Image] = []
         infotexts: list[str] = []
+        extra = conditioning.extra_params if conditioning is not None else {}
         latent_shape = (
             pipe.vae.config.latent_channels,  # 4; an inpainting UNet takes 9 but denoises 4
             request.height // pipe.vae_scale_factor,
@@ -674,13 +769,15 @@ class Renderer:
             }
             if request.eta is not None:
                 kwargs["eta"] = request.eta
+            if conditioning is not None:
+                kwargs.update(conditioning.call_kwargs(width=request.width, height=request.height))
             if init_image is not None and strength == 0:
                 # Nothing to denoise (diffusers refuses zero steps): the init image is the result.
                 out = [init_image.copy() for _ in idx]
                 images.extend(out)
                 infotexts.extend(
                     self._infotext(
-                        request, img, plan, choice, loaded, vae_name, clip_skip, i, lora_note
+                        request, img, plan, choice, loaded, vae_name, clip_skip, i, lora_note, extra
                     )
                     for i in idx
                 )
@@ -692,9 +789,11 @@ class Renderer:
                 assert img is not None
                 kwargs.update(image=init_image, mask_image=mask, strength=strength)
                 kwargs.update(height=request.height, width=request.width)
-                if img.inpaint_full_res:
+                if img.inpaint_full_res and conditioning is None:
                     # A1111 "only masked": inpaint the mask's bounding box (plus padding)
                     # at full resolution and paste it back; diffusers' padding_mask_crop.
+                    # diffusers' ControlNet inpaint cannot crop several control images, so
+                    # with ControlNet units the whole picture is inpainted.
                     kwargs["padding_mask_crop"] = img.inpaint_full_res_padding
             elif init_image is not None:
                 kwargs.update(image=self._encode(pipe, init_image, batch), strength=strength)
@@ -717,7 +816,7 @@ class Renderer:
                 images.append(image)
                 infotexts.append(
                     self._infotext(
-                        request, img, plan, choice, loaded, vae_name, clip_skip, i, lora_note
+                        request, img, plan, choice, loaded, vae_name, clip_skip, i, lora_note, extra
                     )
                 )
         return images, infotexts
@@ -791,6 +890,7 @@ class Renderer:
         clip_skip: int | None,
         i: int,
         lora_note: str | None,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
         varies = plan.subseed_strength > 0
         strength = request.denoising_strength
@@ -812,6 +912,7 @@ class Renderer:
             "Mask blur": _mask_blur(img) if img is not None and img.mask else None,
             "Clip skip": clip_skip + 1 if clip_skip else None,
             "Lora hashes": f'"{lora_note}"' if lora_note else None,
+            **(extra or {}),
             "Version": VERSION,
         }
         prompt = request.prompt
