@@ -20,8 +20,9 @@ diffusers' `control_guidance_start/end`: outside its window a unit's scale is 0.
 
 ControlNet models come from `ControlNet/` in the models bucket (a diffusers
 folder, or one `.safetensors` in the original or diffusers key layout with its
-config beside it or built in) and stay loaded in `ControlNetCache`, LRU by
-bytes.
+config beside it or built in), loaded through the model store as a
+`ModelKind`: the same disk/RAM/GPU tiers, budgets and LRU as checkpoints,
+pinned while a render uses them.
 
 Errors: an unknown module or model is `InvalidParameterError` /
 `ModelNotFoundError` naming it, raised before the checkpoint is loaded; a
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from PIL import Image, ImageOps
 from runtime import preprocessors
 from runtime.controlnet_units import ControlNetUnit, parse_units
 from sdeks.errors import InvalidParameterError, ModelLoadError, ModelNotFoundError
+from sdeks.names import MODELS_CONTROLNET_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,9 @@ def load_controlnet(
 
     from runtime.model_store import _FROM_PRETRAINED_LOCK, dtype_kwargs
 
-    kwargs: dict[str, Any] = {**dtype_kwargs(dtype), "local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs.update(dtype_kwargs(dtype))
     try:
         with _FROM_PRETRAINED_LOCK:  # see ModelStore._load_to_ram
             if path.is_dir():
@@ -120,75 +124,37 @@ def load_controlnet(
         raise ModelLoadError(
             f"cannot load ControlNet model {name}: {type(exc).__name__}: {exc}"[:400]
         ) from exc
-    return model.to(device).eval().requires_grad_(False)
+    if device != "cpu":
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
 
 
-@dataclass
-class _CachedNet:
-    model: Any
-    bytes: int
-    pins: int = 0
+def controlnet_kind(models: Any, work_dir: Path) -> Any:
+    """The store's `ModelKind` for `ControlNet/`: ControlNets share the checkpoints'
+    disk/RAM/GPU tiers, budgets and LRU. A single file's config comes from its
+    `<name>.config/` folder (fetched through the store), else a built-in one."""
+    from runtime.model_store import ModelKind
 
+    def load(path: Path, entry: Any) -> Any:
+        config_dir = None
+        if entry.kind == "file" and entry.config_key:
+            config_dir = models.fetch_file(entry.config_key + "config.json").parent
+        return load_controlnet(
+            path, name=entry.name, dtype=None, device="cpu", config_dir=config_dir, work=work_dir
+        )
 
-class ControlNetCache:
-    """Loaded ControlNet models on the device, LRU by bytes; a model in use is never evicted."""
+    def to_device(model: Any, device: str, dtype: Any) -> Any:
+        import copy
 
-    def __init__(self, models: Any, *, budget_bytes: int, work_dir: Path) -> None:
-        self.models = models
-        self.budget_bytes = budget_bytes
-        self.work_dir = work_dir
-        self._nets: OrderedDict[str, _CachedNet] = OrderedDict()
-        self._lock = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}
+        return copy.deepcopy(model).to(device=device, dtype=dtype)
 
-    def get(self, name: str) -> tuple[str, Any]:
-        """(the model's title, the loaded model) for an A1111 ControlNet name; pinned until `release`."""
-        entry, path = self.models.fetch_controlnet(name)
-        key = f"{entry.key}:{entry.size}"
-        with self._lock:
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # one load per model at a time
-            with self._lock:
-                cached = self._nets.get(key)
-                if cached is not None:
-                    self._nets.move_to_end(key)
-                    cached.pins += 1
-                    return controlnet_title(entry), cached.model
-            config_dir = None
-            if entry.kind == "file" and entry.config_key:
-                config_dir = self.models.fetch_file(entry.config_key + "config.json").parent
-            model = load_controlnet(
-                path,
-                name=entry.name,
-                dtype=getattr(self.models, "dtype", None),
-                device=self.models.device,
-                config_dir=config_dir,
-                work=self.work_dir,
-            )
-            nbytes = sum(t.numel() * t.element_size() for t in model.parameters())
-            with self._lock:
-                self._nets[key] = _CachedNet(model, nbytes, pins=1)
-                self._trim()
-            log.info("loaded ControlNet model %s: %d bytes", entry.name, nbytes)
-            return controlnet_title(entry), model
-
-    def release(self, model: Any) -> None:
-        with self._lock:
-            for cached in self._nets.values():
-                if cached.model is model:
-                    cached.pins -= 1
-            self._trim()
-
-    def _trim(self) -> None:
-        for key in list(self._nets):
-            if sum(c.bytes for c in self._nets.values()) <= self.budget_bytes:
-                return
-            if not self._nets[key].pins:
-                del self._nets[key]
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return [k.rsplit(":", 1)[0] for k in self._nets]
+    return ModelKind(
+        "controlnet",
+        folders=(MODELS_CONTROLNET_PREFIX,),
+        load=load,
+        to_device=to_device,
+        display_name=controlnet_title,
+    )
 
 
 def controlnet_title(entry: Any) -> str:
@@ -197,9 +163,9 @@ def controlnet_title(entry: Any) -> str:
     return f"{name} [{entry.sha256[:8]}]" if entry.sha256 else name
 
 
-def model_list(models: Any) -> list[str]:
+def model_list(models: Any, kind: Any) -> list[str]:
     """`GET /controlnet/model_list` (without the extension's "None")."""
-    return [controlnet_title(e) for e in models.controlnets()]
+    return [controlnet_title(e) for e in models.entries(kind)]
 
 
 # --- the units at work ----------------------------------------------------------
@@ -354,7 +320,8 @@ def pixel_perfect_resolution(image: Image.Image, width: int, height: int, mode: 
 class PreparedUnit:
     unit: ControlNetUnit
     model_title: str
-    model: Any
+    #: The store's lease (`WeightsLease`): the model stays pinned until `release`.
+    lease: Any
     #: The control map at the render size.
     control: Image.Image
     detected: preprocessors.Detected
@@ -366,35 +333,40 @@ class ControlNetConditioning:
 
     units: list[PreparedUnit]
     kind: str
-    cache: ControlNetCache
     cfg: bool
     extra_params: dict[str, Any] = field(default_factory=dict)
 
-    def pipeline(self, pipe: Any, ctx: Any = None) -> Any:
+    def pipeline(self, pipe: Any, ctx: Any) -> Any:
         base_family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else None
         unet_dim = pipe.unet.config.cross_attention_dim
         for p in self.units:
-            if p.model.config.cross_attention_dim != unet_dim:
-                fam = family_of(p.model)
+            if p.lease.model.config.cross_attention_dim != unet_dim:
+                fam = family_of(p.lease.model)
                 raise InvalidParameterError(
                     f"ControlNet unit {p.unit.index}: model {p.model_title!r} is a {fam} "
                     f"ControlNet and does not fit this {base_family or 'SD 1.x/2.x'} checkpoint"
                 )
         multi = make_units_controlnet(
-            [p.model for p in self.units], [p.unit for p in self.units], self.cfg
+            [p.lease.model for p in self.units], [p.unit for p in self.units], self.cfg
         )
         return controlnet_pipeline(pipe, self.kind, multi)
 
-    def call_kwargs(
-        self, batch: Any = None, pass_name: str = "first", width: int = 0, height: int = 0
-    ) -> dict[str, Any]:
+    def call_kwargs(self, batch: Any, pass_name: str, width: int, height: int) -> dict[str, Any]:
+        if pass_name != "first":
+            return {}  # the hires pass does not run ControlNet yet
         images = [p.control for p in self.units]
         if width and height:
             images = [
                 im if im.size == (width, height) else im.resize((width, height)) for im in images
             ]
         key = "image" if self.kind == "txt2img" else "control_image"
+        extra: dict[str, Any] = {}
+        if self.kind == "inpaint":
+            # diffusers' ControlNet inpaint cannot crop several control images to the mask
+            # (`padding_mask_crop`): with units the whole picture is inpainted.
+            extra["padding_mask_crop"] = None
         return {
+            **extra,
             key: images,
             "controlnet_conditioning_scale": [p.unit.weight for p in self.units],
             "control_guidance_start": [p.unit.guidance_start for p in self.units],
@@ -403,10 +375,62 @@ class ControlNetConditioning:
 
     def release(self) -> None:
         for p in self.units:
-            self.cache.release(p.model)
+            p.lease.release()
 
     def detected_maps(self) -> list[Image.Image]:
         return [p.detected.image for p in self.units if p.unit.extra.get("save_detected_map", True)]
+
+
+class ControlNetProvider:
+    """The `runtime.conditioning` provider for `alwayson_scripts.controlnet` (any case)."""
+
+    script = "controlnet"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._per_store: weakref.WeakKeyDictionary[Any, tuple[Any, preprocessors.Annotators]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def support(self, models: Any, settings: Any) -> tuple[Any, preprocessors.Annotators]:
+        """(the ControlNet `ModelKind`, the annotators) of one model store."""
+        with self._lock:
+            found = self._per_store.get(models)
+            if found is None:
+                work = Path(settings.cache_dir) / "controlnet-configs"
+                found = (
+                    controlnet_kind(models, work),
+                    preprocessors.Annotators(models.fetch_file, models.device),
+                )
+                self._per_store[models] = found
+            return found
+
+    def build(
+        self, args: Any, plan: Any, models: Any, settings: Any
+    ) -> ControlNetConditioning | None:
+        from runtime.images import decode_image
+
+        request = plan.request
+        kind, annotators = self.support(models, settings)
+        limit = settings.max_upscale_pixels
+        conditioning = build_conditioning(
+            request.alwayson_scripts,
+            kind=plan.kind,
+            width=request.width,
+            height=request.height,
+            cfg_scale=request.cfg_scale,
+            init_image=plan.init_image,
+            models=models,
+            model_kind=kind,
+            annotators=annotators,
+            decode=lambda data, where: decode_image(data, where, limit),
+        )
+        if conditioning is not None:
+            plan.extra_params.update(conditioning.extra_params)  # the infotext fields
+        return conditioning
+
+
+PROVIDER = ControlNetProvider()
 
 
 def build_conditioning(
@@ -417,8 +441,8 @@ def build_conditioning(
     height: int,
     cfg_scale: float,
     init_image: Image.Image | None,
-    mask: Image.Image | None,
-    cache: ControlNetCache,
+    models: Any,
+    model_kind: Any,
     annotators: preprocessors.Annotators | None,
     decode: Any,
 ) -> ControlNetConditioning | None:
@@ -428,6 +452,7 @@ def build_conditioning(
         return None
     where = "alwayson_scripts.controlnet.args"
     # Names first: an unknown module or model fails before any image or weight work.
+    entries = []
     for u in units:
         preprocessors.get(u.module, f"{where}[{u.index}].module")
         if u.model in ("None", "none", ""):
@@ -436,13 +461,13 @@ def build_conditioning(
                 "(GET /controlnet/model_list)"
             )
         try:
-            cache.models.resolve(u.model, "controlnet")
+            entries.append(models.resolve_weights(model_kind, u.model))
         except ModelNotFoundError as exc:
             raise ModelNotFoundError(f"`{where}[{u.index}].model`: {exc.message}") from exc
     prepared: list[PreparedUnit] = []
     try:
-        for u in units:
-            source = _unit_image(u, init_image, mask, decode, where)
+        for u, entry in zip(units, entries, strict=True):
+            source = _unit_image(u, init_image, decode, where)
             res = u.processor_res
             if u.pixel_perfect:
                 res = pixel_perfect_resolution(source, width, height, u.resize_mode)
@@ -461,21 +486,21 @@ def build_conditioning(
                 detected.threshold_b,
             )
             control = resize_control(detected.image.convert("RGB"), u.resize_mode, width, height)
-            title, model = cache.get(u.model)
+            lease = models.acquire_weights(model_kind, entry)
+            title = controlnet_title(lease.entry)
             u.model = title
-            prepared.append(PreparedUnit(u, title, model, control, detected))
+            prepared.append(PreparedUnit(u, title, lease, control, detected))
     except BaseException:
         for p in prepared:
-            cache.release(p.model)
+            p.lease.release()
         raise
     extra = {f"ControlNet {i}": p.unit.infotext() for i, p in enumerate(prepared)}
-    return ControlNetConditioning(prepared, kind, cache, cfg=cfg_scale > 1.0, extra_params=extra)
+    return ControlNetConditioning(prepared, kind, cfg=cfg_scale > 1.0, extra_params=extra)
 
 
 def _unit_image(
     unit: ControlNetUnit,
     init_image: Image.Image | None,
-    mask: Image.Image | None,
     decode: Any,
     where: str,
 ) -> Image.Image:

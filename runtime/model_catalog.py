@@ -29,19 +29,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdeks.errors import ModelNotFoundError
-from sdeks.names import (
-    MODELS_ANNOTATOR_PREFIX,
-    MODELS_CHECKPOINT_PREFIX,
-    MODELS_CONTROLNET_PREFIX,
-    MODELS_DETECTOR_PREFIX,
-    MODELS_LORA_PREFIX,
-    MODELS_VAE_PREFIX,
-)
+from sdeks.names import MODELS_CHECKPOINT_PREFIX, MODELS_LORA_PREFIX, MODELS_VAE_PREFIX
 
 from .model_source import ObjectInfo
 
 #: Weight files we load. Pickled `.ckpt`/`.pt` can run code when loaded: refused.
 WEIGHT_SUFFIXES = (".safetensors",)
+#: Suffixes a file name loses in its `model_name` (other model kinds may list `.pth`
+#: files, loaded with torch's weights-only unpickler; see `runtime.model_store.ModelKind`).
+NAME_SUFFIXES = (".safetensors", ".pth", ".pt", ".onnx")
 CONFIG_FOLDER_SUFFIX = ".config"
 #: Family-wide configs for single files that ship none: `configs/sd1/`, `configs/sdxl/`...
 MODELS_CONFIG_PREFIX = "configs/"
@@ -90,7 +86,7 @@ class ModelEntry:
 
     @property
     def model_name(self) -> str:
-        for suffix in WEIGHT_SUFFIXES:
+        for suffix in NAME_SUFFIXES:
             if self.name.endswith(suffix):
                 return self.name[: -len(suffix)]
         return self.name
@@ -147,8 +143,11 @@ def wanted_files(files: list[ObjectInfo]) -> tuple[ObjectInfo, ...]:
     return tuple(keep)
 
 
-def build_entries(objects: Iterable[ObjectInfo], prefix: str) -> list[ModelEntry]:
-    """Checkpoints (or LoRAs, VAEs) under `prefix` from a flat object listing."""
+def build_entries(
+    objects: Iterable[ObjectInfo], prefix: str, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES
+) -> list[ModelEntry]:
+    """Checkpoints (or LoRAs, VAEs, other kinds' files ending in `suffixes`) under
+    `prefix` from a flat object listing."""
     objects = [o for o in objects if o.key.startswith(prefix)]
     folder_roots = sorted(
         {
@@ -178,9 +177,9 @@ def build_entries(objects: Iterable[ObjectInfo], prefix: str) -> list[ModelEntry
             ModelEntry(name=root[len(prefix) : -1], kind="folder", key=root, files=files)
         )
     for obj in objects:
-        if not obj.key.endswith(WEIGHT_SUFFIXES) or any(obj.key.startswith(r) for r in roots):
+        if not obj.key.endswith(suffixes) or any(obj.key.startswith(r) for r in roots):
             continue
-        stem = obj.key[: -len(".safetensors")]
+        stem = obj.key.rsplit(".", 1)[0]
         config = stem + CONFIG_FOLDER_SUFFIX + "/"
         entries.append(
             ModelEntry(
@@ -194,23 +193,6 @@ def build_entries(objects: Iterable[ObjectInfo], prefix: str) -> list[ModelEntry
     return sorted(entries, key=lambda e: e.name.lower())
 
 
-#: Detector files: `.pt2` (torch.export, the default loader) and ultralytics `.pt`
-#: (only with the optional ultralytics extra; see docs/models.md).
-DETECTOR_SUFFIXES = (".pt2", ".pt")
-
-
-def build_file_entries(
-    objects: Iterable[ObjectInfo], prefix: str, suffixes: tuple[str, ...]
-) -> list[ModelEntry]:
-    """Plain files under `prefix` with one of `suffixes` (detectors), named by their path."""
-    entries = [
-        ModelEntry(name=o.key[len(prefix) :], kind="file", key=o.key, files=(o,))
-        for o in objects
-        if o.key.startswith(prefix) and o.key.endswith(suffixes)
-    ]
-    return sorted(entries, key=lambda e: e.name.lower())
-
-
 class Catalog:
     """Checkpoints, LoRAs and VAEs of one listing, with A1111 name resolution."""
 
@@ -221,28 +203,28 @@ class Catalog:
         self.checkpoints = build_entries(objects, MODELS_CHECKPOINT_PREFIX)
         self.loras = build_entries(objects, MODELS_LORA_PREFIX)
         self.vaes = build_entries(objects, MODELS_VAE_PREFIX)
-        self.controlnets = [
-            e
-            for e in build_entries(objects, MODELS_CONTROLNET_PREFIX)
-            if not e.key.startswith(MODELS_ANNOTATOR_PREFIX)
-        ]
-        self.detectors = build_file_entries(objects, MODELS_DETECTOR_PREFIX, DETECTOR_SUFFIXES)
+        self._by_folders: dict[tuple[tuple[str, ...], tuple[str, ...]], list[ModelEntry]] = {}
 
-    def entries(self, kind: str) -> list[ModelEntry]:
-        return {
-            "checkpoint": self.checkpoints,
-            "lora": self.loras,
-            "vae": self.vaes,
-            "controlnet": self.controlnets,
-            "detector": self.detectors,
-        }[kind]
+    def entries_in(
+        self, folders: tuple[str, ...], suffixes: tuple[str, ...] = WEIGHT_SUFFIXES
+    ) -> list[ModelEntry]:
+        """Entries of another model kind: files ending in `suffixes` (or diffusers
+        folders) under each of `folders`, in folder order, each named relative to its
+        folder. Built once per listing."""
+        key = (folders, suffixes)
+        if key not in self._by_folders:
+            objects = list(self.objects.values())
+            self._by_folders[key] = [
+                e for folder in folders for e in build_entries(objects, folder, suffixes)
+            ]
+        return self._by_folders[key]
 
     def config_folder(self, key: str) -> tuple[ObjectInfo, ...]:
         """The files under a config folder key (`.../foo.config/`, `configs/sd1/`)."""
         return tuple(o for k, o in self.objects.items() if k.startswith(key))
 
     def find(self, requested: str, kind: str = "checkpoint") -> ModelEntry | None:
-        entries = self.entries(kind)
+        entries = {"checkpoint": self.checkpoints, "lora": self.loras, "vae": self.vaes}[kind]
         wanted = requested.strip()
         for entry in entries:
             if wanted in entry.aliases():
@@ -258,7 +240,7 @@ class Catalog:
     def resolve(self, requested: str, kind: str = "checkpoint") -> ModelEntry:
         entry = self.find(requested, kind)
         if entry is None:
-            entries = self.entries(kind)
+            entries = {"checkpoint": self.checkpoints, "lora": self.loras, "vae": self.vaes}[kind]
             known = ", ".join(e.name for e in entries[:20]) or "none"
             more = f" and {len(entries) - 20} more" if len(entries) > 20 else ""
             raise ModelNotFoundError(

@@ -122,22 +122,22 @@ def test_two_units_both_act(renderer):
     assert "ControlNet 1" in infotext.parse(both.infotexts[0])
 
 
-def test_guidance_end_stops_the_unit_for_the_last_steps(renderer, plain):
+def test_guidance_end_stops_the_unit_for_the_last_steps(renderer):
+    from runtime.controlnet import PROVIDER
+
+    kind, _ = PROVIDER.support(renderer.models, renderer.settings)
     calls: list[int] = []
-    _, model = renderer._controlnets.get("tiny-cn-sd15") if renderer._controlnets else (None, None)
-    if model is None:
-        renderer.txt2img(t2i(unit()), options=OPTIONS)
-        _, model = renderer._controlnets.get("tiny-cn-sd15")
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        full = px(renderer.txt2img(t2i(unit(), steps=4), options=OPTIONS))
-        full_calls = len(calls)
-        calls.clear()
-        half = px(renderer.txt2img(t2i(unit(guidance_end=0.5), steps=4), options=OPTIONS))
-        half_calls = len(calls)
-    finally:
-        handle.remove()
-        renderer._controlnets.release(model)
+    with renderer.models.use_weights(kind, "tiny-cn-sd15") as lease:
+        # On CPU the store hands every render the same (RAM) object.
+        handle = lease.model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            full = px(renderer.txt2img(t2i(unit(), steps=4), options=OPTIONS))
+            full_calls = len(calls)
+            calls.clear()
+            half = px(renderer.txt2img(t2i(unit(guidance_end=0.5), steps=4), options=OPTIONS))
+            half_calls = len(calls)
+        finally:
+            handle.remove()
     assert full_calls == 4
     assert half_calls == 2  # steps 1-2 of 4 only
     assert not np.array_equal(full, half)
