@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from runtime import a1111, infotext, samplers
+from runtime.auth import require_token
 from runtime.families import preload_pipeline_classes
 from runtime.metrics import PodMetrics
 from runtime.models import Models
@@ -217,6 +218,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.pod = pod
+    require_token(app, settings.pod_token.get_secret_value() if settings.pod_token else None)
 
     # --- health, metrics, state ------------------------------------------------
 
@@ -538,8 +540,13 @@ async def _build_reporter(settings: RuntimeSettings, stack: AsyncExitStack) -> R
 
         dynamodb = await stack.enter_async_context(aio_client("dynamodb"))
         table = TaskTable(dynamodb, settings.task_table, ttl_s=settings.task_ttl_s)
+    secret = settings.callback_secret
     return Reporter(
-        sns, settings.callback_topic_arn, table=table, publish_running=settings.publish_running
+        sns,
+        settings.callback_topic_arn,
+        table=table,
+        publish_running=settings.publish_running,
+        signing_secret=secret.get_secret_value() if secret else None,
     )
 
 
