@@ -35,3 +35,10 @@ def test_config_from_env_reads_resources_runtimes_and_pods():
 def test_config_from_env_refuses_bad_values(env, words):
     with pytest.raises(ValueError, match=words):
         config_from_env(env)
+
+
+def test_sdeks_console_refuses_bad_pods_json(capsys):
+    from sdeks import cli
+
+    assert cli.main(["console", "--pods", "[1]"]) == cli.EXIT_USAGE
+    assert "must look like" in capsys.readouterr().out
