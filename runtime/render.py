@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime import hires, prompts, refiner, scripts
+from runtime import embeddings, hires, prompts, refiner, scripts
 from runtime.a1111 import ExtrasSingleImageRequest, Img2ImgRequest, Txt2ImgRequest
 from runtime.control import JobControl
 from runtime.images import decode_image, encode_png, resize_image
@@ -197,7 +197,11 @@ class Renderer:
         control.job_count = request.n_iter
         # A1111 prompt semantics (emphasis, BREAK, no 77-token cut), encoded once per request.
         embeds = prompts.encode(
-            ctx.pipe, plan.prompt, plan.negative_prompt, plan.clip_skip, request.batch_size
+            ctx.pipe,
+            embeddings.convert(ctx.pipe, plan.prompt),
+            embeddings.convert(ctx.pipe, plan.negative_prompt),
+            plan.clip_skip,
+            request.batch_size,
         )
         images: list[Image.Image] = []
         for n in range(request.n_iter):

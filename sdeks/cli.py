@@ -8,7 +8,7 @@
     sdeks local up [--runtime NAME ...] [--port N] [--console-port N | --no-console]
     sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
                   [--read-only]
-    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file] [--kind checkpoint|controlnet]
+    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file] [--kind checkpoint|controlnet|embedding|refiner]
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
 point at: the embedded local stack or a real account.
@@ -360,7 +360,17 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
             f"wrote a tiny random {args.family} ControlNet to {path}: upload it under ControlNet/"
         )
         return EXIT_OK
-    path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
+    if args.kind == "embedding":
+        from runtime.tiny_embeddings import make_tiny_embedding
+
+        path = make_tiny_embedding(Path(args.dir), family=args.family)
+        _print(
+            f"wrote a tiny random {args.family} embedding to {path}: upload it under embeddings/"
+        )
+        return EXIT_OK
+    # A refiner is a checkpoint of the same family with other weights.
+    seed = 1 if args.kind == "refiner" else 0
+    path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file, seed=seed)
     _print(f"wrote a tiny random {args.family} model to {path}")
     if args.single_file:
         from runtime.tiny import single_file_config_dir
@@ -446,9 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--single-file", action="store_true")
     tiny.add_argument(
         "--kind",
-        choices=["checkpoint", "controlnet"],
+        choices=["checkpoint", "controlnet", "embedding", "refiner"],
         default="checkpoint",
-        help="what to write: a checkpoint (Stable-diffusion/) or a ControlNet (ControlNet/)",
+        help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/), "
+        "a textual-inversion embedding (embeddings/) or a refiner (a checkpoint with other "
+        "weights, Stable-diffusion/)",
     )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser

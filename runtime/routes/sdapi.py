@@ -196,6 +196,13 @@ async def prompt_styles(pod: PodDep) -> Any:
     ]
 
 
+@router.get("/embeddings")
+async def list_embeddings(pod: PodDep) -> Any:
+    from runtime import embeddings
+
+    return await asyncio.to_thread(embeddings.listing, pod.models)
+
+
 @router.get("/latent-upscale-modes", response_model=list[a1111.LatentUpscalerModeItem])
 async def latent_upscale_modes() -> Any:
     from runtime.hires import LATENT_UPSCALE_MODES
