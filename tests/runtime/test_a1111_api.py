@@ -324,3 +324,15 @@ def test_options_refuse_a_non_string_checkpoint(client):
     assert response.status_code == 422
     assert response.json()["error"] == "invalid_parameter"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] != {"name": "x"}
+
+
+def test_ignored_fields_are_derived_from_the_request_models():
+    from runtime.a1111 import Img2ImgRequest, Txt2ImgRequest, ignored_fields, known_fields
+    from sdeks.envelope import TaskType
+
+    # Every field of the models is known, by construction: a field added to them is too.
+    assert set(Txt2ImgRequest.model_fields) <= known_fields(TaskType.TEXT_TO_IMAGE)
+    assert set(Img2ImgRequest.model_fields) <= known_fields(TaskType.IMAGE_TO_IMAGE)
+    content = {"prompt": "a fox", "promt": "typo", "init_images": ["x"], "steps": 4}
+    assert ignored_fields(TaskType.TEXT_TO_IMAGE, content) == ["init_images", "promt"]
+    assert ignored_fields(TaskType.IMAGE_TO_IMAGE, content) == ["promt"]
