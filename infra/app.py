@@ -91,7 +91,10 @@ def acknowledged_rules(scope: Construct) -> dict[str, str]:
     for construct in scope.node.find_all():
         for entry in construct.node.metadata:
             if entry.type == key and isinstance(entry.data, dict):
-                rules.update({str(k): str(v) for k, v in entry.data.items()})
+                # cdk-nag's findings are annotations: `Annotation::AwsSolutions-IAM5[...]`.
+                rules.update(
+                    {str(k).removeprefix("Annotation::"): str(v) for k, v in entry.data.items()}
+                )
     return rules
 
 
