@@ -7,7 +7,10 @@
     sdeks wait ID [--out DIR] [--timeout S]
     sdeks cancel ID
     sdeks local up [--runtime NAME ...] [--port N] [--models DIR]
+                   [--console-port N | --no-console]
     sdeks local down
+    sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
+                  [--read-only]
     sdeks models list [--bucket B]
     sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
     sdeks --version
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -325,7 +329,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from sdeks.tasks import CancelOutcome
 
     client = SdeksClient()
-    reporter = Reporter(aws.client("sns"), client.callback_topic_arn, table=_table())
+    reporter = Reporter(
+        aws.client("sns"),
+        client.callback_topic_arn,
+        table=_table(),
+        # Signs the `cancelled` callback of a queued task where the CLI may publish it
+        # (the local stack); deployed, the dispatcher publishes it (docs/lifecycle.md).
+        signing_secret=os.environ.get("SDEKS_CALLBACK_SECRET") or None,
+    )
     outcome = asyncio.run(reporter.cancel(args.id))
     messages = {
         CancelOutcome.CANCELLED: "cancelled (it was still queued)",
@@ -380,8 +391,14 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         raise SetupError(f"the local stack did not start: {exc}") from exc
     state = StateFile(workdir)
     state.write(stack)
+    console = None
     try:
         _print(stack.describe())
+        if not args.no_console:
+            from sdeks.console.app import serve_local
+
+            console = serve_local(stack, port=args.console_port)
+            _print(f"console         {console.url}")
         _print("\nthe stack is up; Ctrl-C (or `sdeks local down`) stops it")
         while not stopping["flag"]:
             time.sleep(0.2)
@@ -395,6 +412,8 @@ def cmd_local_up(args: argparse.Namespace) -> int:
                     return EXIT_FAILED
     finally:
         _print("stopping the stack ...")
+        if console is not None:
+            console.stop()
         stack.stop()
         state.remove()
     return EXIT_OK
@@ -414,6 +433,32 @@ def cmd_local_down(args: argparse.Namespace) -> int:
         _print(f"error: pid {pid} did not stop within {args.timeout:.0f}s")
         return EXIT_FAILED
     _print("stopped")
+    return EXIT_OK
+
+
+# --- console -------------------------------------------------------------------
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from sdeks.console.app import config_from_env
+    from sdeks.console.backend import Console
+    from sdeks.console.server import ConsoleServer
+
+    try:
+        config = config_from_env(
+            stack=args.stack, pods=args.pods, runtimes=args.runtime, read_only=args.read_only
+        )
+    except ValueError as exc:
+        _print(f"error: {exc}")
+        return EXIT_USAGE
+    server = ConsoleServer(Console(config), host=args.host, port=args.port)
+    _print(f"console on {server.url} (stack {config.names.prefix}); Ctrl-C stops it")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
     return EXIT_OK
 
 
@@ -536,11 +581,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a diffusers model folder, or an A1111 models folder, to serve instead of the "
         "tiny model (models are named after their files and folders)",
     )
+    up.add_argument("--console-port", type=int, default=8765, help="port of the web console")
+    up.add_argument("--no-console", action="store_true", help="do not start the web console")
     up.set_defaults(func=cmd_local_up)
     down = local_sub.add_parser("down", help="stop the stack `sdeks local up` started")
     down.add_argument("--workdir", default=".sdeks", help="as given to `local up`")
     down.add_argument("--timeout", type=float, default=60, help=argparse.SUPPRESS)
     down.set_defaults(func=cmd_local_down)
+
+    console = sub.add_parser("console", help="a web page: tasks, fleet, submit, cancel")
+    console.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (no login: keep local)"
+    )
+    console.add_argument("--port", type=int, default=8765)
+    console.add_argument("--stack", help="stack prefix (default $SDEKS_STACK or sdeks)")
+    console.add_argument(
+        "--runtime", action="append", help="runtime to show (repeatable; default: all found)"
+    )
+    console.add_argument("--pods", help='pods to show: {"runtime": ["http://host:port"]} JSON')
+    console.add_argument("--read-only", action="store_true", help="no submit form, no cancel")
+    console.set_defaults(func=cmd_console)
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True)
