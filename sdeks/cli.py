@@ -12,7 +12,7 @@
     sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
                   [--read-only]
     sdeks models list [--bucket B]
-    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
+    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file] [--kind checkpoint|controlnet]
     sdeks --version
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
@@ -497,6 +497,16 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     from runtime.tiny import make_tiny
 
+    if args.kind == "controlnet":
+        from runtime.tiny_controlnet import make_tiny_controlnet
+
+        path = make_tiny_controlnet(
+            Path(args.dir), family=args.family, single_file=args.single_file
+        )
+        _print(
+            f"wrote a tiny random {args.family} ControlNet to {path}: upload it under ControlNet/"
+        )
+        return EXIT_OK
     path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
     _print(f"wrote a tiny random {args.family} model to {path}")
     if args.single_file:
@@ -613,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15")
     tiny.add_argument("--single-file", action="store_true")
+    tiny.add_argument(
+        "--kind",
+        choices=["checkpoint", "controlnet"],
+        default="checkpoint",
+        help="what to write: a checkpoint (Stable-diffusion/) or a ControlNet (ControlNet/)",
+    )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser
 
