@@ -266,6 +266,17 @@ class UpscalerItem(BaseModel):
     scale: float | None = None
 
 
+class ScriptsList(BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
 class LatentUpscalerModeItem(BaseModel):
     name: str
 

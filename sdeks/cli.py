@@ -8,7 +8,7 @@
     sdeks local up [--runtime NAME ...] [--port N] [--console-port N | --no-console]
     sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
                   [--read-only]
-    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
+    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file] [--kind checkpoint|controlnet]
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
 point at: the embedded local stack or a real account.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -248,7 +249,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from sdeks.tasks import CancelOutcome
 
     client = SdeksClient()
-    reporter = Reporter(aws.client("sns"), client.callback_topic_arn, table=_table())
+    reporter = Reporter(
+        aws.client("sns"),
+        client.callback_topic_arn,
+        table=_table(),
+        # Signs the `cancelled` callback of a queued task where the CLI may publish it
+        # (the local stack); deployed, the dispatcher publishes it (docs/lifecycle.md).
+        signing_secret=os.environ.get("SDEKS_CALLBACK_SECRET") or None,
+    )
     outcome = asyncio.run(reporter.cancel(args.id))
     messages = {
         CancelOutcome.CANCELLED: "cancelled (it was still queued)",
@@ -289,8 +297,11 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         if not args.no_console:
             from sdeks.console.app import serve_local
 
-            console = serve_local(stack, port=args.console_port)
-            _print(f"console         {console.url}")
+            try:
+                console = serve_local(stack, port=args.console_port)
+                _print(f"console         {console.url}")
+            except OSError as exc:  # a busy port must not take the stack down with it
+                _print(f"console         not started ({exc}); try --console-port")
         _print("\nthe stack is up; Ctrl-C stops it")
         while not stopping["flag"]:
             time.sleep(0.2)
@@ -342,6 +353,16 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     from runtime.tiny import make_tiny
 
+    if args.kind == "controlnet":
+        from runtime.tiny_controlnet import make_tiny_controlnet
+
+        path = make_tiny_controlnet(
+            Path(args.dir), family=args.family, single_file=args.single_file
+        )
+        _print(
+            f"wrote a tiny random {args.family} ControlNet to {path}: upload it under ControlNet/"
+        )
+        return EXIT_OK
     path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
     _print(f"wrote a tiny random {args.family} model to {path}")
     if args.single_file:
@@ -426,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15")
     tiny.add_argument("--single-file", action="store_true")
+    tiny.add_argument(
+        "--kind",
+        choices=["checkpoint", "controlnet"],
+        default="checkpoint",
+        help="what to write: a checkpoint (Stable-diffusion/) or a ControlNet (ControlNet/)",
+    )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser
 
