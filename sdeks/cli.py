@@ -397,8 +397,11 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         if not args.no_console:
             from sdeks.console.app import serve_local
 
-            console = serve_local(stack, port=args.console_port)
-            _print(f"console         {console.url}")
+            try:
+                console = serve_local(stack, port=args.console_port)
+                _print(f"console         {console.url}")
+            except OSError as exc:  # a busy port must not take the stack down with it
+                _print(f"console         not started ({exc}); try --console-port")
         _print("\nthe stack is up; Ctrl-C (or `sdeks local down`) stops it")
         while not stopping["flag"]:
             time.sleep(0.2)
