@@ -416,6 +416,8 @@ class Dispatcher:
                     runtime=runtime,
                     status=TaskStatus.FAILED,
                     error=ErrorInfo.from_exception(error),
+                    # Without a usable id, the SNS message id is what the publisher has.
+                    message_id=note.message_id or lease.message_id,
                 )
             )
             self.metrics.failures.labels(error.code).inc()
