@@ -246,8 +246,9 @@ def run_live(args: argparse.Namespace) -> int:
         f"{unit:g} s; dispatcher window {window}, state poll every {state_interval_s:g} s"
     )
     print(
-        "# sim rows: the simulator on the same workload, one replica holding "
-        f"{window} messages (running ones included), as the dispatcher's window"
+        f"# sim rows: the simulator on the same workload, {getattr(args, 'dispatchers', 1) or 1} "
+        f"replica(s) each holding {window} messages (running ones included), as the "
+        "dispatcher's window"
     )
     rows: list[list[str]] = []
     ratios: dict[float, float] = {}
