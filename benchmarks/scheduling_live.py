@@ -18,8 +18,8 @@ of them; at `T0` the pods open. Time 0 is the first job's start; `skew` is how
 much later than `T0` that was (tasks look older than in the simulator by
 that much). Throughput, makespan and waits are in time units, from the pods'
 own clocks; the simulator's result for the same workload and window
-(`window - pods` waiting tasks: the dispatcher's window also holds the
-running ones) is printed beside each live row.
+(one replica holding `window` messages, running ones included, as the
+dispatcher's window does) is printed beside each live row.
 
     python benchmarks/scheduling.py --live             # 2000 tasks, S in 0,2,10,30: ~10 min
     python benchmarks/scheduling.py --live --quick     # 200 tasks, S=10 only: ~30 s
@@ -222,8 +222,8 @@ def run_live(args: argparse.Namespace) -> int:
         f"{unit:g} s; dispatcher window {window}, state poll every {state_interval_s:g} s"
     )
     print(
-        "# sim rows: the simulator on the same workload, the policy seeing the oldest "
-        f"{max(1, window - args.pods)} waiting tasks (the window less the running ones)"
+        "# sim rows: the simulator on the same workload, one replica holding "
+        f"{window} messages (running ones included), as the dispatcher's window"
     )
     rows: list[list[str]] = []
     ratios: dict[float, float] = {}
@@ -250,7 +250,7 @@ def run_live(args: argparse.Namespace) -> int:
                         state_interval_s=state_interval_s,
                         fill_rate=fill_rate,
                     )
-                sim_window = max(1, window - args.pods)
+                sim_window = window
                 sims = {
                     "fifo": sim_result(FifoPolicy(), tasks, args, cost, sim_window),
                     "affinity": sim_result(
