@@ -30,7 +30,7 @@ class DispatcherSettings(ServiceSettings):
     #: at least `window_min`, at most `window_max` (docs/dispatcher.md, "Scheduling").
     window: int | None = Field(default=None, ge=1, le=100_000)
     window_per_pod: int = Field(default=128, ge=1)
-    window_min: int = Field(default=512, ge=1)
+    window_min: int = Field(default=1024, ge=1)
     #: SQS allows 120 000 messages in flight per queue, for all replicas together.
     window_max: int = Field(default=20_000, ge=1, le=100_000)
     #: Long-poll wait of ReceiveMessage (SQS allows 0-20); stopping waits for one poll to end.

@@ -12,7 +12,8 @@
     sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
                   [--read-only]
     sdeks models list [--bucket B]
-    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file] [--kind checkpoint|controlnet]
+    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
+                          [--kind checkpoint|controlnet|detector]
     sdeks --version
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
@@ -510,6 +511,13 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
             f"wrote a tiny random {args.family} ControlNet to {path}: upload it under ControlNet/"
         )
         return EXIT_OK
+    if args.kind == "detector":
+        from runtime.detectors import save_tiny_detector
+
+        dest = Path(args.dir)
+        path = save_tiny_detector(dest if dest.suffix == ".pt2" else dest.with_suffix(".pt2"))
+        _print(f"wrote a tiny red-region detector to {path}: upload it under adetailer/")
+        return EXIT_OK
     path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
     _print(f"wrote a tiny random {args.family} model to {path}")
     if args.single_file:
@@ -628,9 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--single-file", action="store_true")
     tiny.add_argument(
         "--kind",
-        choices=["checkpoint", "controlnet"],
+        choices=["checkpoint", "controlnet", "detector"],
         default="checkpoint",
-        help="what to write: a checkpoint (Stable-diffusion/) or a ControlNet (ControlNet/)",
+        help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/) or "
+        "an ADetailer detector (adetailer/)",
     )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser
