@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from runtime.auth import require_token
 from runtime.families import preload_pipeline_classes
+from runtime.model_catalog import first_checkpoint
 from runtime.models import Models
 from runtime.outputs import OutputWriter
 from runtime.pod import Pod
@@ -53,6 +54,9 @@ def create_app(
         from runtime.models import build_store
 
         models = build_store(settings, resolve_device(settings.device))
+    if not settings.default_model:
+        # A1111 always has a model loaded: the first checkpoint it finds.
+        settings = settings.model_copy(update={"default_model": first_checkpoint(models)})
     device = models.device
     if device.startswith("cuda"):
         import torch

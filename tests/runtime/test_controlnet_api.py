@@ -116,3 +116,9 @@ def test_txt2img_with_a_unit_named_as_the_extension_names_it(client):
     info = json.loads(result["info"])
     assert "Control Mode: ControlNet is more important" in info["infotexts"][0]
     assert info["extra_generation_params"]["ControlNet 0"].startswith("Module: canny")
+
+
+def test_scripts_lists_controlnet_and_adetailer(client):
+    scripts = client.get("/sdapi/v1/scripts").json()
+    for kind in ("txt2img", "img2img"):
+        assert {"controlnet", "adetailer"} <= set(scripts[kind])
