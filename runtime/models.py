@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from runtime.model_store import LoadTimings, ModelLease, ModelStore
+    from runtime.model_catalog import ModelEntry
+    from runtime.model_store import LoadTimings, ModelKind, ModelLease, ModelStore, WeightsLease
     from runtime.settings import RuntimeSettings
 
 PipelineKind = Literal["txt2img", "img2img", "inpaint"]
@@ -36,6 +37,11 @@ class Models(Protocol):
     def state(self) -> dict[str, Any]: ...
     def loras(self) -> list[Any]: ...
     def vaes(self) -> list[Any]: ...
+    # Other model kinds (upscalers, restorers, detectors...): see runtime.model_store.ModelKind.
+    def entries(self, kind: ModelKind) -> list[ModelEntry]: ...
+    def use_weights(
+        self, kind: ModelKind, requested: str | ModelEntry
+    ) -> AbstractContextManager[WeightsLease]: ...
 
 
 def build_store(settings: RuntimeSettings, device: str, *, s3_client: Any = None) -> ModelStore:

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from runtime.face_restoration import FACE_RESTORATION
+
 if TYPE_CHECKING:
     from runtime.stages.types import Plan, PostStage, StageContext
 
-#: The post-processing stages, in the order they run.
-POST_STAGES: list[PostStage] = []
+#: The post-processing stages, in the order they run (face restoration first, as A1111).
+POST_STAGES: list[PostStage] = [FACE_RESTORATION]
 
 
 def run_post_stages(images: list[Image.Image], plan: Plan, ctx: StageContext) -> list[Image.Image]:

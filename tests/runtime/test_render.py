@@ -280,7 +280,6 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"sampler_name": "Restart"}, "supported samplers: DPM++ 2M"),
         ({"scheduler": "Align Your Steps"}, "`scheduler`"),
         ({"enable_hr": True}, "`enable_hr`"),
-        ({"restore_faces": True}, "`restore_faces`"),
         ({"tiling": True}, "`tiling`"),
         ({"refiner_checkpoint": "sdxl-refiner"}, "`refiner_checkpoint`"),
         ({"alwayson_scripts": {"controlnet": {"args": []}}}, "controlnet"),
