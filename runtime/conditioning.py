@@ -28,8 +28,14 @@ class ConditioningProvider(Protocol):
     ) -> Conditioning | None: ...
 
 
+def _registered() -> list[ConditioningProvider]:
+    from runtime.controlnet import PROVIDER as CONTROLNET
+
+    return [CONTROLNET]
+
+
 #: Registered providers, in the order their conditioning is applied.
-PROVIDERS: list[ConditioningProvider] = []
+PROVIDERS: list[ConditioningProvider] = _registered()
 
 
 def build_conditioning(plan: Plan, models: Models, settings: RuntimeSettings) -> list[Conditioning]:

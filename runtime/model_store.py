@@ -464,6 +464,16 @@ class ModelStore:
         """A VAE (`sd_vae`) from `VAE/` on local disk: a `.safetensors` file or a diffusers folder."""
         return self._fetch_aux(name, "vae")
 
+    def fetch_file(self, key: str) -> Path:
+        """One object of the source on local disk (annotator weights), cached like a model."""
+        obj = self.catalog.objects.get(key)
+        if obj is None and time.monotonic() - self._listed_at >= self.limits.relist_after_s:
+            obj = self.refresh().objects.get(key)
+        if obj is None:
+            raise ModelNotFoundError(f"{key} not found in {self.source.url}")
+        path, _ = self._local(ModelEntry(name=key, kind="file", key=key, files=(obj,)))
+        return path
+
     def _check_remote_header(self, entry: ModelEntry) -> Family:
         """Family of a single file from its header: fails a corrupt file before a download."""
         what = entry.name

@@ -169,6 +169,14 @@ class Renderer:
         plan = prepare(
             request, img, options=options, model=model, models=self.models, settings=self.settings
         )
+        try:
+            return self._render(plan, control)
+        finally:
+            for conditioning in plan.conditioning:
+                conditioning.release()  # the weights it pinned in stage 1 (ControlNets)
+
+    def _render(self, plan: Plan, control: JobControl) -> RenderResult:
+        """Stages 2-7 for a prepared request."""
         with self._oom_guard(control.job_id), self.models.use(plan.checkpoint, plan.kind) as lease:
             control.check()
             loaded = Loaded.of(lease)

@@ -147,6 +147,10 @@ class Conditioning(Protocol):
         """Arguments added to the pipeline call (`image=` control images, scales)."""
         ...
 
+    def release(self) -> None:
+        """Unpin what `build` pinned (the render calls it once, whatever happened)."""
+        ...
+
 
 class PostStage(Protocol):
     """A stage that rewrites the finished images (stage 6), in `POST_STAGES` order."""

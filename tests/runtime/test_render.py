@@ -282,7 +282,7 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"enable_hr": True}, "`enable_hr`"),
         ({"tiling": True}, "`tiling`"),
         ({"refiner_checkpoint": "sdxl-refiner"}, "`refiner_checkpoint`"),
-        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "controlnet"),
+        ({"alwayson_scripts": {"Dynamic Prompts": {"args": [True]}}}, "Dynamic Prompts"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
         (
             {"alwayson_scripts": {"sd_model_checkpoint": 5}},
