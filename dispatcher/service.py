@@ -218,6 +218,7 @@ class Dispatcher:
         except Exception:
             # Unexpected (SNS or SQS down, a bug): keep the message; it reappears
             # when its visibility lapses and is retried, up to the DLQ.
+            self.metrics.errors.labels("message").inc()
             log.exception(
                 "message %s not processed; it will be retried",
                 lease.message_id,

@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from runtime.auth import require_token
 from runtime.families import preload_pipeline_classes
 from runtime.models import Models
 from runtime.outputs import OutputWriter
@@ -98,6 +99,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.pod = pod
+    require_token(app, settings.pod_token.get_secret_value() if settings.pod_token else None)
     for router in ROUTERS:
         app.include_router(router)
 
@@ -129,8 +131,13 @@ async def _build_reporter(settings: RuntimeSettings, stack: AsyncExitStack) -> R
 
         dynamodb = await stack.enter_async_context(aio_client("dynamodb"))
         table = TaskTable(dynamodb, settings.task_table, ttl_s=settings.task_ttl_s)
+    secret = settings.callback_secret
     return Reporter(
-        sns, settings.callback_topic_arn, table=table, publish_running=settings.publish_running
+        sns,
+        settings.callback_topic_arn,
+        table=table,
+        publish_running=settings.publish_running,
+        signing_secret=secret.get_secret_value() if secret else None,
     )
 
 

@@ -19,6 +19,11 @@ def decode_image(data: str, field_name: str, max_pixels: int) -> Image.Image:
     """A base64 image (optionally a `data:` URL) as RGB, refusing bombs and garbage."""
     if not isinstance(data, str) or not data:
         raise InvalidParameterError(f"`{field_name}` must be a base64 image, got nothing")
+    if "://" in data[:16] and not data.startswith("data:"):
+        raise InvalidParameterError(
+            f"`{field_name}` is a link ({data[:80]!r}): links are fetched for tasks sent "
+            "through SNS; on /sdapi/v1 send the image itself, base64-encoded"
+        )
     payload = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
         raw = base64.b64decode(payload, validate=False)

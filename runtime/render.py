@@ -183,7 +183,9 @@ class Renderer:
             # LoRAs are injected into the shared weights: such a render runs alone.
             with self._weights.exclusive() if plan.loras else self._weights.shared():
                 # 2. The job's own pipeline: scheduler, VAE, LoRAs, extra conditioning.
-                ctx = self._pipelines.build(lease.pipeline, loaded, plan, control)
+                ctx = self._pipelines.build(
+                    lease.pipeline, loaded, plan, control, getattr(lease, "family", None)
+                )
                 try:
                     # 3.-5. First pass, hires pass, refiner, one n_iter batch at a time.
                     images = self._denoise(plan, ctx)
@@ -209,14 +211,16 @@ class Renderer:
         for n in range(request.n_iter):
             control.job_no, control.step = n, 0
             try:
-                # 3. First pass (left as latents when a pass follows).
-                later = use_hires or use_refiner
-                batch = first_pass.run(
-                    plan, ctx, n, embeds, output_type="latent" if later else "pil"
-                )
+                # 3. First pass (left as latents when a pass follows that takes them).
+                if use_hires:
+                    first_output = hires.first_pass_output(plan)
+                else:
+                    first_output = "latent" if use_refiner else "pil"
+                batch = first_pass.run(plan, ctx, n, embeds, output_type=first_output)
                 # 4. Hires pass.
                 if use_hires:
-                    batch = hires.run(plan, ctx, batch, embeds)
+                    output = "latent" if use_refiner else "pil"
+                    batch = hires.run(plan, ctx, batch, embeds, output_type=output)
                 # 5. Refiner.
                 if use_refiner:
                     batch = refiner.run(plan, ctx, batch)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -248,7 +249,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from sdeks.tasks import CancelOutcome
 
     client = SdeksClient()
-    reporter = Reporter(aws.client("sns"), client.callback_topic_arn, table=_table())
+    reporter = Reporter(
+        aws.client("sns"),
+        client.callback_topic_arn,
+        table=_table(),
+        # Signs the `cancelled` callback of a queued task where the CLI may publish it
+        # (the local stack); deployed, the dispatcher publishes it (docs/lifecycle.md).
+        signing_secret=os.environ.get("SDEKS_CALLBACK_SECRET") or None,
+    )
     outcome = asyncio.run(reporter.cancel(args.id))
     messages = {
         CancelOutcome.CANCELLED: "cancelled (it was still queued)",

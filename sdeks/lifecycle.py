@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from sdeks.callback import Callback, TaskStatus, Timings
 from sdeks.envelope import Task, TaskType
+from sdeks.signing import signature_attributes
 from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable, call
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,12 @@ class Reporter:
         progress_interval_s: float = 1.0,
         republish_after_s: float = 120.0,
         monotonic: Callable[[], float] = time.monotonic,
+        signing_secret: str | None = None,
     ) -> None:
         self._sns = sns
         self._topic_arn = callback_topic_arn
+        #: Signs every callback published (sdeks.signing); None publishes them unsigned.
+        self._signing_secret = signing_secret
         self.table = table
         self.publish_running = publish_running
         self._progress_interval_s = progress_interval_s
@@ -174,7 +179,16 @@ class Reporter:
         if outcome is CancelOutcome.CANCELLED and record is not None:
             callback = record.terminal_callback()
             if callback is not None:
-                await self._publish(callback)
+                try:
+                    await self._publish(callback)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "AuthorizationError":
+                        raise
+                    # Deployed, only the dispatcher and the pods may publish callbacks
+                    # (the callback topic's policy). The claim stands: the dispatcher
+                    # publishes it, signed, when it next receives the task (`admit`).
+                    log.info("task %s: cancelled; the dispatcher publishes its callback", task_id)
+                    return outcome
                 await self._confirm(callback)
         return outcome
 
@@ -204,7 +218,12 @@ class Reporter:
         await self._publish(callback)
 
     async def _publish(self, callback: Callback) -> None:
-        await call(self._sns, "publish", **callback.sns_publish_kwargs(self._topic_arn))
+        kwargs = callback.sns_publish_kwargs(self._topic_arn)
+        if self._signing_secret:
+            kwargs["MessageAttributes"].update(
+                signature_attributes(self._signing_secret, kwargs["Message"])
+            )
+        await call(self._sns, "publish", **kwargs)
         log.info("task %s: published %s callback", callback.id, callback.status)
 
     async def _confirm(self, callback: Callback) -> None:

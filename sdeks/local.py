@@ -160,6 +160,10 @@ class LocalStack:
     visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
     #: HMAC secret that signs webhook deliveries (receivers verify with it).
     webhook_secret: str = "sdeks-local-webhook-secret"
+    #: The pod API token (pods require it, the dispatcher sends it), as in a deployment.
+    pod_token: str = "sdeks-local-pod-token"
+    #: Signs every callback (`sdeks.signing`); exported so subscribers can verify.
+    callback_secret: str = "sdeks-local-callback-secret"
     #: The module run as a pod (`python -m <pod_module>`): tests swap in a fault-injecting wrapper.
     pod_module: str = "runtime"
     names: StackNames = field(default_factory=StackNames)
@@ -309,6 +313,8 @@ class LocalStack:
             "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
             "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
             "SDEKS_TASK_TABLE": self.resources.task_table,
+            "SDEKS_POD_TOKEN": self.pod_token,
+            "SDEKS_CALLBACK_SECRET": self.callback_secret,
             "PYTHONUNBUFFERED": "1",
         }
         env.update(self.extra_env)
@@ -421,7 +427,12 @@ class LocalStack:
             "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
             "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
             "SDEKS_TASK_TABLE": self.resources.task_table,
+            "SDEKS_CALLBACK_SECRET": self.callback_secret,
         }
+
+    def pod_headers(self) -> dict[str, str]:
+        """What a direct call to a pod (`/v1/state`, `/metrics`, `/sdapi/...`) must send."""
+        return {"Authorization": f"Bearer {self.pod_token}"}
 
     def describe(self) -> str:
         assert self.resources

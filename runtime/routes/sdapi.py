@@ -194,6 +194,13 @@ async def list_face_restorers(pod: PodDep) -> Any:
     return [a1111.FaceRestorerItem(**item) for item in found]
 
 
+@router.get("/latent-upscale-modes", response_model=list[a1111.LatentUpscalerModeItem])
+async def latent_upscale_modes() -> Any:
+    from runtime.hires import LATENT_UPSCALE_MODES
+
+    return [a1111.LatentUpscalerModeItem(name=name) for name in LATENT_UPSCALE_MODES]
+
+
 @router.get("/progress", response_model=a1111.ProgressResponse)
 async def progress(pod: PodDep, skip_current_image: bool = False) -> Any:
     current = [pod.running[i] for i in list(pod.a1111_ids) if i in pod.running]

@@ -51,7 +51,9 @@ def infotext_of(plan: Plan, loaded: Loaded, i: int, lora_note: str | None) -> st
         "VAE": vae_name if vae_name not in NO_VAE else None,
         "Variation seed": seed_plan.all_subseeds[i] if varies else None,
         "Variation seed strength": seed_plan.subseed_strength if varies else None,
-        "Denoising strength": plan.strength if img is not None else None,
+        "Denoising strength": plan.strength
+        if img is not None
+        else plan.extra_params.get("Denoising strength"),
         "Mask blur": mask_blur(img) if img is not None and img.mask else None,
         "Clip skip": clip_skip + 1 if clip_skip else None,
         "Lora hashes": f'"{lora_note}"' if lora_note else None,
@@ -67,6 +69,8 @@ def info_of(plan: Plan, loaded: Loaded, infotexts: list[str]) -> dict[str, Any]:
     strength = request.denoising_strength
     if img is not None and strength is None:
         strength = 0.75
+    if plan.hires is not None:
+        strength = plan.hires.strength
     vae_name, clip_skip = plan.vae_name, plan.clip_skip
     return {
         "prompt": request.prompt,

@@ -70,7 +70,9 @@ class JobPipelines:
         self._lock = threading.Lock()
         self._compiled_unets: dict[int, tuple[Any, Any]] = {}
 
-    def build(self, pipe: Any, loaded: Loaded, plan: Plan, control: JobControl) -> StageContext:
+    def build(
+        self, pipe: Any, loaded: Loaded, plan: Plan, control: JobControl, family: Any = None
+    ) -> StageContext:
         """The job's pipeline in a `StageContext`; undo with `release` (in a `finally`)."""
         from runtime.families import diffusers_attr
 
@@ -90,6 +92,7 @@ class JobPipelines:
             models=self.models,
             settings=self.settings,
             device=self.device,
+            family=family,
         )
         ctx.lora_note = apply_loras(pipe, plan.loras)
         for conditioning in plan.conditioning:

@@ -90,7 +90,9 @@ def prepare(
         mask=mask,
         strength=strength,
     )
-    hires.check(result, models)
+    result.hires = hires.plan_hires(result, models, settings)
+    if result.hires is not None:
+        result.extra_params.update(hires.extra_params(result, result.hires))
     refiner.check(result, models)
     for stage in POST_STAGES:
         stage.check(result, models, settings)

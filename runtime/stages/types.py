@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from runtime import samplers, seeds
     from runtime.a1111 import GenerationRequest, Img2ImgRequest
     from runtime.control import JobControl
+    from runtime.hires import HiresPlan
     from runtime.models import Models, PipelineKind
     from runtime.settings import RuntimeSettings
 
@@ -95,6 +96,8 @@ class Plan:
     extra_params: dict[str, Any] = field(default_factory=dict)
     #: Extra conditioning for the denoise calls, built by `runtime.conditioning`.
     conditioning: list[Conditioning] = field(default_factory=list)
+    #: The hires pass (stage 4), or None.
+    hires: HiresPlan | None = None
 
 
 @dataclass
@@ -107,6 +110,8 @@ class StageContext:
     models: Models
     settings: RuntimeSettings
     device: str
+    #: The checkpoint's `runtime.families.Family` (to derive other pipeline kinds).
+    family: Any = None
     #: "lora0: 0.8, ..." for the infotext, or None.
     lora_note: str | None = None
 
