@@ -8,7 +8,7 @@
     sdeks local up [--runtime NAME ...] [--port N] [--console-port N | --no-console]
     sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
                   [--read-only]
-    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
+    sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file] [--kind upscalers|faces]
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
 point at: the embedded local stack or a real account.
@@ -348,6 +348,18 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
+    if args.kind != "checkpoint":
+        # Other kinds: DIR is the models bucket's root; files land in A1111's folders.
+        from runtime import tiny_kinds
+
+        build = {
+            "upscalers": tiny_kinds.make_tiny_upscalers,
+            "faces": tiny_kinds.make_tiny_face_models,
+        }[args.kind]
+        for written in build(Path(args.dir)):
+            _print(f"wrote {written}")
+        _print(f"upload the contents of {args.dir} to the models bucket's root")
+        return EXIT_OK
     from runtime.tiny import make_tiny
 
     path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
@@ -434,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15")
     tiny.add_argument("--single-file", action="store_true")
+    tiny.add_argument(
+        "--kind",
+        choices=["checkpoint", "upscalers", "faces"],
+        default="checkpoint",
+        help="upscalers: ESRGAN, Compact and SwinIR upscalers; faces: a GFPGAN restorer and "
+        "a RetinaFace detector (DIR is then the bucket root)",
+    )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser
 

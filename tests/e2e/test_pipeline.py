@@ -204,7 +204,7 @@ def test_unknown_upscaler_task_fails_naming_it(client):
     ).to_envelope()
     callback = run(client, [body])[task_id]
     assert callback.status == "failed"
-    assert callback.error.code == "model_not_found"
+    assert callback.error.code == "invalid_parameter"
     assert "4x-Nope" in callback.error.message and "R-ESRGAN 4x+" in callback.error.message
 
 

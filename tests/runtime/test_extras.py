@@ -102,7 +102,7 @@ def test_extra_batch_images_returns_one_image_per_input(client) -> None:
 @pytest.mark.parametrize(
     ("body", "code", "words"),
     [
-        ({"upscaler_1": "4x-Nope"}, "model_not_found", ["`upscaler_1`", "4x-Nope", "SwinIR 4x"]),
+        ({"upscaler_1": "4x-Nope"}, "invalid_parameter", ["`upscaler_1`", "4x-Nope", "SwinIR 4x"]),
         ({"upscaler_2": "LDSR"}, "invalid_parameter", ["`upscaler_2`", "LDSR", "R-ESRGAN 4x+"]),
         ({"codeformer_visibility": 1}, "model_not_found", ["CodeFormer", "GFPGAN"]),
         ({"gfpgan_visibility": 2}, "invalid_parameter", ["`gfpgan_visibility`"]),
@@ -160,3 +160,32 @@ def test_restore_faces_in_txt2img_uses_the_option(client) -> None:
     # The default restorer (CodeFormer) is not in this bucket: refused by name.
     r = client.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True})
     assert r.status_code != 200 and "CodeFormer" in r.text
+
+
+def test_hires_fix_runs_a_model_upscaler(client) -> None:
+    body = {
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 5,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "denoising_strength": 0.3,
+    }
+    lanczos = client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "Lanczos"})
+    model = client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert model.status_code == 200, model.text
+    a, b = _decode(lanczos.json()["images"][0]), _decode(model.json()["images"][0])
+    assert a.size == b.size == (128, 128)
+    assert np.abs(np.asarray(a, int) - np.asarray(b, int)).mean() > 2
+    assert "Hires upscaler: R-ESRGAN 4x+" in model.json()["info"]
+
+
+def test_make_tiny_cli_writes_other_kinds(tmp_path: Path) -> None:
+    from sdeks.cli import main
+
+    assert main(["models", "make-tiny", str(tmp_path), "--kind", "upscalers"]) == 0
+    assert (tmp_path / "RealESRGAN/RealESRGAN_x4plus.safetensors").is_file()
+    assert main(["models", "make-tiny", str(tmp_path), "--kind", "faces"]) == 0
+    assert (tmp_path / "GFPGAN/GFPGANv1.4.safetensors").is_file()
