@@ -144,6 +144,9 @@ async def serve(
                 metrics, host=settings.metrics_host, port=settings.metrics_port
             )
             stack.push_async_callback(runner.cleanup)
+            log.info(
+                "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port
+            )
         log.info(
             "leases: extension %d s, heartbeat every %g s; policy %s",
             extension,

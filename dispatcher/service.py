@@ -31,6 +31,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -91,11 +92,16 @@ class Dispatcher:
         self.leases = leases
         self.metrics = metrics
         self.sources = sources
-        self._windows = {s.queue_url: Window(settings.window) for s in sources}
+        self._windows = {s.queue_url: Window(self._window_size(s)) for s in sources}
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._ahead = asyncio.Semaphore(settings.link_ahead)
         self._polling: set[str] = set()  # queues with a ReceiveMessage in flight
+
+    def _window_size(self, source: Source) -> Callable[[], int]:
+        # The catch-all only forwards: it keeps the smallest window.
+        pods = self.router.pods
+        return lambda: self.settings.window_for(len(pods.get(source.runtime or "", ())))
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -410,6 +416,8 @@ class Dispatcher:
                     runtime=runtime,
                     status=TaskStatus.FAILED,
                     error=ErrorInfo.from_exception(error),
+                    # Without a usable id, the SNS message id is what the publisher has.
+                    message_id=note.message_id or lease.message_id,
                 )
             )
             self.metrics.failures.labels(error.code).inc()

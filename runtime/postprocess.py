@@ -20,8 +20,16 @@ from runtime.face_restoration import FACE_RESTORATION
 if TYPE_CHECKING:
     from runtime.stages.types import Plan, PostStage, StageContext
 
-#: The post-processing stages, in the order they run (face restoration first, as A1111).
-POST_STAGES: list[PostStage] = [FACE_RESTORATION]
+
+def _registered() -> list[PostStage]:
+    from runtime.adetailer import STAGE as ADETAILER
+
+    # Face restoration first, then ADetailer (A1111's order for restore_faces).
+    return [FACE_RESTORATION, ADETAILER]
+
+
+#: The post-processing stages, in the order they run.
+POST_STAGES: list[PostStage] = _registered()
 
 
 def run_post_stages(images: list[Image.Image], plan: Plan, ctx: StageContext) -> list[Image.Image]:

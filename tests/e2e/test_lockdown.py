@@ -95,3 +95,15 @@ def test_pods_of_the_local_stack_refuse_callers_without_the_token(local) -> None
     assert _status(f"{pod.url}/v1/state") == 401
     assert _status(f"{pod.url}/health") == 200
     assert _status(f"{pod.url}/v1/state", local.pod_headers()) == 200
+
+
+def test_local_console_reads_pod_state_with_the_token(local) -> None:
+    # The console's fleet view asks each pod for /v1/state: it sends the stack's token.
+    from sdeks.console.app import for_local_stack
+
+    console = for_local_stack(local, read_only=True)
+    try:
+        pods = console.fleet()["pods"]["sdruntime"]
+    finally:
+        console.close()
+    assert pods and all(p["reachable"] for p in pods), pods

@@ -145,3 +145,11 @@ def test_config_alarm_thresholds_default_and_override() -> None:
         _load({"sdeks": {"alarms": {"failedCallbackPercent": 150}}})
     with pytest.raises(ConfigError, match=r"alarms\.emails\.0"):
         _load({"sdeks": {"alarms": {"emails": ["not an address"]}}})
+
+
+def test_cdk_json_spells_out_the_default_alarm_thresholds() -> None:
+    # Operators tune thresholds in cdk.json: the values there are the defaults, in full.
+    context = json.loads((ROOT / "cdk.json").read_text())["context"]
+    listed = context["sdeks"]["alarms"]
+    assert _load(context).alarms == _load({}).alarms
+    assert set(listed) == {f.alias for f in type(_load({}).alarms).model_fields.values()}

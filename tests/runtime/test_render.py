@@ -280,8 +280,6 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"sampler_name": "Restart"}, "supported samplers: DPM++ 2M"),
         ({"scheduler": "Align Your Steps"}, "`scheduler`"),
         ({"enable_hr": True, "hr_upscaler": "4x-Nope"}, "`hr_upscaler` '4x-Nope'"),
-        ({"tiling": True}, "`tiling`"),
-        ({"refiner_checkpoint": "sdxl-refiner"}, "`refiner_checkpoint`"),
         ({"alwayson_scripts": {"Dynamic Prompts": {"args": [True]}}}, "Dynamic Prompts"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
         (
