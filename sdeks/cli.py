@@ -13,7 +13,7 @@
                   [--read-only]
     sdeks models list [--bucket B]
     sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
-                          [--kind checkpoint|controlnet|detector|embedding|refiner]
+                          [--kind checkpoint|controlnet|detector|upscalers|faces|embedding|refiner]
     sdeks --version
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
@@ -499,6 +499,18 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
+    if args.kind in ("upscalers", "faces"):
+        # DIR is the models bucket's root; files land in A1111's folders.
+        from runtime import tiny_kinds
+
+        build = {
+            "upscalers": tiny_kinds.make_tiny_upscalers,
+            "faces": tiny_kinds.make_tiny_face_models,
+        }[args.kind]
+        for written in build(Path(args.dir)):
+            _print(f"wrote {written}")
+        _print(f"upload the contents of {args.dir} to the models bucket's root")
+        return EXIT_OK
     from runtime.tiny import make_tiny
 
     if args.kind == "controlnet":
@@ -646,11 +658,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--single-file", action="store_true")
     tiny.add_argument(
         "--kind",
-        choices=["checkpoint", "controlnet", "detector", "embedding", "refiner"],
+        choices=[
+            "checkpoint",
+            "controlnet",
+            "detector",
+            "upscalers",
+            "faces",
+            "embedding",
+            "refiner",
+        ],
         default="checkpoint",
         help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/), "
-        "an ADetailer detector (adetailer/), a textual-inversion embedding (embeddings/) or a "
-        "refiner (a checkpoint with other weights, Stable-diffusion/)",
+        "an ADetailer detector (adetailer/), upscalers (ESRGAN, Compact, SwinIR) or faces "
+        "(a GFPGAN restorer and a RetinaFace detector; for these two DIR is the bucket root), "
+        "a textual-inversion embedding (embeddings/) or a refiner (a checkpoint with other "
+        "weights, Stable-diffusion/)",
     )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser

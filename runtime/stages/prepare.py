@@ -150,9 +150,6 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
     strength = request.denoising_strength
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise InvalidParameterError(f"`denoising_strength` must be between 0 and 1, got {strength}")
-    for name in ("restore_faces",):
-        if getattr(request, name):
-            raise InvalidParameterError(f"`{name}` is not supported by this runtime, got true")
     claimed = set(supported_alwayson_scripts())
     unknown = sorted(k for k in request.script_alwayson if k.lower() not in claimed)
     if unknown:
