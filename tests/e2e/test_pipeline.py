@@ -228,7 +228,9 @@ def test_eks_sample_legacy_body_with_uid_and_sd_vae(local, client):
     )
     for urls in local.pod_urls().values():  # the pods list the bucket again now
         for url in urls:
-            request = urllib.request.Request(f"{url}/sdapi/v1/refresh-checkpoints", method="POST")
+            request = urllib.request.Request(
+                f"{url}/sdapi/v1/refresh-checkpoints", method="POST", headers=local.pod_headers()
+            )
             urllib.request.urlopen(request, timeout=30).close()
     task_id = new_id("legacy-vae")
     body = {
