@@ -13,14 +13,26 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdeks.envelope import TaskType, requested_model
 from sdeks.errors import InvalidParameterError
 
-#: The keys that route a task (DESIGN.md); not script arguments.
+#: Keys of `alwayson_scripts` that are not scripts: the routing keys (DESIGN.md) and the
+#: legacy keys the EKS sample's queue agent reads there (`uid`, `sd_vae`,
+#: `override_settings`; its ALWAYSON_SCRIPTS_EXCLUDE_KEYS), accepted on every path.
 ROUTING_SCRIPT_KEYS = frozenset(
-    {"sd_model_checkpoint", "task", "id_task", "save_dir", "image_link"}
+    {
+        "sd_model_checkpoint",
+        "task",
+        "id_task",
+        "uid",
+        "save_dir",
+        "image_link",
+        "runtime",
+        "sd_vae",
+        "override_settings",
+    }
 )
 
 
@@ -77,6 +89,33 @@ class GenerationRequest(_Body):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     infotext: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_alwayson_keys(cls, data: Any) -> Any:
+        """The EKS sample's keys in `alwayson_scripts`, read as its queue agent reads them:
+        `sd_vae` and an `override_settings` block there are merged into
+        `override_settings` (over the body's own), `image_link` without `init_images`
+        becomes `init_images` (SNS tasks have it fetched by the dispatcher first)."""
+        if not isinstance(data, dict) or not isinstance(data.get("alwayson_scripts"), dict):
+            return data
+        scripts = data["alwayson_scripts"]
+        overrides: dict[str, Any] = {}
+        if scripts.get("sd_vae") is not None:
+            overrides["sd_vae"] = scripts["sd_vae"]
+        if isinstance(scripts.get("override_settings"), dict):
+            overrides.update(scripts["override_settings"])
+        link = scripts.get("image_link")
+        if not overrides and not link:
+            return data
+        data = dict(data)
+        if overrides:
+            body_overrides = data.get("override_settings")
+            merged = dict(body_overrides) if isinstance(body_overrides, dict) else {}
+            data["override_settings"] = {**merged, **overrides}
+        if link and not data.get("init_images"):
+            data["init_images"] = _links(link)
+        return data
+
     @property
     def sampler(self) -> str:
         """The sampler asked for, as A1111 reads it: `sampler_name or sampler_index`."""
@@ -105,6 +144,13 @@ class GenerationRequest(_Body):
     def script_alwayson(self) -> dict[str, Any]:
         """`alwayson_scripts` without the routing keys, i.e. real script arguments."""
         return {k: v for k, v in self.alwayson_scripts.items() if k not in ROUTING_SCRIPT_KEYS}
+
+
+def _links(link: Any) -> Any:
+    """`image_link`: one image, or the sample's comma-separated URLs."""
+    if isinstance(link, str) and "://" in link and not link.startswith("data:"):
+        return [part.strip() for part in link.split(",") if part.strip()]
+    return link if isinstance(link, list) else [link]
 
 
 class Txt2ImgRequest(GenerationRequest):
@@ -218,6 +264,10 @@ class UpscalerItem(BaseModel):
     model_path: str | None = None
     model_url: str | None = None
     scale: float | None = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
 
 
 class PngInfoRequest(_Body):

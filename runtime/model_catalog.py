@@ -35,6 +35,9 @@ from .model_source import ObjectInfo
 
 #: Weight files we load. Pickled `.ckpt`/`.pt` can run code when loaded: refused.
 WEIGHT_SUFFIXES = (".safetensors",)
+#: Suffixes a file name loses in its `model_name` (other model kinds may list `.pth`
+#: files, loaded with torch's weights-only unpickler; see `runtime.model_store.ModelKind`).
+NAME_SUFFIXES = (".safetensors", ".pth", ".pt", ".onnx")
 CONFIG_FOLDER_SUFFIX = ".config"
 #: Family-wide configs for single files that ship none: `configs/sd1/`, `configs/sdxl/`...
 MODELS_CONFIG_PREFIX = "configs/"
@@ -83,7 +86,7 @@ class ModelEntry:
 
     @property
     def model_name(self) -> str:
-        for suffix in WEIGHT_SUFFIXES:
+        for suffix in NAME_SUFFIXES:
             if self.name.endswith(suffix):
                 return self.name[: -len(suffix)]
         return self.name
@@ -140,8 +143,11 @@ def wanted_files(files: list[ObjectInfo]) -> tuple[ObjectInfo, ...]:
     return tuple(keep)
 
 
-def build_entries(objects: Iterable[ObjectInfo], prefix: str) -> list[ModelEntry]:
-    """Checkpoints (or LoRAs, VAEs) under `prefix` from a flat object listing."""
+def build_entries(
+    objects: Iterable[ObjectInfo], prefix: str, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES
+) -> list[ModelEntry]:
+    """Checkpoints (or LoRAs, VAEs, other kinds' files ending in `suffixes`) under
+    `prefix` from a flat object listing."""
     objects = [o for o in objects if o.key.startswith(prefix)]
     folder_roots = sorted(
         {
@@ -171,9 +177,9 @@ def build_entries(objects: Iterable[ObjectInfo], prefix: str) -> list[ModelEntry
             ModelEntry(name=root[len(prefix) : -1], kind="folder", key=root, files=files)
         )
     for obj in objects:
-        if not obj.key.endswith(WEIGHT_SUFFIXES) or any(obj.key.startswith(r) for r in roots):
+        if not obj.key.endswith(suffixes) or any(obj.key.startswith(r) for r in roots):
             continue
-        stem = obj.key[: -len(".safetensors")]
+        stem = obj.key.rsplit(".", 1)[0]
         config = stem + CONFIG_FOLDER_SUFFIX + "/"
         entries.append(
             ModelEntry(
@@ -197,6 +203,21 @@ class Catalog:
         self.checkpoints = build_entries(objects, MODELS_CHECKPOINT_PREFIX)
         self.loras = build_entries(objects, MODELS_LORA_PREFIX)
         self.vaes = build_entries(objects, MODELS_VAE_PREFIX)
+        self._by_folders: dict[tuple[tuple[str, ...], tuple[str, ...]], list[ModelEntry]] = {}
+
+    def entries_in(
+        self, folders: tuple[str, ...], suffixes: tuple[str, ...] = WEIGHT_SUFFIXES
+    ) -> list[ModelEntry]:
+        """Entries of another model kind: files ending in `suffixes` (or diffusers
+        folders) under each of `folders`, in folder order, each named relative to its
+        folder. Built once per listing."""
+        key = (folders, suffixes)
+        if key not in self._by_folders:
+            objects = list(self.objects.values())
+            self._by_folders[key] = [
+                e for folder in folders for e in build_entries(objects, folder, suffixes)
+            ]
+        return self._by_folders[key]
 
     def config_folder(self, key: str) -> tuple[ObjectInfo, ...]:
         """The files under a config folder key (`.../foo.config/`, `configs/sd1/`)."""

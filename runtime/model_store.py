@@ -17,16 +17,36 @@ Errors: an unknown name is `ModelNotFoundError` before anything is
 downloaded; anything that stops a model from loading (corrupt file, missing
 config, bad folder) is `ModelLoadError`; running out of GPU memory while
 moving weights is `OutOfMemoryError`.
+
+Other model kinds (upscalers, face restorers, detectors, ControlNets,
+embeddings...) live in the same tiers, under the same budgets and LRU order,
+loaded once and shared by every request. A kind is a `ModelKind`: which
+bucket folders hold it, which file suffixes count, how to load a file into
+host RAM and how to copy that onto the device (sizes are measured on the
+loaded object). The whole API:
+
+    UPSCALER = ModelKind("upscaler", folders=("ESRGAN/", "RealESRGAN/"),
+                         load=load_spandrel, suffixes=(".safetensors", ".pth"))
+    store.entries(UPSCALER)                   # what the source holds (ModelEntry list)
+    with store.use_weights(UPSCALER, "RealESRGAN_x4plus") as lease:
+        lease.model                           # the device object, pinned until the block ends
+
+A name resolves like a checkpoint name (file name with or without suffix,
+`name [hash]`, hash); callers that map other names (A1111's "R-ESRGAN 4x+")
+pass the `ModelEntry` itself. `.pth` files must be loaded with torch's
+weights-only unpickler (`torch.load(..., weights_only=True)`), never plain
+pickle: a kind's loader is responsible for that.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,12 +116,78 @@ class LoadTimings:
         return round(self.total_ms)
 
 
+def object_bytes(obj: Any) -> int:
+    """Bytes of the tensors a loaded object holds: a torch module, an object with a
+    `.model` module (spandrel's descriptors), or a mapping of tensors."""
+    import torch
+
+    module = getattr(obj, "model", obj)
+    if isinstance(module, torch.nn.Module):
+        tensors = [*module.parameters(), *module.buffers()]
+    elif isinstance(obj, dict):
+        tensors = [t for t in obj.values() if isinstance(t, torch.Tensor)]
+    else:
+        return 0
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_to_device(obj: Any, device: str, dtype: Any) -> Any:
+    """A device copy of a loaded module (or object with `.to`), leaving the RAM one as it is.
+
+    Kinds with small weights (upscalers, restorers, detectors) take this default:
+    a deep copy, then `.to(device)`; `dtype` is the store's run dtype, which a kind
+    that cannot run in half precision ignores by passing its own `to_device`.
+    """
+    clone = copy.deepcopy(obj)
+    return clone.to(device)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A kind of weights other than checkpoints, as the store lists and loads it."""
+
+    #: Short name in logs, errors and `state()["kinds"]` ("upscaler", "face restorer").
+    name: str
+    #: Bucket folders holding this kind, in lookup order (A1111's folder names).
+    folders: tuple[str, ...]
+    #: (local path, entry) -> the object in host RAM, on the CPU, ready for use (eval mode).
+    load: Callable[[Path, ModelEntry], Any]
+    #: File suffixes listed (diffusers folders with a `config.json` are listed too).
+    suffixes: tuple[str, ...] = (".safetensors",)
+    #: (RAM object, device, store dtype) -> the object on the device.
+    to_device: Callable[[Any, str, Any], Any] = copy_to_device
+    #: The RAM object's size for the tier budgets.
+    size: Callable[[Any], int] = object_bytes
+    #: The name a model of this kind is listed and asked for by, besides its file
+    #: names (A1111's "R-ESRGAN 4x+" for `RealESRGAN_x4plus.pth`).
+    display_name: Callable[[ModelEntry], str] = lambda entry: entry.name
+
+
+@dataclass
+class WeightsLease:
+    """A pinned model of another kind (see `ModelKind`), for one use."""
+
+    entry: ModelEntry
+    kind: ModelKind
+    #: The device object (on CPU without device copies: the RAM object itself).
+    model: Any
+    timings: LoadTimings
+    device: str
+    _release: Any = field(repr=False, default=None)
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release(self)
+
+
 @dataclass
 class _Loaded:
     """A model in RAM (and maybe on the device)."""
 
     entry: ModelEntry
-    family: Family
+    #: None for models of another kind (`kind` is set instead).
+    family: Family | None
     pipe: Any
     bytes: int
     #: The GPU copy on CUDA; on CPU the RAM pipeline itself.
@@ -109,6 +195,8 @@ class _Loaded:
     pins: int = 0
     #: Spare tokenizer sets: fast tokenizers keep padding state and must not be shared by threads.
     tokenizers: list[dict[str, Any]] = field(default_factory=list)
+    #: None for a checkpoint.
+    kind: ModelKind | None = None
 
 
 @dataclass
@@ -376,6 +464,16 @@ class ModelStore:
         """A VAE (`sd_vae`) from `VAE/` on local disk: a `.safetensors` file or a diffusers folder."""
         return self._fetch_aux(name, "vae")
 
+    def fetch_file(self, key: str) -> Path:
+        """One object of the source on local disk (annotator weights), cached like a model."""
+        obj = self.catalog.objects.get(key)
+        if obj is None and time.monotonic() - self._listed_at >= self.limits.relist_after_s:
+            obj = self.refresh().objects.get(key)
+        if obj is None:
+            raise ModelNotFoundError(f"{key} not found in {self.source.url}")
+        path, _ = self._local(ModelEntry(name=key, kind="file", key=key, files=(obj,)))
+        return path
+
     def _check_remote_header(self, entry: ModelEntry) -> Family:
         """Family of a single file from its header: fails a corrupt file before a download."""
         what = entry.name
@@ -412,7 +510,9 @@ class ModelStore:
 
     # --- RAM tier ---------------------------------------------------------
 
-    def _ensure_ram(self, entry: ModelEntry, timings: LoadTimings, *, pin: bool) -> _Loaded:
+    def _ensure_ram(
+        self, entry: ModelEntry, timings: LoadTimings, *, pin: bool, kind: ModelKind | None = None
+    ) -> _Loaded:
         """The model in RAM, loaded at most once at a time; pinned in the same
         locked step that makes it visible when `pin`, so a trim cannot evict it
         between loading and use."""
@@ -439,7 +539,10 @@ class ModelStore:
                 loaded.pins += pin
             return loaded
         try:
-            loaded = self._load_to_ram(entry, timings)
+            if kind is None:
+                loaded = self._load_to_ram(entry, timings)
+            else:
+                loaded = self._load_kind_to_ram(kind, entry, timings)
         except BaseException as exc:
             with self._lock:
                 del self._ram_inflight[entry.key]
@@ -507,6 +610,33 @@ class ModelStore:
             self._executor.submit(self._hash_local, entry, path)
         return _Loaded(entry=entry, family=family, pipe=pipe, bytes=nbytes)
 
+    def _load_kind_to_ram(
+        self, kind: ModelKind, entry: ModelEntry, timings: LoadTimings
+    ) -> _Loaded:
+        path, download_ms = self._local(entry)
+        timings.download_ms += download_ms
+        started = time.perf_counter()
+        try:
+            obj = kind.load(path, entry)
+        except (ModelLoadError, ModelNotFoundError):
+            raise
+        except MemoryError as exc:
+            raise OutOfMemoryError(f"out of host memory loading {kind.name} {entry.name}") from exc
+        except Exception as exc:  # torch, spandrel, safetensors raise many types
+            raise ModelLoadError(
+                f"cannot load {kind.name} {entry.name}: {type(exc).__name__}: {exc}"[:500]
+            ) from exc
+        nbytes = kind.size(obj)
+        timings.ram_ms += (time.perf_counter() - started) * 1000
+        log.info(
+            "loaded %s %s into RAM: %d bytes in %.0f ms",
+            kind.name,
+            entry.name,
+            nbytes,
+            timings.ram_ms,
+        )
+        return _Loaded(entry=entry, family=None, pipe=obj, bytes=nbytes, kind=kind)
+
     def _hash_local(self, entry: ModelEntry, path: Path) -> None:
         """A1111 hash of a model in a local folder, computed off the render path."""
         try:
@@ -573,8 +703,11 @@ class ModelStore:
         import torch
 
         try:
-            pipe = clone_pipeline(loaded.pipe, self.device, self.dtype)
-            if self.channels_last:
+            if loaded.kind is not None:
+                pipe = loaded.kind.to_device(loaded.pipe, self.device, self.dtype)
+            else:
+                pipe = clone_pipeline(loaded.pipe, self.device, self.dtype)
+            if self.channels_last and loaded.kind is None:
                 pipe.unet.to(memory_format=torch.channels_last)
             if self.on_cuda:
                 torch.cuda.synchronize(self.device)
@@ -612,10 +745,12 @@ class ModelStore:
         entry = self.resolve(requested)
         timings = LoadTimings(found_in=self._tier_of(entry))
         loaded = self._ensure_ram(entry, timings, pin=True)
+        assert loaded.family is not None  # a checkpoint
+        family = loaded.family
         try:
             device_pipe = self._ensure_device(loaded, timings)
             tokenizers = self._take_tokenizers(loaded, device_pipe)
-            pipe = derive(device_pipe, loaded.family, kind, **tokenizers)
+            pipe = derive(device_pipe, family, kind, **tokenizers)
         except BaseException:
             self._unpin(loaded)
             raise
@@ -632,13 +767,78 @@ class ModelStore:
             title=entry.title,
             hash=entry.hash,
             sha256=entry.sha256,
-            family=loaded.family,
+            family=family,
             kind=kind,
             pipeline=pipe,
             timings=timings,
             device=self.device,
             _release=release,
         )
+
+    # --- public: other model kinds ------------------------------------------
+
+    def entries(self, kind: ModelKind) -> list[ModelEntry]:
+        """The models of `kind` in the source (from the current listing)."""
+        return list(self.catalog.entries_in(kind.folders, kind.suffixes))
+
+    def resolve_weights(self, kind: ModelKind, requested: str) -> ModelEntry:
+        """The entry of `kind` a name means (checkpoint naming rules); `ModelNotFoundError`
+        listing what exists, after one re-listing when the name is unknown."""
+        if not isinstance(requested, str) or not requested.strip():
+            raise ModelNotFoundError(
+                f"{kind.name} name must be a non-empty string, got {requested!r:.80}"
+            )
+        entry = _find(kind, self.entries(kind), requested)
+        if entry is None and time.monotonic() - self._listed_at >= self.limits.relist_after_s:
+            self.refresh()
+            entry = _find(kind, self.entries(kind), requested)
+        if entry is None:
+            names = list(dict.fromkeys(kind.display_name(e) for e in self.entries(kind)))
+            known = ", ".join(names[:20]) or "none"
+            more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+            raise ModelNotFoundError(
+                f"{kind.name} {requested!r} not found in {self.source.url} under "
+                f"{', '.join(kind.folders)} (available: {known}{more})"
+            )
+        return entry
+
+    def acquire_weights(self, kind: ModelKind, requested: str | ModelEntry) -> WeightsLease:
+        """A model of `kind` on the device, pinned until `release()`; loaded once, then
+        shared by every lease (the object must not be modified by its users)."""
+        started = time.perf_counter()
+        entry = (
+            requested
+            if isinstance(requested, ModelEntry)
+            else self.resolve_weights(kind, requested)
+        )
+        timings = LoadTimings(found_in=self._tier_of(entry))
+        loaded = self._ensure_ram(entry, timings, pin=True, kind=kind)
+        try:
+            model = self._ensure_device(loaded, timings)
+        except BaseException:
+            self._unpin(loaded)
+            raise
+        timings.total_ms = (time.perf_counter() - started) * 1000
+
+        def release(_lease: WeightsLease) -> None:
+            self._unpin(loaded)
+
+        return WeightsLease(
+            entry=loaded.entry,
+            kind=kind,
+            model=model,
+            timings=timings,
+            device=self.device,
+            _release=release,
+        )
+
+    @contextmanager
+    def use_weights(self, kind: ModelKind, requested: str | ModelEntry) -> Iterator[WeightsLease]:
+        lease = self.acquire_weights(kind, requested)
+        try:
+            yield lease
+        finally:
+            lease.release()
 
     @contextmanager
     def use(self, requested: str, kind: PipelineKind = "txt2img") -> Iterator[ModelLease]:
@@ -710,14 +910,25 @@ class ModelStore:
     def state(self) -> dict[str, Any]:
         """Models per tier for `GET /v1/state` (A1111 names, most recently used last)."""
         with self._lock:
-            ram = [m.entry.name for m in self._ram.values()]
-            gpu = [m.entry.name for m in self._gpu.values()] if self.device_copies else list(ram)
+            ram = [m.entry.name for m in self._ram.values() if m.kind is None]
+            gpu = (
+                [m.entry.name for m in self._gpu.values() if m.kind is None]
+                if self.device_copies
+                else list(ram)
+            )
+            kinds: dict[str, dict[str, list[str]]] = {}
+            for m in self._ram.values():
+                if m.kind is not None:
+                    tiers = kinds.setdefault(m.kind.name, {"gpu": [], "ram": []})
+                    tiers["ram"].append(m.entry.name)
+                    if not self.device_copies or m.entry.key in self._gpu:
+                        tiers["gpu"].append(m.entry.name)
             loading = sorted({k for k in self._ram_inflight} | {k for k in self._gpu_inflight})
             ram_bytes = sum(m.bytes for m in self._ram.values())
             gpu_bytes = (
                 sum(m.bytes for m in self._gpu.values()) if self.device_copies else ram_bytes
             )
-            pinned = [m.entry.name for m in self._ram.values() if m.pins]
+            pinned = [m.entry.name for m in self._ram.values() if m.pins and m.kind is None]
         catalog = self._catalog
         by_key = {e.key: e.name for e in catalog.checkpoints} if catalog else {}
         if self.source.local_path("") is not None:
@@ -732,6 +943,8 @@ class ModelStore:
             "disk": disk,
             "loading": [k.removeprefix(MODELS_CHECKPOINT_PREFIX).rstrip("/") for k in loading],
             "in_use": pinned,
+            #: Other model kinds (upscalers, restorers...) per tier; their bytes are in `bytes`.
+            "kinds": kinds,
             "bytes": {"gpu": gpu_bytes, "ram": ram_bytes, "disk": self.disk.used_bytes},
             "budget_bytes": {
                 "gpu": self.gpu_bytes if self.device_copies else self.limits.ram_bytes,
@@ -739,6 +952,24 @@ class ModelStore:
                 "disk": self.limits.disk_bytes,
             },
         }
+
+
+def _find(kind: ModelKind, entries: list[ModelEntry], requested: str) -> ModelEntry | None:
+    """The kind's display name, then checkpoint naming rules (`Catalog.find`); the first
+    entry wins when two folders hold the same name."""
+    wanted = requested.strip()
+    for entry in entries:
+        if wanted == kind.display_name(entry):
+            return entry
+    for entry in entries:
+        if wanted in entry.aliases():
+            return entry
+    bare = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$", "", wanted)
+    if bare != wanted:
+        for entry in entries:
+            if bare in (entry.name, entry.model_name):
+                return entry
+    return None
 
 
 def _version(entry: ModelEntry) -> tuple[str, tuple[str | None, ...]]:

@@ -5,7 +5,9 @@
     sdeks tasks [--status S] [--limit N]
     sdeks wait ID [--out DIR] [--timeout S]
     sdeks cancel ID
-    sdeks local up [--runtime NAME ...] [--port N]
+    sdeks local up [--runtime NAME ...] [--port N] [--console-port N | --no-console]
+    sdeks console [--host H] [--port N] [--stack NAME] [--runtime NAME ...] [--pods JSON]
+                  [--read-only]
     sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
@@ -300,8 +302,14 @@ def cmd_local_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stack.start()
+    console = None
     try:
         _print(stack.describe())
+        if not args.no_console:
+            from sdeks.console.app import serve_local
+
+            console = serve_local(stack, port=args.console_port)
+            _print(f"console         {console.url}")
         _print("\nthe stack is up; Ctrl-C stops it")
         while not stopping["flag"]:
             time.sleep(0.2)
@@ -315,7 +323,35 @@ def cmd_local_up(args: argparse.Namespace) -> int:
                     return EXIT_FAILED
     finally:
         _print("stopping the stack ...")
+        if console is not None:
+            console.stop()
         stack.stop()
+    return EXIT_OK
+
+
+# --- console -------------------------------------------------------------------
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from sdeks.console.app import config_from_env
+    from sdeks.console.backend import Console
+    from sdeks.console.server import ConsoleServer
+
+    try:
+        config = config_from_env(
+            stack=args.stack, pods=args.pods, runtimes=args.runtime, read_only=args.read_only
+        )
+    except ValueError as exc:
+        _print(f"error: {exc}")
+        return EXIT_USAGE
+    server = ConsoleServer(Console(config), host=args.host, port=args.port)
+    _print(f"console on {server.url} (stack {config.names.prefix}); Ctrl-C stops it")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
     return EXIT_OK
 
 
@@ -386,7 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=4566, help="port of the embedded AWS endpoint")
     up.add_argument("--workdir", default=".sdeks", help="model cache, logs")
     up.add_argument("--models", help="a diffusers model folder to serve instead of the tiny one")
+    up.add_argument("--console-port", type=int, default=8765, help="port of the web console")
+    up.add_argument("--no-console", action="store_true", help="do not start the web console")
     up.set_defaults(func=cmd_local_up)
+
+    console = sub.add_parser("console", help="a web page: tasks, fleet, submit, cancel")
+    console.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (no login: keep local)"
+    )
+    console.add_argument("--port", type=int, default=8765)
+    console.add_argument("--stack", help="stack prefix (default $SDEKS_STACK or sdeks)")
+    console.add_argument(
+        "--runtime", action="append", help="runtime to show (repeatable; default: all found)"
+    )
+    console.add_argument("--pods", help='pods to show: {"runtime": ["http://host:port"]} JSON')
+    console.add_argument("--read-only", action="store_true", help="no submit form, no cancel")
+    console.set_defaults(func=cmd_console)
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True)

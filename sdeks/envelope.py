@@ -323,7 +323,14 @@ def _from_legacy(
         )
     content = {k: v for k, v in doc.items() if k != "alwayson_scripts"}
     link = scripts.get("image_link")
-    if link is not None:
+    if isinstance(link, str):
+        # The sample's queue agent: comma-separated links; extras take the first as `image`.
+        links = [part.strip() for part in link.split(",") if part.strip()]
+        if tasktype is TaskType.EXTRA_SINGLE_IMAGE:
+            content.setdefault("image", links[0] if links else link)
+        else:
+            content.setdefault("init_images", links or [link])
+    elif link is not None:
         content.setdefault("init_images", [link])
     fields: dict[str, Any] = {
         "id": scripts.get("id_task"),

@@ -34,6 +34,11 @@ WEBHOOK_VISIBILITY_TIMEOUT_S = 120
 MODELS_CHECKPOINT_PREFIX = "Stable-diffusion/"
 MODELS_LORA_PREFIX = "Lora/"
 MODELS_VAE_PREFIX = "VAE/"
+#: ControlNet models (A1111 `models/ControlNet/`); their annotator weights under `annotators/`.
+MODELS_CONTROLNET_PREFIX = "ControlNet/"
+MODELS_ANNOTATOR_PREFIX = "ControlNet/annotators/"
+#: ADetailer detectors (A1111 `models/adetailer/`).
+MODELS_DETECTOR_PREFIX = "adetailer/"
 
 #: Key prefix in the output bucket where unparseable messages are kept for audit.
 REJECTED_PREFIX = "rejected/"

@@ -165,3 +165,50 @@ def test_other_envelope_shapes_are_served(client, example):
         callback = listener.wait_terminal([task_id], timeout_s=TIMEOUT_S)[task_id]
     assert callback.status == "succeeded", callback.error
     assert callback.runtime == "sdruntime"
+
+
+def test_eks_sample_legacy_body_with_uid_and_sd_vae(local, client):
+    """The EKS sample's own test body (test/v1alpha1/t2i.json) plus its `sd_vae` key: `uid`
+    and `sd_vae` ride in `alwayson_scripts`, are not scripts, and `sd_vae` picks the VAE."""
+    import urllib.request
+
+    from safetensors.torch import load_file, save_file
+
+    # GIVEN a VAE file in the models bucket (the tiny model's VAE, brightened)
+    assert local.resources
+    vae_dir = local.workdir / "models" / "tiny-sd15" / "vae"
+    state = {
+        k: v * 1.5 for k, v in load_file(vae_dir / "diffusion_pytorch_model.safetensors").items()
+    }
+    vae_file = local.workdir / "legacy-vae.safetensors"
+    save_file(state, str(vae_file))
+    local.client("s3").upload_file(
+        str(vae_file), local.resources.models_bucket, "VAE/legacy-vae.safetensors"
+    )
+    for urls in local.pod_urls().values():  # the pods list the bucket again now
+        for url in urls:
+            request = urllib.request.Request(f"{url}/sdapi/v1/refresh-checkpoints", method="POST")
+            urllib.request.urlopen(request, timeout=30).close()
+    task_id = new_id("legacy-vae")
+    body = {
+        "alwayson_scripts": {
+            "task": "text-to-image",
+            "sd_model_checkpoint": "tiny-sd15",
+            "id_task": task_id,
+            "uid": "123",
+            "save_dir": "outputs",
+            "sd_vae": "legacy-vae",
+        },
+        "prompt": "A dog",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+    }
+    # WHEN it is published to SNS as the sample publishes it
+    with client.listen([task_id]) as listener:
+        client.publish(body, runtime="sdruntime")
+        callback = listener.wait_terminal([task_id], timeout_s=TIMEOUT_S)[task_id]
+    # THEN it renders with that VAE
+    assert callback.status == "succeeded", callback.error
+    assert callback.info["sd_vae_name"] == "legacy-vae"
+    assert "VAE: legacy-vae" in callback.info["infotexts"][0]

@@ -324,3 +324,34 @@ def test_options_refuse_a_non_string_checkpoint(client):
     assert response.status_code == 422
     assert response.json()["error"] == "invalid_parameter"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] != {"name": "x"}
+
+
+def test_webuiapi_hires_body_renders_at_the_hires_size(client):
+    body = webuiapi_txt2img_payload(
+        enable_hr=True, batch_size=1, hr_sampler_name="Use same sampler"
+    )
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    image = decode(response.json()["images"][0])
+    assert image.size == (128, 128)
+    params = infotext.parse(image.info["parameters"])
+    assert params["Hires upscaler"] == "Latent" and params["Size"] == "64x64"
+    modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes
+
+
+def test_eks_sample_legacy_keys_on_sdapi(client):
+    legacy = {
+        "task": "text-to-image",
+        "id_task": "abc",
+        "uid": "123",
+        "save_dir": "outputs",
+        "sd_model_checkpoint": "tiny-sd15",
+        "sd_vae": "Automatic",
+    }
+    body = webuiapi_txt2img_payload(alwayson_scripts=legacy, batch_size=1)
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    missing = webuiapi_txt2img_payload(alwayson_scripts={**legacy, "sd_vae": "ghost-vae"})
+    response = client.post("/sdapi/v1/txt2img", json=missing)
+    assert response.status_code == 404 and "ghost-vae" in response.json()["detail"]

@@ -279,11 +279,11 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"subseed_strength": 2}, "`subseed_strength`"),
         ({"sampler_name": "Restart"}, "supported samplers: DPM++ 2M"),
         ({"scheduler": "Align Your Steps"}, "`scheduler`"),
-        ({"enable_hr": True}, "`enable_hr`"),
+        ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "`hr_upscaler` '4x-UltraSharp'"),
         ({"restore_faces": True}, "`restore_faces`"),
         ({"tiling": True}, "`tiling`"),
         ({"refiner_checkpoint": "sdxl-refiner"}, "`refiner_checkpoint`"),
-        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "controlnet"),
+        ({"alwayson_scripts": {"Dynamic Prompts": {"args": [True]}}}, "Dynamic Prompts"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
         (
             {"alwayson_scripts": {"sd_model_checkpoint": 5}},
@@ -403,3 +403,37 @@ def test_dynamic_models_off_pins_the_default_model(renderer):
     assert len(pinned.txt2img(t2i(), options=OPTIONS, model="tiny-sd15").images) == 1
     with pytest.raises(InvalidParameterError, match="serves only its default model 'tiny-sd15'"):
         pinned.txt2img(t2i(), options=OPTIONS, model="tiny-sdxl")
+
+
+def test_eks_sample_legacy_keys_are_not_scripts_and_sd_vae_selects_the_vae(renderer):
+    legacy = {"task": "text-to-image", "id_task": "t1", "uid": "123", "save_dir": "outputs"}
+    with_vae = renderer.txt2img(
+        t2i(alwayson_scripts={**legacy, "sd_model_checkpoint": "tiny-sd15", "sd_vae": "bright"}),
+        options=OPTIONS,
+    )
+    as_override = renderer.txt2img(t2i(override_settings={"sd_vae": "bright"}), options=OPTIONS)
+    plain = renderer.txt2img(t2i(alwayson_scripts=legacy), options=OPTIONS)
+
+    assert with_vae.info["sd_vae_name"] == "bright"
+    assert np.array_equal(pixels(with_vae.images[0]), pixels(as_override.images[0]))
+    assert not np.array_equal(pixels(with_vae.images[0]), pixels(plain.images[0]))
+
+
+def test_legacy_image_link_becomes_init_images(renderer):
+    init = png_b64(Image.new("RGB", (64, 64), (200, 30, 30)))
+    linked = Img2ImgRequest(
+        alwayson_scripts={"image_link": init, "task": "image-to-image"},
+        prompt="p",
+        steps=2,
+        width=64,
+        height=64,
+        seed=3,
+        denoising_strength=0.0,
+    )
+    result = renderer.img2img(linked, options=OPTIONS)
+    assert pixels(result.images[0])[0, 0].tolist() == [200, 30, 30]
+    url = Img2ImgRequest(
+        alwayson_scripts={"image_link": "https://example.test/a.png"}, steps=2, width=64, height=64
+    )
+    with pytest.raises(InvalidParameterError, match=r"`init_images\[0\]` is a link"):
+        renderer.img2img(url, options=OPTIONS)

@@ -1,0 +1,189 @@
+"""The job API the dispatcher calls.
+
+    POST /v1/jobs               render a `sdeks.job.Job`, store outputs, publish, answer the Callback
+    POST /v1/jobs/{id}/cancel   stop a running job between steps (it ends `cancelled`)
+    POST /v1/prefetch           {"model": name}: bring a model to disk/RAM ahead of use
+
+`/v1/jobs` answers 429 when no slot is free (the dispatcher tries another pod).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from runtime.control import JobControl
+from runtime.outputs import OutputError, OutputWriter
+from runtime.pod import PodDep
+from sdeks.callback import Callback, ErrorInfo, TaskStatus
+from sdeks.errors import ModelNotFoundError
+from sdeks.job import Job
+from sdeks.lifecycle import Reporter
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["pod"])
+
+
+class PrefetchRequest(BaseModel):
+    model: str
+
+
+@router.post("/v1/jobs", response_model=Callback)
+async def post_job(job: Job, pod: PodDep) -> Any:
+    settings = pod.settings
+    writer, reporter = pod.writer, pod.reporter
+    if writer is None or reporter is None:
+        return JSONResponse(
+            {"detail": "SDEKS_CALLBACK_TOPIC_ARN and SDEKS_OUTPUT_BUCKET are not set"},
+            status_code=503,
+        )
+    task = job.task
+    if task.id in pod.running:
+        return JSONResponse(
+            {"code": "already_running", "message": f"task {task.id} is already running"},
+            status_code=409,
+        )
+    control = JobControl(job_id=task.id)
+    received = time.time()
+    async with pod.slot(control, wait=False) as held:
+        if not held:
+            pod.metrics.rejected.inc()
+            return JSONResponse(
+                {"detail": "no free slot", "free_slots": 0},
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
+        try:
+            # 1. Mark it running; False: it ended elsewhere or a cancel came first.
+            if not await reporter.running(
+                task, pod=settings.pod_name, total_steps=_total_steps(task.content)
+            ):
+                callback = _cancelled_before_start(job, writer)
+                if await reporter.finish(callback):  # cancel requested: ended here
+                    return callback
+                # It had already ended elsewhere and nothing was published here:
+                # answering 200 would tell the dispatcher the callback exists. 409
+                # sends it back through the task table, which deletes the message
+                # once that end is confirmed published, or republishes it if its
+                # publisher died between claim and publish.
+                return JSONResponse(
+                    {"code": "already_ended", "message": f"task {task.id} already ended"},
+                    status_code=409,
+                )
+            # 2. Render and store outputs in a worker thread, reporting progress.
+            control.on_progress = _progress_reporter(reporter, task.id, control)
+
+            def work() -> Callback:
+                # Looked up at call time, so a test harness can wrap run_job.
+                from runtime.jobs import run_job
+
+                return run_job(
+                    job,
+                    renderer=pod.renderer,
+                    writer=writer,
+                    options=dict(pod.options),
+                    control=control,
+                    received_at=received,
+                )
+
+            callback = await asyncio.to_thread(work)
+            # 3. Claim the terminal state and publish (exactly once per task id).
+            if not await reporter.finish(callback):
+                log.info("task %s had already ended; callback not published", task.id)
+        except OutputError as exc:
+            log.error("outputs of task %s failed: %s", task.id, exc, extra={"task_id": task.id})
+            return JSONResponse(exc.to_error(), status_code=502)
+        except Exception as exc:  # table or SNS: nothing (confirmed) published, retry
+            log.exception("reporting task %s failed", task.id, extra={"task_id": task.id})
+            return JSONResponse(
+                {"code": "report_failed", "message": f"{type(exc).__name__}: {exc}"[:300]},
+                status_code=502,
+            )
+    t = callback.timings
+    log.info(
+        "task %s %s: %d images in %d ms (model %d, inference %d, upload %d, queued %d)",
+        task.id,
+        callback.status.value,
+        len(callback.image_url),
+        t.total_ms,
+        t.model_load_ms,
+        t.inference_ms,
+        t.upload_ms,
+        t.queued_ms,
+        extra={"task_id": task.id},
+    )
+    pod.metrics.jobs.labels("jobs", task.tasktype.value, callback.status.value).inc()
+    pod.metrics.images.labels(task.tasktype.value).inc(len(callback.image_url))
+    pod.metrics.observe_timings(callback.timings.model_dump())
+    return callback
+
+
+@router.post("/v1/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, pod: PodDep) -> Any:
+    control = pod.running.get(job_id)
+    if control is None:
+        return JSONResponse({"id": job_id, "cancelled": False}, status_code=404)
+    control.cancel()
+    return {"id": job_id, "cancelled": True}
+
+
+@router.post("/v1/prefetch", status_code=202)
+async def prefetch(body: PrefetchRequest, pod: PodDep) -> Any:
+    try:
+        await asyncio.to_thread(pod.models.prefetch, body.model)
+    except ModelNotFoundError as exc:
+        return JSONResponse(exc.to_error(), status_code=404)
+    return {"model": body.model, "accepted": True}
+
+
+def _progress_reporter(
+    reporter: Reporter, task_id: str, control: JobControl
+) -> Callable[[int, int], None]:
+    """A step hook for the render thread: records progress on the event loop without
+    waiting for it, and cancels the render when the table says stop (`sdeks cancel`)."""
+    loop = asyncio.get_running_loop()
+    pending: Future[bool] | None = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal pending
+        if pending is not None:
+            if not pending.done():
+                return  # the previous write is still on its way; skip this step
+            try:
+                keep_going = pending.result()
+            except Exception:  # a failed progress write must not fail a render
+                log.warning("task %s: progress write failed", task_id, exc_info=True)
+                keep_going = True
+            if not keep_going:
+                log.info("task %s: cancel requested, stopping", task_id)
+                control.cancel()
+                return
+        pending = asyncio.run_coroutine_threadsafe(reporter.progress(task_id, done, total), loop)
+
+    return report
+
+
+def _total_steps(content: dict[str, Any]) -> int | None:
+    steps, n_iter = content.get("steps", 50), content.get("n_iter", 1)
+    if isinstance(steps, int) and isinstance(n_iter, int):
+        return steps * n_iter
+    return None
+
+
+def _cancelled_before_start(job: Job, writer: OutputWriter) -> Callback:
+    task = job.task
+    return Callback.for_task(
+        task,
+        TaskStatus.CANCELLED,
+        output_location=writer.output_location(task),
+        error=ErrorInfo(code="cancelled", message="cancel requested before rendering started"),
+    )

@@ -1,0 +1,133 @@
+"""What every denoise pass shares: the step hook, the pipeline call, VAE encode/decode.
+
+`call(pipe, kwargs, plan, ctx, batch, pass_name)` is the one place a pass calls
+a diffusers pipeline: it merges each `Conditioning`'s `call_kwargs`, adds the
+step hook, and tiles the VAE for large images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+from PIL import Image
+
+from runtime.control import JobControl
+from runtime.stages.types import Batch, PassName, Plan, StageContext
+
+
+def step_hook(control: JobControl, offset: int) -> Callable[..., dict[str, Any]]:
+    """diffusers `callback_on_step_end`: progress `offset + i + 1`, stop when cancelled."""
+
+    def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        control.advance(offset + i + 1)  # raising here stops the pipeline between steps
+        return kwargs
+
+    return on_step_end
+
+
+def call(
+    pipe: Any,
+    kwargs: dict[str, Any],
+    plan: Plan,
+    ctx: StageContext,
+    batch: Batch,
+    pass_name: PassName,
+    *,
+    offset: int,
+    width: int,
+    height: int,
+) -> Any:
+    """`pipe(**kwargs)` with the conditioning, the step hook and VAE tiling; `.images`."""
+    import torch
+
+    for conditioning in plan.conditioning:
+        kwargs.update(conditioning.call_kwargs(batch, pass_name, width, height))
+    kwargs["callback_on_step_end"] = step_hook(ctx.control, offset)
+    with torch.inference_mode(), vae_tiling(pipe, width * height, ctx.settings.vae_tiling_pixels):
+        return pipe(**kwargs).images
+
+
+@contextmanager
+def vae_tiling(pipe: Any, pixels: int, limit: int) -> Any:
+    tile = pixels > limit
+    if tile and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            pipe.vae.disable_tiling()
+    else:
+        yield
+
+
+def encode_latents(pipe: Any, images: list[Image.Image] | Image.Image, device: str) -> Any:
+    """Images -> scaled VAE latents (the distribution's mean: no RNG spent on it)."""
+    import torch
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    # SDXL's VAE overflows in fp16 (`force_upcast`); diffusers' own encode/decode
+    # upcast it for the call and cast it back, and so do we.
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    pixels = pipe.image_processor.preprocess(images).to(device)
+    with torch.inference_mode():
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            moments = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(dtype=dtype)
+        latents = (moments * vae.config.scaling_factor).to(dtype)
+    return latents
+
+
+def decode_latents(pipe: Any, latents: Any, pixels_limit: int) -> list[Image.Image]:
+    """Scaled latents -> PIL images, as the pipelines' own `output_type="pil"` decodes."""
+    import torch
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    height = latents.shape[-2] * pipe.vae_scale_factor
+    width = latents.shape[-1] * pipe.vae_scale_factor
+    with torch.inference_mode(), vae_tiling(pipe, width * height, pixels_limit):
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+            decoded = vae.decode(scaled, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=dtype)
+    images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images
+
+
+def inject_noise(pipe: Any, noise: Any) -> None:
+    """Make this job's img2img pipeline add *our* seeded noise to the init latents.
+
+    diffusers' img2img `prepare_latents` draws its noise from the generators,
+    which cannot express A1111 variation seeds (a slerp of two seeds' noise).
+    The image arrives already encoded (4 channels), so noising is all that is
+    left: `add_noise(init_latents, noise, t)`. The pipeline is this job's own
+    `from_pipe` copy, so the override never touches another job.
+    """
+
+    def prepare_latents(
+        image: Any,
+        timestep: Any,
+        batch_size: int,
+        num_images_per_prompt: int,
+        dtype: Any,
+        device: Any,
+        generator: Any = None,
+        *_: Any,
+        **__: Any,
+    ) -> Any:
+        init = image.to(device=device, dtype=dtype)
+        return pipe.scheduler.add_noise(init, noise.to(device=device, dtype=dtype), timestep)
+
+    pipe.prepare_latents = prepare_latents

@@ -1,0 +1,153 @@
+"""Stage 2, the job's pipeline: the lease's pipeline with this request's scheduler, VAE,
+LoRAs and extra conditioning.
+
+The lease's pipeline is already this job's own object (the store hands out
+`from_pipe` copies sharing the weights), so setting its scheduler or VAE never
+touches another job. LoRAs are injected into the shared weights; the renderer
+holds the weights lock exclusively while they are in (`SharedWeightsLock`).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+from runtime.a1111 import NO_VAE
+from runtime.control import JobControl
+from runtime.models import Models
+from runtime.settings import RuntimeSettings
+from runtime.stages.types import Loaded, Plan, StageContext
+from sdeks.errors import InvalidParameterError
+
+
+class SharedWeightsLock:
+    """Readers-writer lock over the shared model weights.
+
+    Plain renders share them; a render with prompt LoRAs injects adapters into
+    the shared UNet/text encoder (diffusers `load_lora_weights`), so it waits
+    for the others and runs alone until the LoRAs are unloaded again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class JobPipelines:
+    """Builds each job's pipeline; holds what is shared between jobs (VAEs, compiled UNets)."""
+
+    def __init__(self, models: Models, settings: RuntimeSettings) -> None:
+        self.models = models
+        self.settings = settings
+        self.device = models.device
+        self._vae_cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self._compiled_unets: dict[int, tuple[Any, Any]] = {}
+
+    def build(
+        self, pipe: Any, loaded: Loaded, plan: Plan, control: JobControl, family: Any = None
+    ) -> StageContext:
+        """The job's pipeline in a `StageContext`; undo with `release` (in a `finally`)."""
+        from runtime.families import diffusers_attr
+
+        choice = plan.choice
+        scheduler_cls = diffusers_attr(choice.scheduler_class)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        if self.settings.compile and self.device.startswith("cuda"):
+            pipe.unet = self.compiled(pipe.unet)
+        vae = self._vae(pipe, loaded, plan.vae_name)
+        if vae is not None:
+            pipe.vae = vae
+        ctx = StageContext(
+            pipe=pipe,
+            loaded=loaded,
+            control=control,
+            models=self.models,
+            settings=self.settings,
+            device=self.device,
+            family=family,
+        )
+        ctx.lora_note = apply_loras(pipe, plan.loras)
+        for conditioning in plan.conditioning:
+            ctx.pipe = conditioning.pipeline(ctx.pipe, ctx)
+        return ctx
+
+    def release(self, ctx: StageContext, plan: Plan) -> None:
+        """Undo what `build` put into the shared weights (the LoRAs)."""
+        if plan.loras:
+            ctx.pipe.unload_lora_weights()
+
+    def compiled(self, unet: Any) -> Any:
+        """`torch.compile` of a (shared) UNet, once per UNet: the first render pays the
+        compile, later ones of the same shapes run the compiled graph."""
+        import torch
+
+        with self._lock:
+            compiled = self._compiled_unets.get(id(unet))
+            if compiled is None or compiled[0] is not unet:
+                compiled = (unet, torch.compile(unet, mode="max-autotune-no-cudagraphs"))
+                self._compiled_unets[id(unet)] = compiled
+            return compiled[1]
+
+    def _vae(self, pipe: Any, loaded: Loaded, vae_name: str) -> Any:
+        """`sd_vae`: "Automatic"/"None" keep the checkpoint's VAE; a name loads `VAE/<name>`."""
+        if vae_name in NO_VAE:
+            return None
+        # Keyed by the checkpoint's name: its title gains ` [hash]` once the hash is
+        # known, which would load the same VAE again.
+        key = (loaded.name, vae_name)
+        with self._lock:
+            if key in self._vae_cache:
+                return self._vae_cache[key]
+        path = self.models.fetch_vae(vae_name)
+        from runtime.vae import load_vae
+
+        vae = load_vae(path, pipe.vae, self.device)
+        with self._lock:
+            self._vae_cache[key] = vae
+        return vae
+
+
+def apply_loras(pipe: Any, loras: list[tuple[str, Any, float]]) -> str | None:
+    """Inject the prompt LoRAs as adapters; the infotext's note, or None."""
+    if not loras:
+        return None
+    names = []
+    for i, (name, path, _weight) in enumerate(loras):
+        adapter = f"lora{i}"
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=adapter)
+        except Exception as exc:
+            raise InvalidParameterError(
+                f"`prompt` LoRA {name!r} could not be loaded: {exc}"[:400]
+            ) from exc
+        names.append(adapter)
+    pipe.set_adapters(names, adapter_weights=[w for _, _, w in loras])
+    return ", ".join(f"{n}: {w:g}" for n, _, w in loras)
