@@ -193,7 +193,12 @@ class Renderer:
         control.job_count = request.n_iter
         # A1111 prompt semantics (emphasis, BREAK, no 77-token cut), encoded once per request.
         embeds = prompts.encode(
-            ctx.pipe, plan.prompt, plan.negative_prompt, plan.clip_skip, request.batch_size
+            ctx.pipe,
+            plan.prompt,
+            plan.negative_prompt,
+            plan.clip_skip,
+            request.batch_size,
+            max_chunks=self.settings.max_prompt_chunks,
         )
         images: list[Image.Image] = []
         for n in range(request.n_iter):
