@@ -316,24 +316,31 @@ class Harness:
             else:
                 groups.setdefault(e.task_id, []).append(e)
         for task_id, group in groups.items():
-            ending = [e for e in group if e.outcomes is not None]
-            if task_id in self.finished or not ending:
-                # Ended already (or only forwarded here): valid copies are dropped,
-                # refusals go out without the id (or not at all: a copy of a refused
-                # message whose refusal already claimed the id).
-                for e in ending:
-                    if e.refusal:
-                        out.append(Expected(None, e.outcomes, True, optional=True))
-                continue
-            self.finished.add(task_id)
-            # Exactly one callback carries the id; every other refusal of the group goes
-            # out with id null (one of them may be the winner instead).
-            union = frozenset().union(*(e.outcomes for e in ending if e.outcomes))
-            out.append(Expected(task_id, union))
-            refusals = [e for e in ending if e.refusal]
-            for i, e in enumerate(refusals):
-                out.append(Expected(None, e.outcomes, True, optional=i == 0))
+            before = len(out)
+            self._expect_group(task_id, group, out)
+            # one expectation per message (those that produce nothing say so)
+            out.extend(Expected(task_id, None) for _ in range(len(group) - (len(out) - before)))
         return out
+
+    def _expect_group(self, task_id: str, group: list[Expected], out: list[Expected]) -> None:
+        """One id's messages in one receive (see `expect_concurrent`)."""
+        ending = [e for e in group if e.outcomes is not None]
+        if task_id in self.finished or not ending:
+            # Ended already (or only forwarded here): valid copies are dropped,
+            # refusals go out without the id (or not at all: a copy of a refused
+            # message whose refusal already claimed the id).
+            for e in ending:
+                if e.refusal:
+                    out.append(Expected(None, e.outcomes, True, optional=True))
+            return
+        self.finished.add(task_id)
+        # Exactly one callback carries the id; every other refusal of the group goes
+        # out with id null (one of them may be the winner instead).
+        union = frozenset().union(*(e.outcomes for e in ending if e.outcomes))
+        out.append(Expected(task_id, union))
+        refusals = [e for e in ending if e.refusal]
+        for i, e in enumerate(refusals):
+            out.append(Expected(None, e.outcomes, True, optional=i == 0))
 
     def callbacks(self) -> list[Callback]:
         return drain_callbacks(self.callbacks_listener)

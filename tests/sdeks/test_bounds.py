@@ -144,3 +144,14 @@ def test_surrogates_in_echoed_fields_always_serialise():
     )
     callback.fitted().model_dump_json().encode("utf-8")
     assert len(callback.error.message) < 2_100
+
+
+@pytest.mark.parametrize("command", ["status", "cancel", "wait"])
+@pytest.mark.parametrize("task_id", ["", "a/b", "x\n"])
+def test_cli_bad_task_id_prints_one_line(command, task_id, capsys):
+    from sdeks.cli import main
+
+    assert main([command, task_id]) == 1
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
