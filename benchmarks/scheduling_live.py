@@ -18,8 +18,8 @@ of them; at `T0` the pods open. Time 0 is the first job's start; `skew` is how
 much later than `T0` that was (tasks look older than in the simulator by
 that much). Throughput, makespan and waits are in time units, from the pods'
 own clocks; the simulator's result for the same workload and window
-(`window - pods` waiting tasks: the dispatcher's window also holds the
-running ones) is printed beside each live row.
+(one replica holding `window` messages, running ones included, as the
+dispatcher's window does) is printed beside each live row.
 
     python benchmarks/scheduling.py --live             # 2000 tasks, S in 0,2,10,30: ~10 min
     python benchmarks/scheduling.py --live --quick     # 200 tasks, S=10 only: ~30 s
@@ -31,6 +31,7 @@ Last line: `affinity/fifo throughput at S=10: X.XX (live)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -51,8 +52,8 @@ from benchmarks._common import (
     wait_until,
     workdir,
 )
-from benchmarks.scheduling import DEFAULT_WINDOW
 from benchmarks.scheduling import HEADER as SIM_HEADER
+from benchmarks.scheduling import default_window
 from dispatcher.scheduler import FifoPolicy
 from dispatcher.simulator import (
     SimTask,
@@ -122,11 +123,19 @@ def live_run(
     sim_makespan = simulate(
         FifoPolicy(), tasks, pods=args.pods, inference_time=args.inference, switch_cost=cost
     ).makespan
-    with DispatcherProcess(work, moto, stack, fleet.urls, **settings) as d:
+    dispatchers = getattr(args, "dispatchers", 1) or 1
+    with contextlib.ExitStack() as running:
+        group = [
+            running.enter_context(
+                DispatcherProcess(work, moto, stack, fleet.urls, name=f"dispatcher-{i}", **settings)
+            )
+            for i in range(dispatchers)
+        ]
+        d = _Group(group)
         wait_until(
-            lambda: d.metric("sdeks_dispatcher_pods") >= len(fleet.urls),
+            lambda: all(g.metric("sdeks_dispatcher_pods") >= len(fleet.urls) for g in group),
             timeout_s=30,
-            what="pods polled by the dispatcher",
+            what="pods polled by every dispatcher",
         )
         # Stamp the burst at T0 = when the fill should be over (from the pace of earlier fills).
         started = time.time()
@@ -164,6 +173,19 @@ def live_run(
     }
 
 
+class _Group:
+    """Several dispatcher processes read as one: metrics summed, logs joined."""
+
+    def __init__(self, members: list[DispatcherProcess]) -> None:
+        self.members = members
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sum(m.metric(name, **labels) for m in self.members)
+
+    def log_tail(self) -> str:
+        return "\n".join(m.log_tail(1500) for m in self.members)
+
+
 def row(cost: float, policy: str, run: str, r: dict[str, Any], bound: float) -> list[str]:
     return [
         f"{cost:g}",
@@ -192,6 +214,7 @@ def sim_result(
         inference_time=args.inference,
         switch_cost=cost,
         window=window,
+        replicas=getattr(args, "dispatchers", 1) or 1,
     )
     waits = list(result.waits.values())
     return {
@@ -207,7 +230,7 @@ def sim_result(
 def run_live(args: argparse.Namespace) -> int:
     """`benchmarks/scheduling.py --live`: `args` as that script parses them."""
     unit = getattr(args, "time_unit", None) or DEFAULT_TIME_UNIT
-    window = getattr(args, "window", None) or DEFAULT_WINDOW
+    window = getattr(args, "window", None) or default_window(args.pods)
     state_interval_s = getattr(args, "state_interval", None) or DEFAULT_STATE_INTERVAL_S
     costs = list(args.switch_costs)
     if args.quick and getattr(args, "switch_costs_given", None) is None:
@@ -217,16 +240,19 @@ def run_live(args: argparse.Namespace) -> int:
     )
     print(f"# machine: {machine()}")
     print(
-        f"# live burst: {args.tasks} tasks, {args.pods} sleeping pod doubles, {args.models} models "
+        f"# live burst: {args.tasks} tasks, {args.pods} sleeping pod doubles, "
+        f"{getattr(args, 'dispatchers', 1) or 1} dispatcher process(es), {args.models} models "
         f"Zipf({args.exponent}), inference {args.inference:g}, seed {args.seed}; 1 unit = "
         f"{unit:g} s; dispatcher window {window}, state poll every {state_interval_s:g} s"
     )
     print(
-        "# sim rows: the simulator on the same workload, the policy seeing the oldest "
-        f"{max(1, window - args.pods)} waiting tasks (the window less the running ones)"
+        f"# sim rows: the simulator on the same workload, {getattr(args, 'dispatchers', 1) or 1} "
+        f"replica(s) each holding {window} messages (running ones included), as the "
+        "dispatcher's window"
     )
     rows: list[list[str]] = []
     ratios: dict[float, float] = {}
+    bounds: dict[float, float] = {}
     fill_rate = [300.0]  # messages/s, revised down after each fill
     with workdir() as work:
         with (
@@ -250,7 +276,7 @@ def run_live(args: argparse.Namespace) -> int:
                         state_interval_s=state_interval_s,
                         fill_rate=fill_rate,
                     )
-                sim_window = max(1, window - args.pods)
+                sim_window = window
                 sims = {
                     "fifo": sim_result(FifoPolicy(), tasks, args, cost, sim_window),
                     "affinity": sim_result(
@@ -261,6 +287,7 @@ def run_live(args: argparse.Namespace) -> int:
                     rows.append(row(cost, policy, "live", live[policy], bound))
                     rows.append(row(cost, policy, "sim", sims[policy], bound))
                 ratios[cost] = live["affinity"]["throughput"] / live["fifo"]["throughput"]
+                bounds[cost] = live["affinity"]["makespan"] / bound
                 sim_ratio = sims["affinity"]["throughput"] / sims["fifo"]["throughput"]
                 print(
                     f"# S={cost:g}: live ratio {ratios[cost]:.2f}, sim ratio {sim_ratio:.2f}",
@@ -273,7 +300,10 @@ def run_live(args: argparse.Namespace) -> int:
         "skew: first start - T0"
     )
     for cost, ratio in ratios.items():
-        print(f"# affinity/fifo throughput at S={cost:g}: {ratio:.2f} (live)")
+        print(
+            f"# affinity/fifo throughput at S={cost:g}: {ratio:.2f} (live); affinity makespan "
+            f"/ lower bound {bounds[cost]:.3f}"
+        )
     headline = 10.0 if 10.0 in ratios else costs[-1]
     print(f"affinity/fifo throughput at S={headline:g}: {ratios[headline]:.2f} (live)")
     return 0
@@ -296,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         help="default 0,2,10,30 (quick: 10)",
     )
     parser.add_argument("--time-unit", type=float, default=DEFAULT_TIME_UNIT, help="seconds")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="SDEKS_WINDOW")
+    parser.add_argument(
+        "--window", type=int, default=None, help="SDEKS_WINDOW (default: the fleet's default)"
+    )
+    parser.add_argument("--dispatchers", type=int, default=1, help="dispatcher processes")
     parser.add_argument(
         "--state-interval", type=float, default=DEFAULT_STATE_INTERVAL_S, help="seconds"
     )

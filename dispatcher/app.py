@@ -78,6 +78,9 @@ async def serve(
             settings.callback_topic_arn,
             table=table,
             republish_after_s=settings.callback_republish_after_s,
+            signing_secret=(
+                settings.callback_secret.get_secret_value() if settings.callback_secret else None
+            ),
         )
 
         sources = await queue_sources(sqs, settings)
@@ -122,6 +125,7 @@ async def serve(
                 pod_session,
                 job_timeout_s=settings.job_timeout_s,
                 state_timeout_s=settings.state_timeout_s,
+                token=settings.pod_token.get_secret_value() if settings.pod_token else None,
             ),
             metrics=metrics,
             state_interval_s=settings.state_interval_s,
@@ -140,6 +144,9 @@ async def serve(
                 metrics, host=settings.metrics_host, port=settings.metrics_port
             )
             stack.push_async_callback(runner.cleanup)
+            log.info(
+                "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port
+            )
         log.info(
             "leases: extension %d s, heartbeat every %g s; policy %s",
             extension,

@@ -79,6 +79,12 @@ class Metrics:
             ["runtime"],
             registry=r,
         )
+        self.errors = Counter(
+            "sdeks_dispatcher_errors_total",
+            "Unexpected errors the dispatcher survived, by where (message, planning)",
+            ["where"],
+            registry=r,
+        )
         self.pods = Gauge(
             "sdeks_dispatcher_pods", "Pods that can take work, per runtime", ["runtime"], registry=r
         )

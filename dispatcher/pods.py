@@ -140,9 +140,16 @@ class PodClient:
     """HTTP calls to pods. Pod URLs come from configuration or the Kubernetes API, never users."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, *, job_timeout_s: float, state_timeout_s: float
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        job_timeout_s: float,
+        state_timeout_s: float,
+        token: str | None = None,
     ) -> None:
         self._session = session
+        # The pods' shared token (SDEKS_POD_TOKEN), sent on every call.
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._job_timeout = aiohttp.ClientTimeout(total=job_timeout_s, connect=10)
         self._state_timeout = aiohttp.ClientTimeout(total=state_timeout_s)
 
@@ -154,7 +161,7 @@ class PodClient:
             async with self._session.post(
                 url,
                 data=job.model_dump_json(),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", **self._auth},
                 timeout=self._job_timeout,
             ) as response:
                 body = await response.read()
@@ -176,6 +183,14 @@ class PodClient:
                     extra={"task_id": task_id},
                 )
                 return Callback(id=task_id, status=TaskStatus.SUCCEEDED, result=True)
+        if status in (401, 403):
+            # A token mismatch is the deployment's fault, not the task's: try elsewhere.
+            raise PodFailedError(
+                f"pod {pod_url} refused the dispatcher's token (HTTP {status}): "
+                "SDEKS_POD_TOKEN differs between them",
+                pod=pod_url,
+                task_id=task_id,
+            )
         if status == 429:
             raise PodBusyError(f"pod {pod_url} is full", pod=pod_url, task_id=task_id)
         if status == 409:
@@ -199,7 +214,9 @@ class PodClient:
     async def state(self, pod_url: str) -> PodState:
         url = f"{pod_url.rstrip('/')}/v1/state"
         try:
-            async with self._session.get(url, timeout=self._state_timeout) as response:
+            async with self._session.get(
+                url, headers=self._auth, timeout=self._state_timeout
+            ) as response:
                 if response.status != 200:
                     raise PodFailedError(
                         f"pod {pod_url} state: HTTP {response.status}", pod=pod_url
@@ -215,7 +232,7 @@ class PodClient:
         url = f"{pod_url.rstrip('/')}/v1/prefetch"
         try:
             async with self._session.post(
-                url, json={"model": model}, timeout=self._state_timeout
+                url, json={"model": model}, headers=self._auth, timeout=self._state_timeout
             ) as response:
                 if response.status == 405:
                     return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,18 +30,29 @@ class Source:
 
 
 class Window:
-    """At most `size` messages of one queue held at once."""
+    """At most `size` messages of one queue held at once.
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    `size` may be a function, read at every reservation: the window then
+    follows the fleet (`DispatcherSettings.window_for`). A window that
+    shrinks below what is held just stops receiving until enough ends.
+    """
+
+    def __init__(self, size: int | Callable[[], int]) -> None:
+        self._size = size
         self.used = 0
         self._room = asyncio.Event()
         self._room.set()
 
+    @property
+    def size(self) -> int:
+        return self._size() if callable(self._size) else self._size
+
     async def reserve(self, most: int) -> int:
         while self.used >= self.size:
             self._room.clear()
-            await self._room.wait()
+            # A growing fleet makes room without any message ending: look again.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), 1.0)
         n = min(most, self.size - self.used)
         self.used += n
         return n

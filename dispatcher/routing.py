@@ -283,6 +283,7 @@ class Router:
                 try:
                     wake_at = self.schedule()
                 except Exception:  # a planning bug must not stall every task for good
+                    self.metrics.errors.labels("planning").inc()
                     log.exception("planning failed; retrying in a second")
                     wake_at = None
                 timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock()))

@@ -32,10 +32,13 @@ oldest task, switching whenever the model differs.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Protocol
 
 #: Model key of tasks that name no checkpoint (the runtime's default).
@@ -48,6 +51,54 @@ class PendingTask:
     model: str
     #: When the task was published (or first seen), on the policy's clock.
     enqueued_at: float
+
+
+#: Oldest first; ties by key, so every policy is deterministic.
+_order = attrgetter("enqueued_at", "key")
+
+
+class Backlog:
+    """Waiting tasks grouped by model, each model's oldest first.
+
+    A caller that keeps one up to date (`add`, `discard`) hands it to `plan`
+    as it is, so a plan reads only the heads of the models it touches instead
+    of sorting every waiting task again; a plain sequence of tasks is grouped
+    on the way in. Policies never modify it.
+    """
+
+    def __init__(self, tasks: Iterable[PendingTask] = ()) -> None:
+        self.by_model: dict[str, list[PendingTask]] = defaultdict(list)
+        for task in tasks:
+            self.by_model[task.model].append(task)
+        for queue in self.by_model.values():
+            queue.sort(key=_order)
+
+    @classmethod
+    def of(cls, tasks: Sequence[PendingTask] | Backlog) -> Backlog:
+        return tasks if isinstance(tasks, Backlog) else cls(tasks)
+
+    def add(self, task: PendingTask) -> None:
+        queue = self.by_model[task.model]
+        if not queue or _order(queue[-1]) <= _order(task):
+            queue.append(task)  # the usual case: tasks arrive in order
+        else:
+            bisect.insort(queue, task, key=_order)
+
+    def discard(self, task: PendingTask) -> None:
+        queue = self.by_model.get(task.model)
+        if not queue:
+            return
+        i = bisect.bisect_left(queue, _order(task), key=_order)
+        if i < len(queue) and queue[i].key == task.key:
+            del queue[i]
+            if not queue:
+                del self.by_model[task.model]
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_model.values())
+
+    def __iter__(self) -> Iterator[PendingTask]:
+        return heapq.merge(*self.by_model.values(), key=_order)
 
 
 @dataclass(frozen=True)
@@ -105,7 +156,12 @@ class Policy(Protocol):
     @property
     def name(self) -> str: ...
 
-    def plan(self, now: float, tasks: Sequence[PendingTask], pods: Sequence[PodView]) -> Plan: ...
+    def plan(
+        self,
+        now: float,
+        tasks: Sequence[PendingTask] | Backlog,
+        pods: Sequence[PodView],
+    ) -> Plan: ...
 
 
 @dataclass(frozen=True)
@@ -139,16 +195,69 @@ class FifoPolicy:
 
     name: str = "fifo"
 
-    def plan(self, now: float, tasks: Sequence[PendingTask], pods: Sequence[PodView]) -> Plan:
-        queue = sorted(tasks, key=lambda t: (t.enqueued_at, t.key))
+    def plan(
+        self,
+        now: float,
+        tasks: Sequence[PendingTask] | Backlog,
+        pods: Sequence[PodView],
+    ) -> Plan:
+        queue = iter(Backlog.of(tasks))
         plan = Plan()
-        position = 0
         for pod in sorted(pods, key=lambda p: p.name):
             for _ in range(pod.free_slots):
-                if position >= len(queue):
+                task = next(queue, None)
+                if task is None:
                     return plan
-                task = queue[position]
-                position += 1
+                switch = task.model != pod.active_model
+                plan.decisions.append(Assign(task.key, pod.name, task.model, switch))
+                pod = _with_model(pod, task.model)
+        return plan
+
+
+@dataclass(frozen=True)
+class HolderFirstPolicy:
+    """Ray Serve's model-multiplexing rule: a free pod takes the oldest task of a
+    model it holds, otherwise the oldest task (switching)."""
+
+    name: str = "holder-first"
+
+    def plan(
+        self,
+        now: float,
+        tasks: Sequence[PendingTask] | Backlog,
+        pods: Sequence[PodView],
+    ) -> Plan:
+        backlog = Backlog.of(tasks)
+        taken = Counter[str]()  # per model: how many of its oldest are assigned
+        heads = [(_order(q[0]), m) for m, q in backlog.by_model.items()]
+        heapq.heapify(heads)
+        plan = Plan()
+
+        def take(model: str) -> PendingTask:
+            queue = backlog.by_model[model]
+            task = queue[taken[model]]
+            taken[model] += 1
+            return task
+
+        for pod in sorted(pods, key=lambda p: p.name):
+            for _ in range(pod.free_slots):
+                own = pod.active_model
+                if own is not None and taken[own] < len(backlog.by_model.get(own, ())):
+                    task = take(own)
+                else:
+                    # The heap's entries go stale as models are taken from: refresh lazily.
+                    while heads:
+                        key, model = heads[0]
+                        queue = backlog.by_model[model]
+                        if taken[model] >= len(queue):
+                            heapq.heappop(heads)
+                        elif _order(queue[taken[model]]) != key:
+                            heapq.heapreplace(heads, (_order(queue[taken[model]]), model))
+                        else:
+                            break
+                    if not heads:
+                        return plan
+                    task = take(heads[0][1])
                 switch = task.model != pod.active_model
                 plan.decisions.append(Assign(task.key, pod.name, task.model, switch))
                 pod = _with_model(pod, task.model)
@@ -161,11 +270,17 @@ class AffinityPolicy:
 
     costs: CostModel = field(default_factory=CostModel)
     max_wait: float = 300.0
-    #: Pressure must exceed this many times the load cost to open a model on a busy pod's behalf.
+    #: A switch must be paid back: expected work per server of the model it opens
+    #: (x inference time) must reach this many times its load cost.
     switch_factor: float = 1.0
     name: str = "affinity"
 
-    def plan(self, now: float, tasks: Sequence[PendingTask], pods: Sequence[PodView]) -> Plan:
+    def plan(
+        self,
+        now: float,
+        tasks: Sequence[PendingTask] | Backlog,
+        pods: Sequence[PodView],
+    ) -> Plan:
         state = _State(now, tasks, pods, self.costs)
         plan = Plan()
 
@@ -173,98 +288,180 @@ class AffinityPolicy:
         catalogs = [p.available for p in pods]
         if pods and all(c is not None for c in catalogs):
             known = frozenset().union(*catalogs)  # type: ignore[arg-type]
-            for task in list(state.waiting):
-                if task.model != DEFAULT_MODEL and task.model not in known:
-                    state.remove(task)
-                    plan.decisions.append(
-                        Reject(task.key, task.model, "no pod of this runtime can obtain the model")
-                    )
+            for model in state.models():
+                if model != DEFAULT_MODEL and model not in known:
+                    for task in state.drop(model):
+                        plan.decisions.append(
+                            Reject(task.key, model, "no pod of this runtime can obtain the model")
+                        )
 
         # 2. Max wait: overdue tasks of unserved models get the least harmful free pod.
-        for task in sorted(state.waiting, key=lambda t: (t.enqueued_at, t.key)):
-            if now - task.enqueued_at < self.max_wait or state.servers[task.model] > 0:
-                continue
-            wait = now - task.enqueued_at
+        # Overdue also means older than what pods serve now by half the bound: in
+        # a burst every task is as old as the rest, and serving one model first
+        # shortens no wait, it only adds switches.
+        served = [state.oldest(m) for m in state.models() if state.servers[m] > 0]
+        reference = now - min(served, default=now)
+        overdue = [
+            m
+            for m in state.models()
+            if state.servers[m] == 0
+            and now - state.oldest(m) >= self.max_wait
+            and now - state.oldest(m) - reference >= self.max_wait / 2
+        ]
+        for model in sorted(overdue, key=lambda m: (state.oldest(m), m)):
+            wait = now - state.oldest(model)
             candidates = [
                 p for p in state.free_pods() if state.may_leave(p, wait, self.max_wait / 2)
             ]
-            if not candidates:
-                continue
-            pod = min(candidates, key=lambda p: state.harm(p, task.model))
-            plan.decisions.append(state.assign(pod, task.model))
+            if candidates:
+                pod = min(candidates, key=lambda p: (state.harm(p, model), p.name))
+                plan.decisions.append(state.assign(pod, model))
 
-        # 3 + 4. Affinity first; then one switch at a time, the most pressing
-        # model onto the pod that loads it cheapest, until nothing moves.
+        # 3. Affinity: a free pod with tasks of its model in view stays (or spreads).
+        for name in [p.name for p in state.free_pods()]:
+            while state.pods[name].free_slots > 0 and state.own(state.pods[name]) > 0:
+                stay = self._choose(state, state.pods[name])
+                assert stay is not None
+                plan.decisions.append(state.assign(state.pods[name], stay))
+        # 4. Switching: one switch at a time, the most pressing model onto the
+        #    pod that loads it cheapest, until every free pod is used or waits.
+        #    Each free pod ranks the models once (a heap); an assignment changes
+        #    the keys of two models only (the one opened, the one left), so a
+        #    pod's top entry is checked again when read, and the model left is
+        #    offered anew: O(pods x models) per plan, not per switch.
+        ranks = {p.name: self._ranking(state, p) for p in state.free_pods()}
         while True:
-            for pod in state.free_pods():
-                current = pod.active_model
-                while pod.free_slots > 0 and current is not None and state.backlog[current] > 0:
-                    target = self._stay_or_spread(state, pod)
-                    plan.decisions.append(state.assign(pod, target))
-                    pod = state.pods[pod.name]
-                    current = pod.active_model
-            best: tuple[tuple[float, ...], PodView, str] | None = None
-            for pod in state.free_pods():
-                choice = self._next_model(state, pod)
-                if choice is not None and (best is None or choice[0] > best[0]):
-                    best = (choice[0], pod, choice[1])
+            best: tuple[tuple[float, ...], str, str] | None = None
+            for name in list(ranks):
+                top = self._top(state, state.pods[name], ranks[name])
+                if top is None:
+                    del ranks[name]
+                elif best is None or (top[0], name) > (best[0], best[1]):
+                    best = (top[0], name, top[1])
             if best is None:
                 break
-            plan.decisions.append(state.assign(best[1], best[2]))
+            _, name, model = best
+            left = state.pods[name].active_model
+            plan.decisions.append(state.assign(state.pods[name], model))
+            while state.pods[name].free_slots > 0 and state.own(state.pods[name]) > 0:
+                plan.decisions.append(state.assign(state.pods[name], model))  # more slots
+            if state.pods[name].free_slots <= 0:
+                del ranks[name]
+            for other, heap in ranks.items():
+                for changed in (left, model) if other == name else (left,):
+                    if changed is None:
+                        continue
+                    key = self._candidate(state, state.pods[other], changed)
+                    if key is not None:
+                        heapq.heappush(heap, (_neg(key), changed))
 
         # 5. Prefetch for busy pods about to run out of their model.
         for pod in state.pods.values():
             if pod.free_slots > 0 or pod.active_model is None:
                 continue
-            if state.backlog[pod.active_model] > 0:
+            if state.count[pod.active_model] > 0:
                 continue
-            choice = self._next_model(state, pod)
-            if choice is not None and choice[1] not in pod.ram and not pod.holds(choice[1]):
-                plan.decisions.append(Prefetch(pod.name, choice[1]))
+            choice = self._target(state, pod)
+            if choice is not None and choice not in pod.ram and not pod.holds(choice):
+                plan.decisions.append(Prefetch(pod.name, choice))
 
         plan.wake_at = self._wake_at(state)
         return plan
 
-    def _stay_or_spread(self, state: _State, pod: PodView) -> str:
+    def _choose(self, state: _State, pod: PodView) -> str | None:
+        """The model `pod`'s next free slot serves, or None to leave it free."""
         current = pod.active_model
-        assert current is not None
-        # Spread: leave a model others also serve for an unserved one under pressure.
+        if current is None or state.count[current] <= 0:
+            return self._target(state, pod)
+        # Spread: leave a model others also serve for one no pod serves, when that
+        # one's tasks pay for the load and outnumber what stays per server here.
         if state.servers[current] >= 2:
-            best = state.best_unserved(pod, self.switch_factor)
-            if best is not None:
-                return best
+            mine = state.count[current] / (state.servers[current] - 1)
+            for model in state.unserved():
+                if state.count[model] <= mine:
+                    break  # sorted by count: none further is worth it
+                if state.servers[model] > 0:
+                    continue  # opened meanwhile in this plan
+                if self._key(state, pod, model)[0] >= 1.0:
+                    return model
         return current
 
-    def _next_model(self, state: _State, pod: PodView) -> tuple[tuple[float, ...], str] | None:
-        """The model a pod with nothing of its own to do should switch to, with its priority."""
-        best: tuple[float, ...] | None = None
-        choice = None
-        for model, count in state.backlog.items():
-            if count <= 0 or model == pod.active_model:
-                continue
-            servers = state.servers[model]
+    def _ranking(self, state: _State, pod: PodView) -> list[tuple[tuple[float, ...], str]]:
+        heap = []
+        for model in state.models():
+            key = self._candidate(state, pod, model)
+            if key is not None:
+                heap.append((_neg(key), model))
+        heapq.heapify(heap)
+        return heap
+
+    def _top(
+        self, state: _State, pod: PodView, heap: list[tuple[tuple[float, ...], str]]
+    ) -> tuple[tuple[float, ...], str] | None:
+        """The best entry of a pod's ranking, its key checked against the state now."""
+        while heap:
+            stored, model = heap[0]
+            key = self._candidate(state, pod, model)
+            if key is None:
+                heapq.heappop(heap)
+            elif _neg(key) != stored:
+                heapq.heapreplace(heap, (_neg(key), model))
+            else:
+                return key, model
+        return None
+
+    def _target(self, state: _State, pod: PodView) -> str | None:
+        """The model `pod` would switch to: the most expected work per server
+        once it joins, among the models whose work pays for the load."""
+        best = self._best(state, pod)
+        return None if best is None else best[1]
+
+    def _best(self, state: _State, pod: PodView) -> tuple[tuple[float, ...], str] | None:
+        best: tuple[tuple[float, ...], str] | None = None
+        for model in state.models():
+            key = self._candidate(state, pod, model)
+            if key is not None and (best is None or (key, model) > best):
+                best = (key, model)
+        return best
+
+    def _candidate(self, state: _State, pod: PodView, model: str) -> tuple[float, ...] | None:
+        """`model`'s priority for `pod` to switch to, or None when it should not."""
+        if model == pod.active_model or state.count[model] <= 0:
+            return None
+        servers = state.servers[model]
+        load = state.costs.load(pod, model)
+        opens, share, age = self._key(state, pod, model, load)
+        if servers > 0 and share * state.costs.inference < self.switch_factor * load:
+            return None  # the servers it has finish sooner than this pod could help
+        return (opens, share, age, -load)
+
+    def _key(
+        self, state: _State, pod: PodView, model: str, load: float | None = None
+    ) -> tuple[float, float, float]:
+        """Priority of `model` for `pod`: its expected work per server once the pod joins."""
+        joins = 0 if model == pod.active_model else 1
+        servers = state.servers[model]
+        # A model no pod serves comes first once its expected work pays for a load.
+        if load is None:
             load = state.costs.load(pod, model)
-            if servers > 0 and count * state.costs.inference <= servers * load:
-                continue  # the servers it has finish sooner than this pod could help
-            key = (float(servers == 0), count / (servers + 1), -state.oldest(model), -load)
-            if best is None or key > best:
-                best, choice = key, model
-        return None if best is None or choice is None else (best, choice)
+        opens = servers == 0 and state.count[model] * state.costs.inference >= (
+            self.switch_factor * load
+        )
+        return (float(opens), state.count[model] / (servers + joins), -state.oldest(model))
 
     def _wake_at(self, state: _State) -> float | None:
-        """The next time a wait bound or a pressure threshold trips without any event."""
-        times = []
-        for model, count in state.backlog.items():
-            if count <= 0 or state.servers[model] > 0:
-                continue
-            oldest = state.oldest(model)
-            times.append(oldest + self.max_wait)
-            cheapest = min((state.costs.load(p, model) for p in state.pods.values()), default=0.0)
-            pressure_due = oldest + self.switch_factor * cheapest - count * state.costs.inference
-            if pressure_due > state.now:
-                times.append(pressure_due)
+        """The next time a wait bound trips without any event."""
+        times = [
+            state.oldest(m) + self.max_wait
+            for m, n in state.count.items()
+            if n > 0 and state.servers[m] == 0
+        ]
         future = [t for t in times if t > state.now]
         return min(future) if future else None
+
+
+def _neg(key: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(-x for x in key)
 
 
 def _with_model(pod: PodView, model: str) -> PodView:
@@ -280,33 +477,57 @@ def _with_model(pod: PodView, model: str) -> PodView:
 
 
 class _State:
-    """The mutable working copy one `AffinityPolicy.plan` call reasons over."""
+    """The mutable working copy one `AffinityPolicy.plan` call reasons over.
+
+    It reads the tasks through a `Backlog` and only counts what it takes, so a
+    plan costs O(pods x models) on a kept backlog (plus O(tasks) to group a
+    plain sequence).
+    """
 
     def __init__(
-        self, now: float, tasks: Sequence[PendingTask], pods: Sequence[PodView], costs: CostModel
+        self,
+        now: float,
+        tasks: Sequence[PendingTask] | Backlog,
+        pods: Sequence[PodView],
+        costs: CostModel,
     ) -> None:
         self.now = now
         self.costs = costs
-        self.by_model: dict[str, list[PendingTask]] = defaultdict(list)
-        for task in sorted(tasks, key=lambda t: (t.enqueued_at, t.key)):
-            self.by_model[task.model].append(task)
-        self.backlog: Counter[str] = Counter({m: len(ts) for m, ts in self.by_model.items()})
+        self.backlog = Backlog.of(tasks)
+        #: Per model: how many of its oldest tasks this plan has assigned or failed.
+        self.taken: Counter[str] = Counter()
+        self.count: Counter[str] = Counter({m: len(q) for m, q in self.backlog.by_model.items()})
         self.pods = {p.name: p for p in sorted(pods, key=lambda p: p.name)}
         self.servers: Counter[str] = Counter(
             p.active_model for p in self.pods.values() if p.active_model is not None
         )
+        self._unserved: list[str] | None = None
 
-    @property
-    def waiting(self) -> list[PendingTask]:
-        return [t for ts in self.by_model.values() for t in ts]
+    def own(self, pod: PodView) -> int:
+        return self.count[pod.active_model] if pod.active_model is not None else 0
 
     def oldest(self, model: str) -> float:
-        tasks = self.by_model.get(model)
-        return tasks[0].enqueued_at if tasks else math.inf
+        if self.count[model] <= 0:
+            return math.inf
+        return self.backlog.by_model[model][self.taken[model]].enqueued_at
 
-    def remove(self, task: PendingTask) -> None:
-        self.by_model[task.model].remove(task)
-        self.backlog[task.model] -= 1
+    def unserved(self) -> list[str]:
+        """Models with tasks and no pod, most tasks first (computed once per plan)."""
+        if self._unserved is None:
+            self._unserved = sorted(
+                (m for m in self.models() if self.servers[m] == 0),
+                key=lambda m: (-self.count[m], self.oldest(m), m),
+            )
+        return self._unserved
+
+    def models(self) -> list[str]:
+        return [m for m, n in self.count.items() if n > 0]
+
+    def drop(self, model: str) -> list[PendingTask]:
+        tasks = self.backlog.by_model[model][self.taken[model] :]
+        self.taken[model] += len(tasks)
+        self.count[model] = 0
+        return tasks
 
     def free_pods(self) -> list[PodView]:
         return [p for p in self.pods.values() if p.free_slots > 0]
@@ -320,33 +541,19 @@ class _State:
         and forth on every job.
         """
         current = pod.active_model
-        if current is None or self.backlog[current] <= 0 or self.servers[current] >= 2:
+        if current is None or self.count[current] <= 0 or self.servers[current] >= 2:
             return True
         return wait - (self.now - self.oldest(current)) >= margin
 
     def harm(self, pod: PodView, model: str) -> tuple[float, ...]:
         current = pod.active_model
-        orphans = current is not None and self.backlog[current] > 0 and self.servers[current] <= 1
+        orphans = current is not None and self.count[current] > 0 and self.servers[current] <= 1
         return (float(orphans), self.costs.load(pod, model), -self.servers[current or ""], 0.0)
 
-    def best_unserved(self, pod: PodView, factor: float) -> str | None:
-        best = None
-        best_key: tuple[float, ...] | None = None
-        for model, count in self.backlog.items():
-            if count <= 0 or self.servers[model] > 0:
-                continue
-            load = self.costs.load(pod, model)
-            pressure = count * self.costs.inference + (self.now - self.oldest(model))
-            if pressure < factor * load:
-                continue
-            key = (pressure, -self.oldest(model))
-            if best_key is None or key > best_key:
-                best, best_key = model, key
-        return best
-
     def assign(self, pod: PodView, model: str) -> Assign:
-        task = self.by_model[model].pop(0)
-        self.backlog[model] -= 1
+        task = self.backlog.by_model[model][self.taken[model]]
+        self.taken[model] += 1
+        self.count[model] -= 1
         switch = model != pod.active_model
         if switch:
             if pod.active_model is not None:

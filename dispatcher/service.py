@@ -31,6 +31,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -95,11 +96,16 @@ class Dispatcher:
         self.leases = leases
         self.metrics = metrics
         self.sources = sources
-        self._windows = {s.queue_url: Window(settings.window) for s in sources}
+        self._windows = {s.queue_url: Window(self._window_size(s)) for s in sources}
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._ahead = asyncio.Semaphore(settings.link_ahead)
         self._polling: set[str] = set()  # queues with a ReceiveMessage in flight
+
+    def _window_size(self, source: Source) -> Callable[[], int]:
+        # The catch-all only forwards: it keeps the smallest window.
+        pods = self.router.pods
+        return lambda: self.settings.window_for(len(pods.get(source.runtime or "", ())))
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -222,6 +228,7 @@ class Dispatcher:
         except Exception:
             # Unexpected (SNS or SQS down, a bug): keep the message; it reappears
             # when its visibility lapses and is retried, up to the DLQ.
+            self.metrics.errors.labels("message").inc()
             log.exception(
                 "message %s not processed; it will be retried",
                 lease.message_id,

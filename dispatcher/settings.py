@@ -26,7 +26,13 @@ class DispatcherSettings(ServiceSettings):
     #: The catch-all queue (tasks published without a known `runtime` attribute).
     catch_all_queue_url: str | None = None
     #: Messages held (leased) per queue at once: the scheduler's view of the backlog.
-    window: int = Field(default=512, ge=1, le=5000)
+    #: None: it grows with the fleet, `window_per_pod` per pod of the queue's runtime,
+    #: at least `window_min`, at most `window_max` (docs/dispatcher.md, "Scheduling").
+    window: int | None = Field(default=None, ge=1, le=100_000)
+    window_per_pod: int = Field(default=128, ge=1)
+    window_min: int = Field(default=1024, ge=1)
+    #: SQS allows 120 000 messages in flight per queue, for all replicas together.
+    window_max: int = Field(default=20_000, ge=1, le=100_000)
     #: Long-poll wait of ReceiveMessage (SQS allows 0-20); stopping waits for one poll to end.
     receive_wait_s: int = Field(default=10, ge=0, le=20)
     #: Seconds each heartbeat extends a held message by; None: the queue's VisibilityTimeout.
@@ -148,6 +154,12 @@ class DispatcherSettings(ServiceSettings):
             if missing:
                 raise ValueError(f"pods: static discovery needs pod URLs for {missing}")
         return self
+
+    def window_for(self, pods: int) -> int:
+        """Messages held per queue when its runtime has `pods` pods."""
+        if self.window is not None:
+            return self.window
+        return max(self.window_min, min(self.window_max, self.window_per_pod * pods))
 
     def service_name(self, runtime: str) -> str:
         return self.kubernetes_services.get(runtime, runtime)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from dispatcher.scheduler import (
     AffinityPolicy,
     Assign,
+    Backlog,
     CostModel,
     FifoPolicy,
     PendingTask,
@@ -64,6 +66,9 @@ class SimResult:
     models: dict[str, str] = field(default_factory=dict)  # task key -> model
     rejected: int = 0
     prefetches: int = 0
+    #: `plan()` calls and the CPU seconds they took (wall clock of the calls).
+    plan_calls: int = 0
+    plan_seconds: float = field(default=0.0, compare=False)
 
     @property
     def throughput(self) -> float:
@@ -133,6 +138,28 @@ class _SimPod:
     name: str
     active: str | None = None
     busy_until: float | None = None
+    #: The replica whose job runs on it.
+    owner: int | None = None
+
+
+@dataclass
+class _Replica:
+    """One dispatcher replica: the messages it holds (waiting and running)."""
+
+    index: int
+    waiting: dict[str, PendingTask] = field(default_factory=dict)
+    backlog: Backlog = field(default_factory=Backlog)
+    running: int = 0
+    wake: float | None = None
+
+    def room(self, window: int | None) -> int:
+        if window is None:
+            return 1 << 30
+        return window - len(self.waiting) - self.running
+
+
+#: Messages one ReceiveMessage call returns at most (SQS).
+_RECEIVE_BATCH = 10
 
 
 def simulate(
@@ -143,17 +170,29 @@ def simulate(
     inference_time: float = 1.0,
     switch_cost: float = 10.0,
     window: int | None = None,
+    replicas: int = 1,
     initial_models: Sequence[str | None] | None = None,
 ) -> SimResult:
-    """Run `tasks` through `policy` on `pods` identical single-slot pods."""
+    """Run `tasks` through `policy` on `pods` identical single-slot pods.
+
+    `replicas` dispatchers share the queue: each holds at most `window`
+    messages (waiting and running, as `SDEKS_WINDOW` counts them; None: no
+    limit), receives in batches of 10 in turn while it has room, and plans its
+    own share onto the same pods, whose state every replica sees (polled).
+    At one instant the replicas plan one after the other, each seeing the
+    pods the ones before it took.
+    """
     fleet = [_SimPod(f"pod-{i}") for i in range(pods)]
     for pod, model in zip(fleet, initial_models or [], strict=False):
         pod.active = model
     arrivals = sorted(tasks, key=lambda t: (t.arrival, t.key))
     by_key = {t.key: t for t in arrivals}
-    waiting: dict[str, SimTask] = {}
+    queue: list[SimTask] = []  # arrived, not yet received by any replica (oldest first)
+    head = 0
+    group = [_Replica(i) for i in range(max(1, replicas))]
     waits: dict[str, float] = {}
-    switches = rejected = prefetches = 0
+    switches = rejected = prefetches = plan_calls = 0
+    plan_seconds = 0.0
     # Events: (time, order, kind, payload); kind 0 = pod done, 1 = arrival, 2 = wake.
     events: list[tuple[float, int, int, str]] = []
     order = 0
@@ -162,64 +201,91 @@ def simulate(
         order += 1
     now = 0.0
     last_finish = 0.0
-    pending_wake: float | None = None
+    turn = 0
 
     while events:
         now = events[0][0]
-        # Apply every event at this instant before asking the policy once.
+        # Apply every event at this instant before asking the policy once per replica.
+        first: int | None = None
         while events and events[0][0] == now:
             _, _, kind, payload = heapq.heappop(events)
             if kind == 1:
-                waiting[payload] = by_key[payload]
+                queue.append(by_key[payload])
             elif kind == 0:
                 pod = fleet[int(payload)]
-                pod.busy_until = None
-            elif kind == 2 and pending_wake == now:
-                pending_wake = None
-        if not waiting:
-            continue
-        visible = sorted(waiting.values(), key=lambda t: (t.arrival, t.key))
-        if window is not None:
-            visible = visible[:window]
-        views = [
-            PodView(
-                name=p.name,
-                free_slots=0 if p.busy_until is not None else 1,
-                active_model=p.active,
-                gpu=frozenset({p.active}) if p.active else frozenset(),
-            )
-            for p in fleet
-        ]
-        plan = policy.plan(now, [PendingTask(t.key, t.model, t.arrival) for t in visible], views)
-        for decision in plan.decisions:
-            if isinstance(decision, Assign):
-                index = int(decision.pod.rsplit("-", 1)[1])
-                pod = fleet[index]
-                task = waiting.pop(decision.task)
-                if pod.busy_until is not None:
-                    raise RuntimeError(f"{policy.name} assigned {task.key} to busy {pod.name}")
-                cost = inference_time
-                if task.model != pod.active:
-                    cost += switch_cost
-                    switches += 1
-                pod.active = task.model
-                pod.busy_until = now + cost
-                last_finish = max(last_finish, pod.busy_until)
-                waits[task.key] = now - task.arrival
-                heapq.heappush(events, (pod.busy_until, order, 0, str(index)))
+                if pod.owner is not None:
+                    group[pod.owner].running -= 1
+                    first = pod.owner if first is None else first
+                pod.busy_until = pod.owner = None
+        # Receive: each replica in turn takes a batch while it has room.
+        moved = True
+        while head < len(queue) and moved:
+            moved = False
+            for replica in group:
+                n = min(_RECEIVE_BATCH, replica.room(window), len(queue) - head)
+                if n > 0:
+                    for arrived in queue[head : head + n]:
+                        pending = PendingTask(arrived.key, arrived.model, arrived.arrival)
+                        replica.waiting[arrived.key] = pending
+                        replica.backlog.add(pending)
+                    head += n
+                    moved = True
+        # Plan: the replica whose job ended learns first; the others in turn.
+        turn += 1
+        start = first if first is not None else turn % len(group)
+        for replica in group[start:] + group[:start]:
+            if not replica.waiting:
+                continue
+            if replica.wake is not None and replica.wake <= now:
+                replica.wake = None
+            views = [
+                PodView(
+                    name=p.name,
+                    free_slots=0 if p.busy_until is not None else 1,
+                    active_model=p.active,
+                    gpu=frozenset({p.active}) if p.active else frozenset(),
+                )
+                for p in fleet
+            ]
+            began = time.perf_counter()
+            plan = policy.plan(now, replica.backlog, views)
+            plan_seconds += time.perf_counter() - began
+            plan_calls += 1
+            for decision in plan.decisions:
+                if isinstance(decision, Assign):
+                    index = int(decision.pod.rsplit("-", 1)[1])
+                    pod = fleet[index]
+                    job = replica.waiting.pop(decision.task)
+                    replica.backlog.discard(job)
+                    if pod.busy_until is not None:
+                        raise RuntimeError(f"{policy.name} assigned {job.key} to busy {pod.name}")
+                    cost = inference_time
+                    if job.model != pod.active:
+                        cost += switch_cost
+                        switches += 1
+                    pod.active = job.model
+                    pod.busy_until = now + cost
+                    pod.owner = replica.index
+                    replica.running += 1
+                    last_finish = max(last_finish, pod.busy_until)
+                    waits[job.key] = now - job.enqueued_at
+                    heapq.heappush(events, (pod.busy_until, order, 0, str(index)))
+                    order += 1
+                elif isinstance(decision, Reject):
+                    dropped = replica.waiting.pop(decision.task, None)
+                    if dropped is not None:
+                        replica.backlog.discard(dropped)
+                    rejected += 1
+                elif isinstance(decision, Prefetch):
+                    prefetches += 1
+            if plan.wake_at is not None and plan.wake_at > now and replica.wake != plan.wake_at:
+                replica.wake = plan.wake_at
+                heapq.heappush(events, (plan.wake_at, order, 2, ""))
                 order += 1
-            elif isinstance(decision, Reject):
-                waiting.pop(decision.task, None)
-                rejected += 1
-            elif isinstance(decision, Prefetch):
-                prefetches += 1
-        if plan.wake_at is not None and plan.wake_at > now and pending_wake != plan.wake_at:
-            pending_wake = plan.wake_at
-            heapq.heappush(events, (plan.wake_at, order, 2, ""))
-            order += 1
-        if waiting and not events:
+        if not events and (head < len(queue) or any(r.waiting for r in group)):
+            stuck = len(queue) - head + sum(len(r.waiting) for r in group)
             raise RuntimeError(
-                f"{policy.name} left {len(waiting)} tasks waiting with idle pods and no wake-up"
+                f"{policy.name} left {stuck} tasks waiting with idle pods and no wake-up"
             )
     return SimResult(
         policy=policy.name,
@@ -230,6 +296,8 @@ def simulate(
         models={k: by_key[k].model for k in waits},
         rejected=rejected,
         prefetches=prefetches,
+        plan_calls=plan_calls,
+        plan_seconds=plan_seconds,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aws_cdk import Aws, CfnCondition, RemovalPolicy, Stack
+from aws_cdk import Aws, CfnCondition, CfnResource, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
@@ -111,6 +111,19 @@ class Cluster(Construct):
             cluster=self.cluster,  # type: ignore[arg-type]
             addon_name="eks-pod-identity-agent",
         )
+        # The VPC CNI as a managed add-on with its network policy agent on: it enforces the
+        # NetworkPolicies in front of the runtime pods (infra.netpol).
+        self.vpc_cni = eks.Addon(
+            self,
+            "VpcCni",
+            cluster=self.cluster,  # type: ignore[arg-type]
+            addon_name="vpc-cni",
+            configuration_values={"enableNetworkPolicy": "true"},
+        )
+        vpc_cni = self.vpc_cni.node.default_child
+        assert isinstance(vpc_cni, CfnResource)
+        # EKS installs a self-managed vpc-cni with every cluster; the add-on takes it over.
+        vpc_cni.add_property_override("ResolveConflicts", "OVERWRITE")
         for i, arn in enumerate(admin_principal_arns):
             self.cluster.grant_access(
                 f"Admin{i}",

@@ -96,6 +96,26 @@ class RuntimeConfig(_Model):
         return self
 
 
+class AlarmConfig(_Model):
+    """Alarm thresholds (`alarms` in the deploy config); docs/operate.md has a runbook each."""
+
+    #: Addresses subscribed to the alarm topic by email (each confirms once).
+    emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(default_factory=list)
+    #: Messages in any dead-letter queue at which its alarm fires.
+    dlq_messages: int = Field(default=1, ge=1)
+    #: Age of the oldest message in a runtime queue at which its alarm fires.
+    oldest_message_age_s: int = Field(default=1800, ge=60, le=14 * 24 * 3600)
+    #: Minutes a runtime may have visible tasks and no ready pod (GPU node start included).
+    no_pods_minutes: int = Field(default=15, ge=2, le=1440)
+    #: Failed share of terminal callbacks (pods and dispatcher), in percent, over the window.
+    failed_callback_percent: float = Field(default=20.0, gt=0, le=100)
+    #: Window of the failed-callback rate, and the least callbacks in it for the rate to count.
+    failed_callback_minutes: int = Field(default=15, ge=5, le=1440)
+    failed_callback_min_count: int = Field(default=5, ge=1)
+    #: Unexpected dispatcher errors (`sdeks_dispatcher_errors_total`) per 5 minutes.
+    dispatcher_errors: int = Field(default=1, ge=1)
+
+
 class DeployConfig(_Model):
     """The whole deployment."""
 
@@ -138,6 +158,16 @@ class DeployConfig(_Model):
     )
     webhook_secret_key: str = Field(default="secret", pattern=r"^[-._a-zA-Z0-9]{1,253}$")
     namespace: str = Field(default="sdeks", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    #: Kubernetes Secret (in `namespace`) holding the pod API token (key `token`) and the
+    #: callback signing secret (key `callback-secret`); the operator creates it
+    #: (`InternalSecretCommand` output), so neither passes through CloudFormation.
+    internal_secret_name: str = Field(
+        default="sdeks-internal", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+    )
+    alarms: AlarmConfig = Field(default_factory=AlarmConfig)
+    #: The metrics collector (ADOT) image; any aws-otel-collector release with the
+    #: prometheus receiver and the awsemf exporter.
+    collector_image: str = "public.ecr.aws/aws-observability/aws-otel-collector:v0.45.1"
     #: Prebuilt image URIs. Unset: build `dispatcher/Dockerfile` and `runtime/Dockerfile`
     #: as CDK image assets (needs Docker at deploy time, not at synth).
     dispatcher_image: str | None = None

@@ -25,6 +25,10 @@ GPU_TAINT = {"key": GPU_RESOURCE, "value": "true", "effect": "NoSchedule"}
 GPU_POOL_LABEL = ("sdeks.io/node-pool", "gpu")
 GPU_NODE_POOL = "sdeks-gpu"
 KEDA_AUTH = "sdeks-aws"
+#: Keys of the internal Secret (`DeployConfig.internal_secret_name`): the pod API token
+#: (pods require it, the dispatcher and the collector send it) and the callback signing secret.
+POD_TOKEN_KEY = "pod-token"
+CALLBACK_SECRET_KEY = "callback-secret"
 #: Seconds a terminating pod stays in its Service's endpoints-draining window before
 #: SIGTERM, so the dispatcher's EndpointSlice watch stops sending it jobs first.
 PRESTOP_SLEEP_S = 15
@@ -80,6 +84,10 @@ def _restricted_security_context() -> dict[str, Any]:
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+#: Public name: the collector's Deployment (infra.collector) follows the same profile.
+restricted_security_context = _restricted_security_context
 
 
 def grace_period_s(task_time_limit_s: int) -> int:
@@ -251,6 +259,7 @@ def runtime_deployment(
     task_time_limit_s: int,
     cpu: str,
     memory: str,
+    secret_env: dict[str, tuple[str, str]] | None = None,
 ) -> Manifest:
     """One runtime's GPU pods: one GPU each, drained on SIGTERM, scaled by KEDA.
 
@@ -321,7 +330,7 @@ def runtime_deployment(
                                 "--device",
                                 "cuda",
                             ],
-                            "env": _env(env),
+                            "env": _env(env, secret_env),
                             "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
                             "resources": {
                                 "requests": {"cpu": cpu, "memory": memory, GPU_RESOURCE: "1"},

@@ -8,12 +8,13 @@ from aws_cdk import Aws, CfnOutput, Stack
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from infra import k8s, nag
+from infra import collector, k8s, nag, netpol
 from infra.autoscaling import Karpenter, Keda
 from infra.cluster import Cluster
 from infra.config import DeployConfig
 from infra.images import Images
 from infra.messaging import Messaging
+from infra.monitoring import Monitoring
 from infra.state import TaskState
 from infra.storage import Storage
 from infra.workloads import Workloads
@@ -108,6 +109,50 @@ class SdeksStack(Stack):
             workloads.dispatcher_role, workloads.runtime_role, keda.chart, karpenter.gpu_pool
         )
 
+        dlqs = {r: q.dlq for r, q in queues.items()}
+        dlqs["catch-all"] = messaging.catch_all.dlq
+        if messaging.webhooks:
+            dlqs["webhooks"] = messaging.webhooks.dlq
+        monitoring = Monitoring(
+            self,
+            "Monitoring",
+            prefix=names.prefix,
+            thresholds=config.alarms,
+            runtime_queues=queues,
+            dlqs=dlqs,
+            topic_key=messaging.topic_key,
+        )
+        # The metrics collector (ADOT) and the NetworkPolicy in front of the runtime pods.
+        collector_role = cluster.pod_identity_role(
+            self, "CollectorRole", namespace=config.namespace, service_account=collector.COLLECTOR
+        )
+        monitoring.log_group.grant_write(collector_role)
+        collector_role.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=["logs:DescribeLogStreams", "logs:CreateLogGroup"],
+                resources=[monitoring.log_group.log_group_arn],
+            )
+        )
+        observed = cluster.cluster.add_manifest(
+            "SdeksMetrics",
+            *collector.manifests(
+                namespace=config.namespace,
+                image=config.collector_image,
+                metrics_namespace=monitoring.namespace,
+                log_group=monitoring.log_group.log_group_name,
+                region=Aws.REGION,
+                internal_secret=config.internal_secret_name,
+            ),
+        )
+        observed.node.add_dependency(workloads.namespace, collector_role)
+        lockdown = cluster.cluster.add_manifest(
+            "SdeksLockdown", netpol.runtime_policy(namespace=config.namespace)
+        )
+        lockdown.node.add_dependency(workloads.namespace, cluster.vpc_cni)
+        lock_callback_topic(
+            messaging, publishers=[workloads.dispatcher_role, workloads.runtime_role]
+        )
+
         grant_data_plane(
             dispatcher=workloads.dispatcher_role,
             runtime=workloads.runtime_role,
@@ -127,8 +172,9 @@ class SdeksStack(Stack):
         # `sdeks status / tasks / wait / cancel` read the task table; cancel marks a queued
         # task cancelled and publishes its callback.
         state.grant_tasks(client_policy)
-        self._outputs(config, storage, messaging, state, cluster, client_policy)
+        self._outputs(config, storage, messaging, state, cluster, client_policy, monitoring)
         self.storage, self.messaging, self.state, self.cluster = storage, messaging, state, cluster
+        self.monitoring = monitoring
         self.karpenter, self.keda, self.workloads = karpenter, keda, workloads
 
     def _outputs(
@@ -139,6 +185,7 @@ class SdeksStack(Stack):
         state: TaskState,
         cluster: Cluster,
         client_policy: iam.ManagedPolicy,
+        monitoring: Monitoring,
     ) -> None:
         first = config.runtimes[0]
         message = json.dumps(
@@ -164,6 +211,18 @@ class SdeksStack(Stack):
             "TaskTableName": state.table.table_name,
             "ClusterName": cluster.name,
             "ClientPolicyArn": client_policy.managed_policy_arn,
+            "AlarmTopicArn": monitoring.topic.topic_arn,
+            "DashboardUrl": (
+                f"https://{Aws.REGION}.console.aws.amazon.com/cloudwatch/home?region="
+                f"{Aws.REGION}#dashboards/dashboard/{config.prefix}"
+            ),
+            # The pods and the dispatcher start once this Secret exists (docs/deploy.md).
+            "InternalSecretCommand": (
+                f"kubectl -n {config.namespace} create secret generic "
+                f"{config.internal_secret_name} "
+                f'--from-literal={k8s.POD_TOKEN_KEY}="$(openssl rand -hex 32)" '
+                f'--from-literal={k8s.CALLBACK_SECRET_KEY}="$(openssl rand -hex 32)"'
+            ),
             "KubeconfigCommand": (
                 f"aws eks update-kubeconfig --region {Aws.REGION} --name {cluster.name}"
             ),
@@ -182,6 +241,34 @@ class SdeksStack(Stack):
             )
         for key, value in outputs.items():
             CfnOutput(self, key, value=value)
+
+
+def lock_callback_topic(messaging: Messaging, *, publishers: list[iam.Role]) -> None:
+    """Only `publishers` may publish to the callback topic, whatever other identity
+    policies in the account allow: its subscribers act on callbacks, so a forged one
+    must not get in (and each callback is signed besides, docs/contract.md)."""
+    topic = messaging.callback_topic
+    arns = [role.role_arn for role in publishers]
+    topic.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="PublishOnlyDispatcherAndPods",
+            effect=iam.Effect.ALLOW,
+            principals=[iam.ArnPrincipal(arn) for arn in arns],
+            actions=["sns:Publish"],
+            resources=[topic.topic_arn],
+        )
+    )
+    topic.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="DenyPublishByOthers",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=["sns:Publish"],
+            resources=[topic.topic_arn],
+            # Pod Identity sessions are assumed-role sessions: aws:PrincipalArn is the role.
+            conditions={"ArnNotEquals": {"aws:PrincipalArn": arns}},
+        )
+    )
 
 
 def _send_and_receive(queues: list[str]) -> iam.PolicyStatement:
@@ -307,8 +394,11 @@ def client_managed_policy(
             ),
             # Both topics are encrypted: publishing needs a data key.
             _use_key(messaging.topic_key.key_arn),
+            # Subscribe only: the topic policy lets only the dispatcher and the pods
+            # publish callbacks (`sdeks cancel` of a queued task leaves its callback to
+            # the dispatcher, docs/lifecycle.md).
             iam.PolicyStatement(
-                actions=["sns:Subscribe", "sns:Unsubscribe", "sns:Publish"],
+                actions=["sns:Subscribe", "sns:Unsubscribe"],
                 resources=[messaging.callback_topic.topic_arn],
             ),
             # `sdeks submit --wait` listens on a temporary queue it names sdeks-cli-<random>.

@@ -96,7 +96,14 @@ def render(
             f"(webhooks={config.webhooks}, webhook_queue_url={webhook_queue_url!r})"
         )
     webhook_env: dict[str, str] = {}
-    webhook_secret: dict[str, tuple[str, str]] = {}
+    # The pod API token (pods require it, the dispatcher sends it) and the callback
+    # signing secret, from the Secret the operator creates (docs/deploy.md).
+    internal = config.internal_secret_name
+    internal_secrets = {
+        "SDEKS_POD_TOKEN": (internal, k8s.POD_TOKEN_KEY),
+        "SDEKS_CALLBACK_SECRET": (internal, k8s.CALLBACK_SECRET_KEY),
+    }
+    webhook_secret: dict[str, tuple[str, str]] = dict(internal_secrets)
     if webhook_queue_url is not None:
         # The dispatcher accepts the queue only with the secret (and the task table, in
         # common_env): both come together or not at all.
@@ -126,7 +133,7 @@ def render(
                 "SDEKS_RECEIVE_WAIT_S": str(k8s.DISPATCHER_RECEIVE_WAIT_S),
                 **webhook_env,
             },
-            secret_env=webhook_secret,
+            secret_env=webhook_secret,  # with the internal secrets
             replicas=config.dispatcher_replicas,
             service_account=DISPATCHER_SERVICE_ACCOUNT,
             termination_grace_s=k8s.dispatcher_grace_period_s(
@@ -170,6 +177,7 @@ def render(
                 task_time_limit_s=runtime.task_time_limit_s,
                 cpu=runtime.cpu,
                 memory=runtime.memory,
+                secret_env=internal_secrets,
             ),
             k8s.runtime_service(namespace=ns, runtime=runtime.name),
             # One pod at a time may be evicted (node consolidation, upgrades); each

@@ -266,6 +266,17 @@ class UpscalerItem(BaseModel):
     scale: float | None = None
 
 
+class ScriptsList(BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
 class LatentUpscalerModeItem(BaseModel):
     name: str
 
@@ -326,3 +337,28 @@ def describe_validation_error(exc: ValidationError) -> str:
         shown = json.dumps(value, default=str)[:80] if value is not None else "null"
         parts.append(f"`{where}` {err['msg'].removeprefix('Value error, ').lower()}, got {shown}")
     return "; ".join(parts)
+
+
+def known_fields(tasktype: TaskType) -> frozenset[str]:
+    """Every top-level field the A1111 request model of `tasktype` reads, by name and
+    alias: derived from the models, so a field added to them is known at once."""
+    model = _REQUEST_FOR_TASK.get(tasktype)
+    if model is None:
+        return frozenset()
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for alias in (info.alias, info.validation_alias):
+            if isinstance(alias, str):
+                names.add(alias)
+    return frozenset(names)
+
+
+def ignored_fields(tasktype: TaskType, content: dict[str, Any]) -> list[str]:
+    """Top-level `content` fields the request model of `tasktype` does not know (a
+    misspelled `promt`): kept out of the render, as A1111 does, but reported in the
+    manifest, the callback and by the CLI. Empty for a task type without a model here."""
+    known = known_fields(tasktype)
+    if not known:
+        return []
+    return sorted(str(key) for key in content if key not in known)

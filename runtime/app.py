@@ -3,6 +3,7 @@
     routes.ops     GET /health, /metrics, /v1/state
     routes.jobs    POST /v1/jobs, /v1/jobs/{id}/cancel, /v1/prefetch (the dispatcher's job API)
     routes.sdapi   /sdapi/v1/... (the A1111 API: txt2img, img2img, extra-single-image, ...)
+    routes.controlnet  /controlnet/... (the sd-webui-controlnet extension's API)
 
 Rendering runs in worker threads (`asyncio.to_thread`) so the event loop keeps
 answering `/v1/state`, `/progress` and cancels while a job renders. `slots`
@@ -20,12 +21,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from runtime.auth import require_token
 from runtime.families import preload_pipeline_classes
+from runtime.model_catalog import first_checkpoint
 from runtime.models import Models
 from runtime.outputs import OutputWriter
 from runtime.pod import Pod
 from runtime.render import Renderer
-from runtime.routes import jobs, ops, sdapi
+from runtime.routes import controlnet, jobs, ops, sdapi
 from runtime.settings import RuntimeSettings
 from sdeks.errors import SdeksError
 from sdeks.lifecycle import Reporter
@@ -33,7 +36,7 @@ from sdeks.lifecycle import Reporter
 log = logging.getLogger(__name__)
 
 #: The routers, in the order the OpenAPI page lists them.
-ROUTERS = (ops.router, jobs.router, sdapi.router)
+ROUTERS = (ops.router, jobs.router, sdapi.router, controlnet.router)
 
 
 def create_app(
@@ -51,6 +54,9 @@ def create_app(
         from runtime.models import build_store
 
         models = build_store(settings, resolve_device(settings.device))
+    if not settings.default_model:
+        # A1111 always has a model loaded: the first checkpoint it finds.
+        settings = settings.model_copy(update={"default_model": first_checkpoint(models)})
     device = models.device
     if device.startswith("cuda"):
         import torch
@@ -98,6 +104,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.pod = pod
+    require_token(app, settings.pod_token.get_secret_value() if settings.pod_token else None)
     for router in ROUTERS:
         app.include_router(router)
 
@@ -129,8 +136,13 @@ async def _build_reporter(settings: RuntimeSettings, stack: AsyncExitStack) -> R
 
         dynamodb = await stack.enter_async_context(aio_client("dynamodb"))
         table = TaskTable(dynamodb, settings.task_table, ttl_s=settings.task_ttl_s)
+    secret = settings.callback_secret
     return Reporter(
-        sns, settings.callback_topic_arn, table=table, publish_running=settings.publish_running
+        sns,
+        settings.callback_topic_arn,
+        table=table,
+        publish_running=settings.publish_running,
+        signing_secret=secret.get_secret_value() if secret else None,
     )
 
 

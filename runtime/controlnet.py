@@ -285,6 +285,11 @@ def controlnet_pipeline(pipe: Any, kind: str, controlnet: Any) -> Any:
     return new
 
 
+def _kind_of(pipe: Any) -> str:
+    name = type(pipe).__name__
+    return "inpaint" if "Inpaint" in name else ("img2img" if "Img2Img" in name else "txt2img")
+
+
 def _wanted(cls: Any) -> set[str]:
     import inspect
 
@@ -334,43 +339,61 @@ class ControlNetConditioning:
     units: list[PreparedUnit]
     kind: str
     cfg: bool
+    #: The request asks for hires fix (`hr_option` then splits the units between passes).
+    hires: bool = False
     extra_params: dict[str, Any] = field(default_factory=dict)
 
+    def units_for(self, pass_name: str) -> list[PreparedUnit]:
+        """The units of a pass: `hr_option` "Low res only" skips the hires pass, "High res
+        only" the first one (without hires fix every unit runs in the first pass)."""
+        skip = "Low res only" if pass_name == "hires" else "High res only"
+        if pass_name == "first" and not self.hires:
+            return list(self.units)
+        return [p for p in self.units if p.unit.hr_option != skip]
+
     def pipeline(self, pipe: Any, ctx: Any) -> Any:
-        base_family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else None
+        """Stage 2 (and the hires pass): `pipe` as the ControlNet pipeline of its kind."""
+        kind = _kind_of(pipe)
+        pass_name = "hires" if kind == "img2img" and self.kind == "txt2img" else "first"
+        units = self.units_for(pass_name)
+        if not units:
+            return pipe
         unet_dim = pipe.unet.config.cross_attention_dim
-        for p in self.units:
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        for p in units:
             if p.lease.model.config.cross_attention_dim != unet_dim:
-                fam = family_of(p.lease.model)
                 raise InvalidParameterError(
-                    f"ControlNet unit {p.unit.index}: model {p.model_title!r} is a {fam} "
-                    f"ControlNet and does not fit this {base_family or 'SD 1.x/2.x'} checkpoint"
+                    f"ControlNet unit {p.unit.index}: model {p.model_title!r} is a "
+                    f"{family_of(p.lease.model)} ControlNet and does not fit this "
+                    f"{'SDXL' if sdxl else 'SD 1.x/2.x'} checkpoint"
                 )
         multi = make_units_controlnet(
-            [p.lease.model for p in self.units], [p.unit for p in self.units], self.cfg
+            [p.lease.model for p in units], [p.unit for p in units], self.cfg
         )
-        return controlnet_pipeline(pipe, self.kind, multi)
+        return controlnet_pipeline(pipe, kind, multi)
 
     def call_kwargs(self, batch: Any, pass_name: str, width: int, height: int) -> dict[str, Any]:
-        if pass_name != "first":
-            return {}  # the hires pass does not run ControlNet yet
-        images = [p.control for p in self.units]
-        if width and height:
-            images = [
-                im if im.size == (width, height) else im.resize((width, height)) for im in images
-            ]
-        key = "image" if self.kind == "txt2img" else "control_image"
+        units = self.units_for(pass_name)
+        if not units:
+            return {}
+        images = [
+            p.control
+            if p.control.size == (width, height)
+            else resize_control(p.detected.image.convert("RGB"), p.unit.resize_mode, width, height)
+            for p in units
+        ]
+        kind = self.kind if pass_name == "first" else "img2img"
         extra: dict[str, Any] = {}
-        if self.kind == "inpaint":
+        if kind == "inpaint":
             # diffusers' ControlNet inpaint cannot crop several control images to the mask
             # (`padding_mask_crop`): with units the whole picture is inpainted.
             extra["padding_mask_crop"] = None
         return {
             **extra,
-            key: images,
-            "controlnet_conditioning_scale": [p.unit.weight for p in self.units],
-            "control_guidance_start": [p.unit.guidance_start for p in self.units],
-            "control_guidance_end": [p.unit.guidance_end for p in self.units],
+            "image" if kind == "txt2img" else "control_image": images,
+            "controlnet_conditioning_scale": [p.unit.weight for p in units],
+            "control_guidance_start": [p.unit.guidance_start for p in units],
+            "control_guidance_end": [p.unit.guidance_end for p in units],
         }
 
     def release(self) -> None:
@@ -426,6 +449,7 @@ class ControlNetProvider:
             decode=lambda data, where: decode_image(data, where, limit),
         )
         if conditioning is not None:
+            conditioning.hires = bool(getattr(request, "enable_hr", False))
             plan.extra_params.update(conditioning.extra_params)  # the infotext fields
         return conditioning
 

@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from runtime import prompts, samplers, seeds, upscalers
+from runtime import prompts, samplers, seeds, styles, upscalers
 from runtime.a1111 import Txt2ImgRequest
 from runtime.settings import RuntimeSettings
 from runtime.stages import denoise, first_pass
@@ -163,6 +163,17 @@ def plan_hires(plan: Plan, models: Any, settings: RuntimeSettings) -> HiresPlan 
             )
     strength = request.denoising_strength
     strength = 0.75 if strength is None else strength
+    hr_prompt = hr_negative = None
+    if request.hr_prompt or request.hr_negative_prompt:
+        # A1111 applies the styles to the hires prompts too.
+        styled = styles.apply(
+            models,
+            request.styles,
+            request.hr_prompt or request.prompt,
+            request.hr_negative_prompt or request.negative_prompt,
+        )
+        hr_prompt = styled[0] if request.hr_prompt else None
+        hr_negative = styled[1] if request.hr_negative_prompt else None
     return HiresPlan(
         upscaler=upscaler,
         latent_mode=latent_mode,
@@ -172,8 +183,8 @@ def plan_hires(plan: Plan, models: Any, settings: RuntimeSettings) -> HiresPlan 
         strength=strength,
         choice=choice,
         checkpoint=checkpoint,
-        prompt=request.hr_prompt or None,
-        negative_prompt=request.hr_negative_prompt or None,
+        prompt=hr_prompt,
+        negative_prompt=hr_negative,
     )
 
 
@@ -188,9 +199,9 @@ def extra_params(plan: Plan, hires: HiresPlan) -> dict[str, Any]:
         params["Hires sampler"] = hires.choice.sampler.name
     if hires.choice is not None and hires.choice.schedule_label != plan.choice.schedule_label:
         params["Hires schedule type"] = hires.choice.schedule_label
-    if hires.prompt is not None and hires.prompt != request.prompt:
+    if hires.prompt is not None and hires.prompt != plan.display_prompt:
         params["Hires prompt"] = hires.prompt
-    if hires.negative_prompt is not None and hires.negative_prompt != request.negative_prompt:
+    if hires.negative_prompt is not None and hires.negative_prompt != plan.negative_prompt:
         params["Hires negative prompt"] = hires.negative_prompt
     if request.hr_resize_x == 0 and request.hr_resize_y == 0:
         params["Hires upscale"] = request.hr_scale
@@ -338,11 +349,9 @@ def _hires_pipeline(
     for conditioning in plan.conditioning:
         pipe = conditioning.pipeline(pipe, ctx)
     request = plan.request
-    prompt = hires.prompt if hires.prompt is not None else request.prompt
-    negative = (
-        hires.negative_prompt if hires.negative_prompt is not None else request.negative_prompt
-    )
-    if same_weights and prompt == request.prompt and negative == request.negative_prompt:
+    prompt = hires.prompt if hires.prompt is not None else plan.display_prompt
+    negative = hires.negative_prompt if hires.negative_prompt is not None else plan.negative_prompt
+    if same_weights and prompt == plan.display_prompt and negative == plan.negative_prompt:
         return pipe, embeds
     from runtime.stages.prepare import split_loras
 

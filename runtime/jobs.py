@@ -21,6 +21,7 @@ from runtime.a1111 import (
     ExtrasSingleImageRequest,
     Img2ImgRequest,
     Txt2ImgRequest,
+    ignored_fields,
     parse_request,
 )
 from runtime.outputs import OutputError, OutputWriter
@@ -84,6 +85,11 @@ def run_job(
         status, error = TaskStatus.FAILED, ErrorInfo.from_exception(exc)
     if error:
         log.info("task %s %s: %s", task.id, status.value, error.code, extra={"task_id": task.id})
+    ignored = ignored_fields(task.tasktype, task.content)
+    if ignored:
+        log.warning(
+            "task %s: ignored unknown fields %s", task.id, ignored, extra={"task_id": task.id}
+        )
 
     upload_start = time.time()
     keys: list[str] = []
@@ -107,6 +113,7 @@ def run_job(
         timings=timings,
         error=error,
         context=task.context,
+        ignored_fields=ignored,
     )
     timings.upload_ms = int((time.time() - upload_start) * 1000)
     timings.total_ms = int((time.time() - received_at) * 1000) + timings.download_ms
@@ -125,6 +132,7 @@ def run_job(
         error=error,
         timings=timings,
         info=manifest.info,
+        ignored_fields=ignored,
     ).fitted()
 
 

@@ -23,15 +23,18 @@ following AUTOMATIC1111 (`modules/sd_models.py`):
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from sdeks.errors import ModelNotFoundError
 from sdeks.names import MODELS_CHECKPOINT_PREFIX, MODELS_LORA_PREFIX, MODELS_VAE_PREFIX
 
 from .model_source import ObjectInfo
+
+log = logging.getLogger(__name__)
 
 #: Weight files we load. Pickled `.ckpt`/`.pt` can run code when loaded: refused.
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -191,6 +194,22 @@ def build_entries(
             )
         )
     return sorted(entries, key=lambda e: e.name.lower())
+
+
+def first_checkpoint(models: Any) -> str | None:
+    """The checkpoint a pod started without a default uses: the first one listed
+    (`GET /sdapi/v1/sd-models` order), as A1111 loads the first checkpoint it finds.
+    None when there is none, or the listing fails (tasks then name their model)."""
+    try:
+        listed = models.sd_models()
+    except Exception as exc:  # the pod still starts; a task naming no model says why
+        log.warning("could not list checkpoints for a default model: %s", exc)
+        return None
+    if not listed:
+        return None
+    name = str(listed[0]["model_name"])
+    log.info("no default model set: using the first checkpoint, %s", name)
+    return name
 
 
 class Catalog:

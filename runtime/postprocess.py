@@ -18,8 +18,15 @@ from PIL import Image
 if TYPE_CHECKING:
     from runtime.stages.types import Plan, PostStage, StageContext
 
+
+def _registered() -> list[PostStage]:
+    from runtime.adetailer import STAGE as ADETAILER
+
+    return [ADETAILER]
+
+
 #: The post-processing stages, in the order they run.
-POST_STAGES: list[PostStage] = []
+POST_STAGES: list[PostStage] = _registered()
 
 
 def run_post_stages(images: list[Image.Image], plan: Plan, ctx: StageContext) -> list[Image.Image]:

@@ -163,15 +163,25 @@ def _xdog(img: np.ndarray, res: int, a: float, b: float, _: Any) -> np.ndarray:
 
 
 def _lineart_standard(img: np.ndarray, res: int, a: float, b: float, _: Any) -> np.ndarray:
-    from controlnet_aux.lineart_standard import LineartStandardDetector
-
-    out = LineartStandardDetector()(
+    detector = _aux("lineart_standard", "LineartStandardDetector")
+    out = detector()(
         img, guassian_sigma=a, intensity_threshold=int(b), detect_resolution=res, output_type="np"
     )
     return hwc3(np.asarray(out))
 
 
 # --- model-based modules (controlnet_aux) ------------------------------------------
+
+
+def _aux(module: str, name: str) -> Any:
+    """A controlnet_aux class; its package import warns about optional extras (mediapipe,
+    timm registry names) that we never use, so those warnings are silenced here."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(importlib.import_module(f"controlnet_aux.{module}"), name)
 
 
 def _annotated(**call: Any) -> Run:
@@ -189,47 +199,41 @@ def _annotated(**call: Any) -> Run:
 
 
 def _load_hed(paths: list[Path]) -> Any:
-    from controlnet_aux.hed import HEDdetector
-
-    return HEDdetector.from_pretrained(str(paths[0].parent), filename=str(paths[0]))
+    return _aux("hed", "HEDdetector").from_pretrained(str(paths[0].parent), filename=str(paths[0]))
 
 
 def _load_pidi(paths: list[Path]) -> Any:
-    from controlnet_aux.pidi import PidiNetDetector
-
-    return PidiNetDetector.from_pretrained(str(paths[0].parent), filename=str(paths[0]))
+    return _aux("pidi", "PidiNetDetector").from_pretrained(
+        str(paths[0].parent), filename=str(paths[0])
+    )
 
 
 def _load_lineart(paths: list[Path]) -> Any:
-    from controlnet_aux.lineart import LineartDetector
-
-    return LineartDetector.from_pretrained(
+    return _aux("lineart", "LineartDetector").from_pretrained(
         str(paths[0].parent), filename=str(paths[0]), coarse_filename=str(paths[1])
     )
 
 
 def _load_lineart_anime(paths: list[Path]) -> Any:
-    from controlnet_aux.lineart_anime import LineartAnimeDetector
-
-    return LineartAnimeDetector.from_pretrained(str(paths[0].parent), filename=str(paths[0]))
+    return _aux("lineart_anime", "LineartAnimeDetector").from_pretrained(
+        str(paths[0].parent), filename=str(paths[0])
+    )
 
 
 def _load_midas(paths: list[Path]) -> Any:
-    from controlnet_aux.midas import MidasDetector
-
-    return MidasDetector.from_pretrained(str(paths[0].parent), filename=str(paths[0]))
+    return _aux("midas", "MidasDetector").from_pretrained(
+        str(paths[0].parent), filename=str(paths[0])
+    )
 
 
 def _load_mlsd(paths: list[Path]) -> Any:
-    from controlnet_aux.mlsd import MLSDdetector
-
-    return MLSDdetector.from_pretrained(str(paths[0].parent), filename=str(paths[0]))
+    return _aux("mlsd", "MLSDdetector").from_pretrained(
+        str(paths[0].parent), filename=str(paths[0])
+    )
 
 
 def _load_openpose(paths: list[Path]) -> Any:
-    from controlnet_aux.open_pose import OpenposeDetector
-
-    return OpenposeDetector.from_pretrained(
+    return _aux("open_pose", "OpenposeDetector").from_pretrained(
         str(paths[0].parent),
         filename=str(paths[0]),
         hand_filename=str(paths[1]),

@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime import hires, prompts, refiner
+from runtime import hires, prompts, refiner, scripts
 from runtime.a1111 import ExtrasSingleImageRequest, Img2ImgRequest, Txt2ImgRequest
 from runtime.control import JobControl
 from runtime.images import decode_image, encode_png, resize_image
@@ -152,6 +152,10 @@ class Renderer:
         control: JobControl | None = None,
     ) -> RenderResult:
         control = control or JobControl(job_id="a1111")
+        # A selectable script (`script_name`) runs the render itself, as often as it needs.
+        script = scripts.find(request, "img2img" if img is not None else "txt2img")
+        if script is not None:
+            return script.run(self, request, img, options=options, model=model, control=control)
 
         # 1. Prepare inputs: every field checked and resolved, no model work yet.
         plan = prepare(
@@ -168,8 +172,8 @@ class Renderer:
         with self._oom_guard(control.job_id), self.models.use(plan.checkpoint, plan.kind) as lease:
             control.check()
             loaded = Loaded.of(lease)
-            # LoRAs are injected into the shared weights: such a render runs alone.
-            with self._weights.exclusive() if plan.loras else self._weights.shared():
+            # LoRAs and tiling change the shared weights: such a render runs alone.
+            with self._weights.exclusive() if plan.changes_weights else self._weights.shared():
                 # 2. The job's own pipeline: scheduler, VAE, LoRAs, extra conditioning.
                 ctx = self._pipelines.build(
                     lease.pipeline, loaded, plan, control, getattr(lease, "family", None)
@@ -204,17 +208,13 @@ class Renderer:
         for n in range(request.n_iter):
             control.job_no, control.step = n, 0
             try:
-                # 3. First pass (left as latents when a pass follows that takes them).
-                if use_hires:
-                    first_output = hires.first_pass_output(plan)
-                else:
-                    first_output = "latent" if use_refiner else "pil"
+                # 3. First pass (left as latents when the hires pass takes latents).
+                first_output = hires.first_pass_output(plan) if use_hires else "pil"
                 batch = first_pass.run(plan, ctx, n, embeds, output_type=first_output)
                 # 4. Hires pass.
                 if use_hires:
-                    output = "latent" if use_refiner else "pil"
-                    batch = hires.run(plan, ctx, batch, embeds, output_type=output)
-                # 5. Refiner.
+                    batch = hires.run(plan, ctx, batch, embeds, output_type="pil")
+                # 5. Refiner: its UNet took over the last pass's steps from the switch on.
                 if use_refiner:
                     batch = refiner.run(plan, ctx, batch)
             except TaskCancelledError:

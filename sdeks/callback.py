@@ -89,6 +89,10 @@ class Callback(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     #: A1111 `info` (seed, all_seeds, infotexts, ...) on success.
     info: dict[str, Any] | None = None
+    #: `content` fields the task type does not know (a misspelled `promt`): not rendered.
+    ignored_fields: list[str] = Field(default_factory=list)
+    #: The SNS message id, when the message had no usable task id to correlate by.
+    message_id: str | None = None
 
     @field_validator("context", "info")
     @classmethod
@@ -230,6 +234,8 @@ class Manifest(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     error: ErrorInfo | None = None
     context: Any = None
+    #: `content` fields the task type does not know: not rendered (see the callback).
+    ignored_fields: list[str] = Field(default_factory=list)
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), indent=2).encode()

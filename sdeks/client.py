@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,17 @@ class SdeksClient:
             }
         return self.sns.publish(**kwargs)["MessageId"]
 
+    def runtimes(self) -> list[str]:
+        """The runtimes the stack serves, from its task queues' names."""
+        prefix, suffix = f"{self._names.prefix}-", "-tasks"
+        urls = self.sqs.list_queues(QueueNamePrefix=prefix).get("QueueUrls", [])
+        names = [url.rsplit("/", 1)[-1] for url in urls]
+        return sorted(
+            n[len(prefix) : -len(suffix)]
+            for n in names
+            if n.endswith(suffix) and not n.startswith(CLI_QUEUE_PREFIX)
+        )
+
     def listen(self, task_ids: Iterable[str] | None = None) -> CallbackListener:
         return CallbackListener(self.sns, self.sqs, self.callback_topic_arn, task_ids)
 
@@ -99,6 +110,23 @@ class SdeksClient:
             self.s3.download_file(bucket, key, str(path))
             paths.append(path)
         return paths
+
+
+def topic_delivery_policy(queue_arn: str, topic_arn: str) -> dict[str, Any]:
+    """The SQS queue policy that lets the topic (and only it) deliver into the queue:
+    real SNS delivers nothing to a queue without one (moto does not check)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+            }
+        ],
+    }
 
 
 class CallbackListener:
@@ -122,21 +150,9 @@ class CallbackListener:
         queue_arn = self.sqs.get_queue_attributes(
             QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
         )["Attributes"]["QueueArn"]
-        # Let the topic (and only it) deliver into the temporary queue.
-        policy = {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Effect": "Allow",
-                    "Principal": {"Service": "sns.amazonaws.com"},
-                    "Action": "sqs:SendMessage",
-                    "Resource": queue_arn,
-                    "Condition": {"ArnEquals": {"aws:SourceArn": self.topic_arn}},
-                }
-            ],
-        }
         self.sqs.set_queue_attributes(
-            QueueUrl=self.queue_url, Attributes={"Policy": json.dumps(policy)}
+            QueueUrl=self.queue_url,
+            Attributes={"Policy": json.dumps(topic_delivery_policy(queue_arn, self.topic_arn))},
         )
         attributes = {"RawMessageDelivery": "true"}
         if self.task_ids is not None:
@@ -209,11 +225,17 @@ class CallbackListener:
         return done
 
 
-def load_task_file(path: str | Path, *, runtime: str | None = None) -> tuple[dict[str, Any], Task]:
+def load_task_file(
+    path: str | Path,
+    *,
+    runtime: str | None = None,
+    default_runtime: Callable[[], str | None] | None = None,
+) -> tuple[dict[str, Any], Task]:
     """Read a task file; returns the body as written and its normalized task.
 
     A body that carries no id (the serverless shape) gets a generated one, so
-    its callback can be awaited.
+    its callback can be awaited. A shape that carries no runtime (legacy,
+    serverless) takes `runtime`, else `default_runtime()` when it names one.
     """
     text = Path(path).read_text() if str(path) != "-" else sys.stdin.read()
     try:
@@ -223,7 +245,39 @@ def load_task_file(path: str | Path, *, runtime: str | None = None) -> tuple[dic
     if isinstance(body, dict) and "input" in body and "id" not in body:
         body["id"] = f"task-{uuid.uuid4().hex[:12]}"
     try:
-        task = parse_task(body, runtime=runtime)
+        return body, parse_task(body, runtime=runtime)
+    except InvalidEnvelopeError as exc:
+        if runtime is not None or not _names_runtime(exc.message):
+            raise ClientError(f"{path}: {exc.message}") from exc
+        fallback = default_runtime() if default_runtime else None
+        if fallback is None:
+            raise ClientError(
+                f"{path}: {exc.message} (this shape carries no runtime: "
+                "pass --runtime NAME, e.g. --runtime sdruntime)"
+            ) from exc
+    try:
+        task = parse_task(body, runtime=fallback)
     except InvalidEnvelopeError as exc:
         raise ClientError(f"{path}: {exc.message}") from exc
+    log.info("%s carries no runtime: using %s, the stack's only runtime", path, fallback)
     return body, task
+
+
+def _names_runtime(message: str) -> bool:
+    """The envelope error is about its missing runtime (the message names the field)."""
+    return "runtime:" in message or "`runtime`" in message
+
+
+def with_new_id(body: dict[str, Any], task: Task) -> tuple[dict[str, Any], Task]:
+    """The same task under a fresh id (`<id>-<6 hex>`), set where its shape keeps the id."""
+    new_id = f"{task.id[:120]}-{uuid.uuid4().hex[:6]}"
+    body = json.loads(json.dumps(body))
+    if "task" in body:
+        body["task"]["metadata"]["id"] = new_id
+    elif "metadata" in body:
+        body["metadata"]["id"] = new_id
+    elif "input" in body:
+        body["id"] = new_id
+    else:
+        body["alwayson_scripts"]["id_task"] = new_id
+    return body, task.model_copy(update={"id": new_id})

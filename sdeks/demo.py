@@ -3,42 +3,31 @@
 Starts the embedded local stack, publishes the examples (text-to-image, and
 image-to-image twice: from an `s3://` init image and from an `http://` link
 served on 127.0.0.1), waits for their callbacks, downloads the PNGs into
-`./outputs/<id>/`, prints a table and stops the stack.
+`./outputs/<id>/`, prints a table and stops the stack. Each run publishes under
+fresh ids (`demo-t2i-<6 hex>`): an id is single-use, so a run never collides
+with the outputs or the task record of an earlier one.
 """
 
 from __future__ import annotations
 
 import copy
 import http.server
-import io
 import json
 import logging
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from sdeks.callback import Callback
 from sdeks.client import SdeksClient
-from sdeks.local import LocalStack
+from sdeks.local import EXAMPLE_INIT_IMAGE_KEY, LocalStack, init_image_png
 from sdeks.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 log = logging.getLogger("sdeks.demo")
-
-
-def init_image_png(size: int = 64) -> bytes:
-    """A small synthetic picture (sky, sun, hill) to start image-to-image from."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), (90, 140, 220))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((size * 0.6, size * 0.1, size * 0.9, size * 0.4), fill=(250, 220, 80))
-    draw.pieslice((-size * 0.3, size * 0.55, size * 1.3, size * 1.6), 180, 360, fill=(60, 150, 70))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def serve_once(
@@ -68,17 +57,21 @@ def serve_once(
 def main() -> int:
     configure_logging("text", "INFO")
     out_dir = Path("outputs")
-    with LocalStack(workdir=Path(".sdeks"), moto_port=0) as stack:
-        png = init_image_png()
-        stack.client("s3").put_object(Bucket=stack.input_bucket, Key="cat.png", Body=png)
-        server, http_link = serve_once(png)
+    run = uuid.uuid4().hex[:6]
+    with LocalStack(workdir=Path(".sdeks"), moto_port=0, example_inputs=True) as stack:
+        server, http_link = serve_once(init_image_png())
 
         t2i = json.loads((EXAMPLES / "text-to-image.json").read_text())
         i2i_s3 = json.loads((EXAMPLES / "image-to-image.json").read_text())
+        assert i2i_s3["task"]["content"]["init_images"] == [
+            f"s3://{stack.input_bucket}/{EXAMPLE_INIT_IMAGE_KEY}"
+        ]
         i2i_http = copy.deepcopy(i2i_s3)
         i2i_http["task"]["metadata"]["id"] = "demo-i2i-http"
         i2i_http["task"]["content"]["init_images"] = [http_link]
         tasks = [t2i, i2i_s3, i2i_http]
+        for body in tasks:
+            body["task"]["metadata"]["id"] += f"-{run}"
         ids = [t["task"]["metadata"]["id"] for t in tasks]
 
         assert stack.resources is not None
@@ -113,10 +106,10 @@ def main() -> int:
             rows.append((task_id, callback, files, seconds))
 
     print()
-    print(f"{'id':<16} {'status':<10} {'images':>6} {'seconds':>8}  outputs")
+    print(f"{'id':<24} {'status':<10} {'images':>6} {'seconds':>8}  outputs")
     for task_id, callback, files, seconds in rows:
         where = str(files[0].parent) if files else (callback.error.code if callback.error else "")
-        print(f"{task_id:<16} {callback.status.value:<10} {len(files):>6} {seconds:>8.1f}  {where}")
+        print(f"{task_id:<24} {callback.status.value:<10} {len(files):>6} {seconds:>8.1f}  {where}")
     ok = all(cb.status == "succeeded" for _, cb, _, _ in rows)
     print(f"\n{'all tasks succeeded' if ok else 'some tasks failed'}; PNGs under {out_dir}/<id>/")
     return 0 if ok else 1

@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from sdeks.callback import Callback, TaskStatus, Timings
 from sdeks.envelope import Task, TaskType
+from sdeks.signing import signature_attributes
 from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable, call
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,12 @@ class Reporter:
         progress_interval_s: float = 1.0,
         republish_after_s: float = 120.0,
         monotonic: Callable[[], float] = time.monotonic,
+        signing_secret: str | None = None,
     ) -> None:
         self._sns = sns
         self._topic_arn = callback_topic_arn
+        #: Signs every callback published (sdeks.signing); None publishes them unsigned.
+        self._signing_secret = signing_secret
         self.table = table
         self.publish_running = publish_running
         self._progress_interval_s = progress_interval_s
@@ -192,7 +197,16 @@ class Reporter:
         if outcome is CancelOutcome.CANCELLED and record is not None:
             callback = record.terminal_callback()
             if callback is not None:
-                await self._publish(callback)
+                try:
+                    await self._publish(callback)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "AuthorizationError":
+                        raise
+                    # Deployed, only the dispatcher and the pods may publish callbacks
+                    # (the callback topic's policy). The claim stands: the dispatcher
+                    # publishes it, signed, when it next receives the task (`admit`).
+                    log.info("task %s: cancelled; the dispatcher publishes its callback", task_id)
+                    return outcome
                 await self._confirm(callback)
         return outcome
 
@@ -258,7 +272,12 @@ class Reporter:
         return True
 
     async def _publish(self, callback: Callback) -> None:
-        await call(self._sns, "publish", **callback.sns_publish_kwargs(self._topic_arn))
+        kwargs = callback.sns_publish_kwargs(self._topic_arn)
+        if self._signing_secret:
+            kwargs["MessageAttributes"].update(
+                signature_attributes(self._signing_secret, kwargs["Message"])
+            )
+        await call(self._sns, "publish", **kwargs)
         log.info("task %s: published %s callback", callback.id, callback.status)
 
     async def _confirm(self, callback: Callback) -> None:
@@ -293,43 +312,68 @@ async def describe(table: TaskTable, task_id: str, *, workers: int = 1) -> Statu
     if record is None:
         return None
     position = None
-    mean_ms = None
+    mean_ms = step_ms = None
     if not record.status.terminal:
         if record.status is TaskStatus.QUEUED:
             position = await table.count_queued_before(record)
         # A running task with progress is estimated from its own step rate.
         if record.status is TaskStatus.QUEUED or not record.progress_done:
-            durations = await table.recent_durations_ms(record.runtime)
-            mean_ms = sum(durations) / len(durations) if durations else None
+            renders = await table.recent_renders(record.runtime)
+            mean_ms, step_ms = learned_times_ms(renders)
     eta = estimate_eta_s(
         record,
         ahead=position or 0,
         mean_ms=mean_ms,
         workers=workers,
         now_ms=int(time.time() * 1000),
+        step_ms=step_ms,
     )
     return StatusView(record=record, queue_position=position, eta_s=eta)
 
 
-def estimate_eta_s(
-    record: TaskRecord, *, ahead: int, mean_ms: float | None, workers: int, now_ms: int
-) -> float | None:
-    """A plain estimate, no model behind it.
+def learned_times_ms(renders: list[tuple[int, int | None]]) -> tuple[float | None, float | None]:
+    """(mean execution ms, median ms per step) of measured renders; None without any.
 
-    Queued: (tasks ahead / workers + 1) x mean execution time of recent tasks.
-    Running: remaining steps x time per step so far; before the first step,
-    mean time minus elapsed. Finished: 0.
+    The time per step is what carries over between tasks of different lengths:
+    a 150-step task waits ~150 steps, not one recent 4-step task's time.
+    """
+    if not renders:
+        return None, None
+    mean_ms = sum(ms for ms, _ in renders) / len(renders)
+    per_step = sorted(ms / steps for ms, steps in renders if steps)
+    return mean_ms, (per_step[len(per_step) // 2] if per_step else None)
+
+
+def estimate_eta_s(
+    record: TaskRecord,
+    *,
+    ahead: int,
+    mean_ms: float | None,
+    workers: int,
+    now_ms: int,
+    step_ms: float | None = None,
+) -> float | None:
+    """A plain estimate from measured render times, no model behind it.
+
+    Its own render: its steps (`progress_total`, else `planned_steps`) x the
+    learned time per step (`step_ms`), else the mean execution time of recent
+    tasks (`mean_ms`). Queued: tasks ahead / workers x `mean_ms`, plus its own
+    render. Running: remaining steps x its own time per step so far; before the
+    first step, its own render minus elapsed. Finished: 0.
     """
     if record.status.terminal:
         return 0.0
+    total = record.progress_total or record.planned_steps
+    own_ms = total * step_ms if step_ms is not None and total else mean_ms
     if record.status is TaskStatus.RUNNING and record.started_at is not None:
         elapsed = max(0, now_ms - record.started_at)
-        done, total = record.progress_done or 0, record.progress_total or 0
-        if done > 0 and total >= done:
-            return (total - done) * (elapsed / done) / 1000
-        if mean_ms is not None:
-            return max(0.0, mean_ms - elapsed) / 1000
+        done = record.progress_done or 0
+        if done > 0 and (record.progress_total or 0) >= done:
+            return ((record.progress_total or 0) - done) * (elapsed / done) / 1000
+        if own_ms is not None:
+            return max(0.0, own_ms - elapsed) / 1000
         return None
-    if mean_ms is None:
+    if own_ms is None:
         return None
-    return (ahead / max(1, workers) + 1) * mean_ms / 1000
+    queue_ms = ahead / max(1, workers) * (mean_ms if mean_ms is not None else own_ms)
+    return (queue_ms + own_ms) / 1000

@@ -9,8 +9,10 @@ as in a cluster: through `SDEKS_*` variables.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -103,6 +105,113 @@ def make_moto_faithful() -> None:
     make_moto_sqs_deletes_atomic()
 
 
+#: The port `sdeks local up` prefers: LocalStack's, so tools configured for it work.
+DEFAULT_PORT = 4566
+#: Where the running `sdeks local up` records itself, for `sdeks local down`.
+STATE_FILE = "local.json"
+#: The key under the inputs bucket that examples/image-to-image.json links to.
+EXAMPLE_INIT_IMAGE_KEY = "cat.png"
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(requested: int | None) -> tuple[int, str | None]:
+    """The embedded AWS's port (0: the system picks) and a note for the user, if any.
+
+    Unasked, `DEFAULT_PORT`, or any free port when another program (LocalStack,
+    another stack) holds it. Asked for a port that is taken: `LocalStackError`.
+    """
+    if requested is None:
+        if port_is_free(DEFAULT_PORT):
+            return DEFAULT_PORT, None
+        return 0, f"port {DEFAULT_PORT} is taken (LocalStack?): using a free port instead"
+    if requested and not port_is_free(requested):
+        raise LocalStackError(
+            f"port {requested} is taken by another program (LocalStack, another stack?): "
+            "pick another --port, or --port 0 for any free one"
+        )
+    return requested, None
+
+
+def init_image_png(size: int = 64) -> bytes:
+    """A small synthetic picture (sky, sun, hill) to start image-to-image from."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (90, 140, 220))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((size * 0.6, size * 0.1, size * 0.9, size * 0.4), fill=(250, 220, 80))
+    draw.pieslice((-size * 0.3, size * 0.55, size * 1.3, size * 1.6), 180, 360, fill=(60, 150, 70))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class StateFile:
+    """`<workdir>/local.json`: the pid and endpoint of the running `sdeks local up`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / STATE_FILE
+
+    def write(self, stack: LocalStack) -> None:
+        doc = {"pid": os.getpid(), "endpoint": stack.endpoint, "exports": stack.exports()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(doc, indent=2))
+
+    def read(self) -> dict[str, Any] | None:
+        """The record of a live `local up`; a stale one (its process gone) is removed."""
+        try:
+            doc = json.loads(self.path.read_text())
+            pid = int(doc["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not _alive(pid):
+            self.remove()
+            return None
+        return dict(doc)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def stop(self, timeout_s: float = 60) -> bool:
+        """SIGTERM the recorded `local up` (it stops its services and moto) and wait."""
+        doc = self.read()
+        if doc is None:
+            return True
+        pid = int(doc["pid"])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                self.remove()
+                return True
+            time.sleep(0.2)
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -150,8 +259,12 @@ class LocalStack:
     moto_port: int = 0
     pods_per_runtime: int = 1
     dispatchers: int = 1
+    #: A diffusers folder (served under its folder's name) or an A1111 models folder
+    #: (with `Stable-diffusion/`, or the checkpoints themselves) instead of the tiny model.
     models_dir: Path | None = None
     default_model: str = DEFAULT_MODEL
+    #: Upload the images the examples link to (`s3://<inputs>/cat.png`), as `local up` does.
+    example_inputs: bool = False
     #: More names under which the same tiny model is served (several "models" to route).
     model_aliases: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -160,6 +273,10 @@ class LocalStack:
     visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
     #: HMAC secret that signs webhook deliveries (receivers verify with it).
     webhook_secret: str = "sdeks-local-webhook-secret"
+    #: The pod API token (pods require it, the dispatcher sends it), as in a deployment.
+    pod_token: str = "sdeks-local-pod-token"
+    #: Signs every callback (`sdeks.signing`); exported so subscribers can verify.
+    callback_secret: str = "sdeks-local-callback-secret"
     #: The module run as a pod (`python -m <pod_module>`): tests swap in a fault-injecting wrapper.
     pod_module: str = "runtime"
     names: StackNames = field(default_factory=StackNames)
@@ -178,10 +295,17 @@ class LocalStack:
     # --- lifecycle ---------------------------------------------------------
 
     def start(self) -> LocalStack:
+        """Start everything; on any failure, stop what was started and raise."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._moto = self._start_moto()
-        log.info("embedded AWS (moto) on %s", self.endpoint)
+        try:
+            self._start_rest()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
+    def _start_rest(self) -> None:
         clients = {s: self.client(s) for s in ("sns", "sqs", "s3", "dynamodb")}
         self.resources = create_stack_resources(
             **clients,
@@ -190,20 +314,19 @@ class LocalStack:
             visibility_timeout_s=self.visibility_timeout_s,
         )
         clients["s3"].create_bucket(Bucket=self.input_bucket)
+        if self.example_inputs:
+            clients["s3"].put_object(
+                Bucket=self.input_bucket, Key=EXAMPLE_INIT_IMAGE_KEY, Body=init_image_png()
+            )
         self._install_model(clients["s3"])
-        try:
-            for runtime in self.runtimes:
-                # One at a time into the list: each pod's index (its name) counts those
-                # before it, and `stop` below reaches pods already started.
-                self.pods[runtime] = []
-                for _ in range(self.pods_per_runtime):
-                    self.pods[runtime].append(self.start_pod(runtime))
-            for _ in range(self.dispatchers):
-                self.dispatcher_services.append(self.start_dispatcher())
-        except Exception:
-            self.stop()
-            raise
-        return self
+        for runtime in self.runtimes:
+            # One at a time into the list: each pod's index (its name) counts those
+            # before it, and `stop` reaches pods already started.
+            self.pods[runtime] = []
+            for _ in range(self.pods_per_runtime):
+                self.pods[runtime].append(self.start_pod(runtime))
+        for _ in range(self.dispatchers):
+            self.dispatcher_services.append(self.start_dispatcher())
 
     def stop(self) -> None:
         services = self.dispatcher_services + [p for pods in self.pods.values() for p in pods]
@@ -236,10 +359,15 @@ class LocalStack:
     # --- pieces --------------------------------------------------------------
 
     def _start_moto(self) -> subprocess.Popen[bytes]:
-        """The embedded AWS in a process of its own (moto's state is per process)."""
-        port = self.moto_port or free_port()
-        log_path = self.workdir / "logs" / f"moto-{port}.log"
+        """The embedded AWS in a process of its own (moto's state is per process).
+
+        Up means its own ready line in its log, not merely something listening on
+        the port: another program (LocalStack) may hold it.
+        """
+        port = self.moto_port
+        log_path = self.workdir / "logs" / f"moto-{port or 'auto'}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = log_path.stat().st_size if log_path.exists() else 0
         proc = subprocess.Popen(
             [sys.executable, "-m", "sdeks.moto_server", "--port", str(port)],
             env=self.service_env_base(),
@@ -248,18 +376,19 @@ class LocalStack:
         )
         deadline = time.monotonic() + 60
         while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise LocalStackError(f"embedded AWS exited with {proc.returncode}\n{tail}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            text = log_path.read_bytes()[start:].decode(errors="replace")
+            ready = re.search(r"^moto server on (http://\S+)$", text, re.MULTILINE)
+            if ready:
+                self.endpoint = ready.group(1)
                 break
-            except OSError:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise LocalStackError(f"embedded AWS did not listen on {port}") from None
-                time.sleep(0.1)
-        self.endpoint = f"http://127.0.0.1:{port}"
+            if proc.poll() is not None:
+                lines = text.strip().splitlines() or ["(no output)"]
+                raise LocalStackError(f"embedded AWS exited with {proc.returncode}: {lines[-1]}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise LocalStackError(f"embedded AWS did not start within 60s; see {log_path}")
+            time.sleep(0.05)
         log.info("embedded AWS (moto) on %s", self.endpoint)
         return proc
 
@@ -276,7 +405,11 @@ class LocalStack:
         return aws.client(service, endpoint_url=self.endpoint, credentials=credentials)
 
     def _install_model(self, s3: Any) -> None:
+        """Fill the models bucket. Models keep their own names (A1111's rule: a file or
+        folder under `Stable-diffusion/` is named after itself), so `--models` with a
+        folder `tiny-xl` serves `tiny-xl`."""
         assert self.resources
+        bucket = self.resources.models_bucket
         source = self.models_dir
         if source is None:
             source = self.workdir / "models" / self.default_model
@@ -285,10 +418,22 @@ class LocalStack:
 
                 log.info("building the tiny %s model in %s", self.default_model, source)
                 make_tiny(source)
+        elif not (source / "model_index.json").exists():
+            # An A1111 models folder (`Stable-diffusion/`, `Lora/`...), or its checkpoints.
+            prefix = (
+                "" if (source / MODELS_CHECKPOINT_PREFIX).is_dir() else MODELS_CHECKPOINT_PREFIX
+            )
+            count = upload_folder(s3, source, bucket, prefix)
+            log.info("uploaded %d files from %s to s3://%s/%s", count, source, bucket, prefix)
+            # The pod's default is then its first checkpoint, as A1111's is.
+            self.default_model = ""
+            return
+        else:
+            self.default_model = source.name
         for name in [self.default_model, *self.model_aliases]:
             prefix = f"{MODELS_CHECKPOINT_PREFIX}{name}/"
-            count = upload_folder(s3, source, self.resources.models_bucket, prefix)
-            log.info("uploaded %d files to s3://%s/%s", count, self.resources.models_bucket, prefix)
+            count = upload_folder(s3, source, bucket, prefix)
+            log.info("uploaded %d files to s3://%s/%s", count, bucket, prefix)
 
     def service_env(self) -> dict[str, str]:
         """Variables shared by every service process."""
@@ -299,6 +444,8 @@ class LocalStack:
             "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
             "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
             "SDEKS_TASK_TABLE": self.resources.task_table,
+            "SDEKS_POD_TOKEN": self.pod_token,
+            "SDEKS_CALLBACK_SECRET": self.callback_secret,
             "PYTHONUNBUFFERED": "1",
         }
         env.update(self.extra_env)
@@ -317,13 +464,14 @@ class LocalStack:
             # and oversubscribed threads make tiny renders ~20x slower.
             "SDEKS_TORCH_THREADS": "1",
             "SDEKS_RUNTIME": runtime,
-            "SDEKS_DEFAULT_MODEL": self.default_model,
             "SDEKS_CACHE_DIR": str((self.workdir / "cache" / f"{runtime}-{port}").resolve()),
             # Distinct names in the task table's `pod` (they all share one hostname here).
             "SDEKS_POD_NAME": f"pod-{runtime}-{index}",
             # moto reads the whole object to serve each ranged GET: one GET per file.
             "SDEKS_S3_PART_MIB": "0",
         }
+        if self.default_model:
+            env["SDEKS_DEFAULT_MODEL"] = self.default_model
         models = f"s3://{self.resources.models_bucket}"
         cmd = [sys.executable, "-m", self.pod_module, "--models", models, "--port", str(port)]
         cmd += ["--host", "127.0.0.1", "--device", "cpu"]
@@ -383,7 +531,9 @@ class LocalStack:
         index = len(self.dispatcher_services) if index is None else index
         log_path = self.workdir / "logs" / f"dispatcher-{index}-{port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = self.dispatcher_env() | self.dispatcher_env_extra | {"SDEKS_METRICS_PORT": str(port)}
+        env = self.dispatcher_env() | self.dispatcher_env_extra
+        # Loopback, where the log below says it is (the cluster default is 0.0.0.0).
+        env |= {"SDEKS_METRICS_HOST": "127.0.0.1", "SDEKS_METRICS_PORT": str(port)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "dispatcher"],
             env=env,
@@ -411,7 +561,13 @@ class LocalStack:
             "SDEKS_CALLBACK_TOPIC_ARN": self.resources.callback_topic_arn,
             "SDEKS_OUTPUT_BUCKET": self.resources.output_bucket,
             "SDEKS_TASK_TABLE": self.resources.task_table,
+            "SDEKS_MODELS_BUCKET": self.resources.models_bucket,
+            "SDEKS_CALLBACK_SECRET": self.callback_secret,
         }
+
+    def pod_headers(self) -> dict[str, str]:
+        """What a direct call to a pod (`/v1/state`, `/metrics`, `/sdapi/...`) must send."""
+        return {"Authorization": f"Bearer {self.pod_token}"}
 
     def describe(self) -> str:
         assert self.resources

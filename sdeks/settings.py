@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,5 +22,11 @@ class ServiceSettings(BaseSettings):
     output_bucket: str
     #: DynamoDB task table (status, idempotency); None disables it.
     task_table: str | None = None
+    #: Signs every callback published (message attributes `sdeks_signature` and
+    #: `sdeks_timestamp`, docs/contract.md); None publishes them unsigned.
+    callback_secret: SecretStr | None = None
+    #: The pod API's shared token: pods require it (`Authorization: Bearer ...`) on every
+    #: route but /health, the dispatcher sends it. None: pods accept any caller (warned).
+    pod_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"

@@ -138,6 +138,8 @@ class TaskRecord(BaseModel):
     pod: str | None = None
     progress_done: int | None = None
     progress_total: int | None = None
+    #: Steps the task is expected to run, known from its content before it starts.
+    planned_steps: int | None = None
     cancel_requested: bool = False
     seed: int | None = None
     result: bool | None = None
@@ -155,6 +157,9 @@ class TaskRecord(BaseModel):
     webhook_http_status: int | None = None
     webhook_error: str | None = None
     webhook_at: int | None = None
+    #: Publishes of this id received after it ended (dropped, not rendered), and the last.
+    republished: int = 0
+    republished_at: int | None = None
     expires_at: int | None = None
     #: Which delivery of the task serves it (`Reporter.admit`): the first to arrive.
     delivery: str | None = None
@@ -300,10 +305,28 @@ class TaskTable:
                 continue  # deleted between the two calls: try again
             if not self._expired(old, now_s):
                 log.info("task %s is already %s; not queueing it again", task.id, old.status)
+                if old.status.terminal and _is_new_publish(old, published_at):
+                    return await self._note_republish(old, now_ms)
                 return old
             if await self._replace_expired(task, published_at, now_ms, now_s, delivery):
                 return await self._require(task.id)
         raise TaskTableError(f"could not record task {task.id} as queued", task_id=task.id)
+
+    async def _note_republish(self, old: TaskRecord, now_ms: int) -> TaskRecord:
+        """Count a new publish of an id that already ended, so `sdeks status` can say
+        why nothing happened. The TTL is left alone: republishing must not extend the
+        idempotency window."""
+        u = _Update().add("republished", 1).set("republished_at", now_ms)
+        try:
+            answer = await self._update(
+                old.id, u, f"attribute_exists({u.name('id')})", ReturnValues="ALL_NEW"
+            )
+        except _ConditionFailed:
+            return old
+        log.warning(
+            "task %s already ended (%s); a new publish of it was dropped", old.id, old.status
+        )
+        return _record(answer["Attributes"])
 
     async def mark_running(
         self, task_id: str, *, pod: str | None = None, total_steps: int | None = None
@@ -501,7 +524,15 @@ class TaskTable:
         self, runtime: str | None, *, count: int = 20, max_pages: int = 5
     ) -> list[int]:
         """Execution times (start to finish) of the runtime's latest succeeded tasks."""
-        out: list[int] = []
+        renders = await self.recent_renders(runtime, count=count, max_pages=max_pages)
+        return [ms for ms, _ in renders]
+
+    async def recent_renders(
+        self, runtime: str | None, *, count: int = 20, max_pages: int = 5
+    ) -> list[tuple[int, int | None]]:
+        """(execution ms, steps) of the runtime's latest succeeded tasks, newest first:
+        what an ETA learns a time per step from."""
+        out: list[tuple[int, int | None]] = []
         start_key = None
         for _ in range(max_pages):
             answer = await self._query_index(
@@ -509,7 +540,7 @@ class TaskTable:
             )
             for record in map(_record, answer.get("Items", [])):
                 if record.execution_ms is not None:
-                    out.append(record.execution_ms)
+                    out.append((record.execution_ms, record.progress_total))
             start_key = answer.get("LastEvaluatedKey")
             if len(out) >= count or not start_key:
                 break
@@ -678,6 +709,9 @@ def _descriptive_fields(task: Task) -> dict[str, Any]:
     }
     if task.model:
         fields["model"] = task.model
+    steps = planned_steps(task.content)
+    if steps is not None:
+        fields["planned_steps"] = steps
     if task.webhook:
         fields["webhook"] = task.webhook
     if task.context is not None:
@@ -685,6 +719,23 @@ def _descriptive_fields(task: Task) -> dict[str, Any]:
         if len(context.encode()) <= MAX_STORED_CONTEXT_BYTES:
             fields["context"] = context
     return fields
+
+
+def planned_steps(content: Mapping[str, Any]) -> int | None:
+    """Denoising steps a generation task will run (`steps` x `n_iter`, A1111 defaults
+    50 and 1), as the pod counts progress; None when the content says otherwise."""
+    steps, n_iter = content.get("steps", 50), content.get("n_iter", 1)
+    if type(steps) is int and type(n_iter) is int and steps > 0 and n_iter > 0:
+        return steps * n_iter
+    return None
+
+
+def _is_new_publish(record: TaskRecord, published_at: float | None) -> bool:
+    """A delivery from another SNS publish than the one recorded (not a redelivery,
+    which carries the same publish time)."""
+    if published_at is None:
+        return False
+    return record.published_at is None or int(published_at * 1000) != record.published_at
 
 
 def _is_condition_failure(exc: ClientError) -> bool:

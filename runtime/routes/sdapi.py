@@ -175,6 +175,24 @@ async def list_upscalers(pod: PodDep) -> Any:
     return [a1111.UpscalerItem(name=n) for n in names]
 
 
+@router.get("/scripts", response_model=a1111.ScriptsList)
+async def list_scripts() -> Any:
+    from runtime import scripts
+
+    return a1111.ScriptsList(**scripts.listing())
+
+
+@router.get("/prompt-styles", response_model=list[a1111.PromptStyleItem])
+async def prompt_styles(pod: PodDep) -> Any:
+    from runtime import styles
+
+    found = await asyncio.to_thread(styles.load, pod.models)
+    return [
+        a1111.PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
+        for s in found.values()
+    ]
+
+
 @router.get("/latent-upscale-modes", response_model=list[a1111.LatentUpscalerModeItem])
 async def latent_upscale_modes() -> Any:
     from runtime.hires import LATENT_UPSCALE_MODES

@@ -44,9 +44,42 @@ def call(
 
     for conditioning in plan.conditioning:
         kwargs.update(conditioning.call_kwargs(batch, pass_name, width, height))
-    kwargs["callback_on_step_end"] = step_hook(ctx.control, offset)
-    with torch.inference_mode(), vae_tiling(pipe, width * height, ctx.settings.vae_tiling_pixels):
-        return pipe(**kwargs).images
+    hook = step_hook(ctx.control, offset)
+    last_pass = pass_name == "hires" or plan.hires is None
+    if ctx.refiner_unet is not None and last_pass:
+        hook = _with_refiner(hook, pipe, ctx.refiner_unet, plan, kwargs)
+    kwargs["callback_on_step_end"] = hook
+    base_unet = pipe.unet
+    try:
+        with (
+            torch.inference_mode(),
+            vae_tiling(pipe, width * height, ctx.settings.vae_tiling_pixels),
+        ):
+            return pipe(**kwargs).images
+    finally:
+        pipe.unet = base_unet
+
+
+def _with_refiner(
+    hook: Callable[..., dict[str, Any]], pipe: Any, unet: Any, plan: Plan, kwargs: dict[str, Any]
+) -> Callable[..., dict[str, Any]]:
+    """The step hook, plus A1111's refiner switch: from step `switch` on, the refiner's UNet."""
+    from runtime import refiner
+
+    steps = int(kwargs["num_inference_steps"])
+    if "strength" in kwargs:  # img2img passes run int(steps * strength) steps
+        steps = max(1, int(steps * float(kwargs["strength"])))
+    switch = refiner.switch_step(plan, steps)
+    if switch <= 0:
+        pipe.unet = unet
+
+    def on_step_end(p: Any, i: int, t: Any, step_kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = hook(p, i, t, step_kwargs)
+        if i + 1 >= switch:
+            p.unet = unet
+        return out
+
+    return on_step_end
 
 
 @contextmanager

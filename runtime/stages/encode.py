@@ -57,10 +57,11 @@ def infotext_of(plan: Plan, loaded: Loaded, i: int, lora_note: str | None) -> st
         "Mask blur": mask_blur(img) if img is not None and img.mask else None,
         "Clip skip": clip_skip + 1 if clip_skip else None,
         "Lora hashes": f'"{lora_note}"' if lora_note else None,
+        "Tiling": "True" if request.tiling else None,
         **plan.extra_params,
         "Version": VERSION,
     }
-    return infotext.format_infotext(request.prompt, request.negative_prompt, params)
+    return infotext.format_infotext(plan.display_prompt, plan.negative_prompt, params)
 
 
 def info_of(plan: Plan, loaded: Loaded, infotexts: list[str]) -> dict[str, Any]:
@@ -73,10 +74,10 @@ def info_of(plan: Plan, loaded: Loaded, infotexts: list[str]) -> dict[str, Any]:
         strength = plan.hires.strength
     vae_name, clip_skip = plan.vae_name, plan.clip_skip
     return {
-        "prompt": request.prompt,
-        "all_prompts": [request.prompt] * count,
-        "negative_prompt": request.negative_prompt,
-        "all_negative_prompts": [request.negative_prompt] * count,
+        "prompt": plan.display_prompt,
+        "all_prompts": [plan.display_prompt] * count,
+        "negative_prompt": plan.negative_prompt,
+        "all_negative_prompts": [plan.negative_prompt] * count,
         "seed": seed_plan.seed,
         "all_seeds": seed_plan.all_seeds[:count],
         "subseed": seed_plan.subseed,

@@ -97,10 +97,19 @@ class JobPipelines:
         ctx.lora_note = apply_loras(pipe, plan.loras)
         for conditioning in plan.conditioning:
             ctx.pipe = conditioning.pipeline(ctx.pipe, ctx)
+        if plan.request.tiling:
+            from runtime.tiling import circular
+
+            ctx.undo.enter_context(circular(ctx.pipe))
+        if plan.refiner is not None:
+            from runtime.refiner import attach
+
+            attach(plan, ctx, ctx.undo)
         return ctx
 
     def release(self, ctx: StageContext, plan: Plan) -> None:
-        """Undo what `build` put into the shared weights (the LoRAs)."""
+        """Undo what `build` put into the shared weights (tiling, the LoRAs)."""
+        ctx.undo.close()
         if plan.loras:
             ctx.pipe.unload_lora_weights()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from runtime import hires, refiner, samplers, seeds
+from runtime import hires, refiner, samplers, seeds, styles
 from runtime.a1111 import NO_VAE, ROUTING_SCRIPT_KEYS, GenerationRequest, Img2ImgRequest
 from runtime.conditioning import PROVIDERS, build_conditioning
 from runtime.images import decode_image, fill_masked, resize_image
@@ -48,7 +48,9 @@ def prepare(
         raise InvalidParameterError(
             "`subseed_strength` (variation seeds) is not supported together with `mask`"
         )
-    prompt, loras = split_loras(request.prompt)
+    # A1111 applies the styles first; the styled prompt is what the infotext shows.
+    styled, negative = styles.apply(models, request.styles, request.prompt, request.negative_prompt)
+    prompt, loras = split_loras(styled)
     if request.disable_extra_networks:
         loras = []
 
@@ -82,7 +84,8 @@ def prepare(
         choice=choice,
         plan=plan,
         prompt=prompt,
-        negative_prompt=request.negative_prompt,
+        negative_prompt=negative,
+        display_prompt=styled,
         loras=lora_files,
         clip_skip=clip_skip,
         vae_name=vae_name,
@@ -93,7 +96,9 @@ def prepare(
     result.hires = hires.plan_hires(result, models, settings)
     if result.hires is not None:
         result.extra_params.update(hires.extra_params(result, result.hires))
-    refiner.check(result, models)
+    result.refiner = refiner.plan_refiner(result, models)
+    if result.refiner is not None:
+        result.extra_params.update(refiner.extra_params(result.refiner))
     for stage in POST_STAGES:
         stage.check(result, models, settings)
     result.conditioning = build_conditioning(result, models, settings)
@@ -139,13 +144,9 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
     strength = request.denoising_strength
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise InvalidParameterError(f"`denoising_strength` must be between 0 and 1, got {strength}")
-    for name in ("restore_faces", "tiling"):
+    for name in ("restore_faces",):
         if getattr(request, name):
             raise InvalidParameterError(f"`{name}` is not supported by this runtime, got true")
-    if request.script_name:
-        raise InvalidParameterError(
-            f"`script_name` {request.script_name!r}: scripts are not supported by this runtime"
-        )
     claimed = set(supported_alwayson_scripts())
     unknown = sorted(k for k in request.script_alwayson if k.lower() not in claimed)
     if unknown:

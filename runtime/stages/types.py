@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from runtime.control import JobControl
     from runtime.hires import HiresPlan
     from runtime.models import Models, PipelineKind
+    from runtime.refiner import RefinerPlan
     from runtime.settings import RuntimeSettings
 
 
@@ -81,9 +83,12 @@ class Plan:
     kind: PipelineKind
     choice: samplers.SamplerChoice
     plan: seeds.SeedPlan
-    #: The prompt without its `<lora:...>` tags.
+    #: The prompt to encode: styles applied, without its `<lora:...>` tags.
     prompt: str
+    #: The negative prompt, styles applied.
     negative_prompt: str
+    #: The prompt as the infotext shows it: styles applied, `<lora:...>` tags kept.
+    display_prompt: str
     #: (name, local file, weight) of each prompt LoRA.
     loras: list[tuple[str, Path, float]]
     clip_skip: int | None
@@ -98,6 +103,13 @@ class Plan:
     conditioning: list[Conditioning] = field(default_factory=list)
     #: The hires pass (stage 4), or None.
     hires: HiresPlan | None = None
+    #: The refiner (stage 5), or None.
+    refiner: RefinerPlan | None = None
+
+    @property
+    def changes_weights(self) -> bool:
+        """Whether the render changes the shared weights (LoRAs, tiling): it runs alone."""
+        return bool(self.loras) or bool(self.request.tiling)
 
 
 @dataclass
@@ -114,6 +126,10 @@ class StageContext:
     family: Any = None
     #: "lora0: 0.8, ..." for the infotext, or None.
     lora_note: str | None = None
+    #: The refiner's UNet, swapped in by the last pass's step hook (stage 5).
+    refiner_unet: Any = None
+    #: What stage 2 changed in the shared weights, undone when the render ends.
+    undo: ExitStack = field(default_factory=ExitStack)
 
 
 @dataclass

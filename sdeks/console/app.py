@@ -79,6 +79,8 @@ def for_local_stack(stack: LocalStack, *, read_only: bool = False) -> Console:
             "(catch-all)", resources.catch_all_queue_url, resources.catch_all_dlq_url
         ),
         pods=stack.pod_urls(),
+        # The local stack's pods require their token, as deployed ones do.
+        pod_token=stack.pod_token,
         read_only=read_only,
     )
     clients = {name: stack.client(name) for name in ("sns", "sqs", "dynamodb")}

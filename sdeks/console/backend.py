@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -425,6 +426,11 @@ class Console:
         try:
             with urllib.request.urlopen(request, timeout=POD_TIMEOUT_S) as response:
                 state = json.loads(response.read(1024 * 1024))
+        except urllib.error.HTTPError as exc:
+            error = f"HTTP {exc.code}"
+            if exc.code in (401, 403):
+                error += ": the pod wants its token (SDEKS_POD_TOKEN)"
+            return {"url": url, "reachable": False, "error": error}
         except (OSError, ValueError) as exc:
             return {"url": url, "reachable": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         return {"url": url, "reachable": True, "state": state}

@@ -14,7 +14,7 @@ from sdeks.local import LocalStack
 
 @pytest.fixture(scope="package")
 def local(tmp_path_factory) -> Iterator[LocalStack]:
-    stack = LocalStack(workdir=tmp_path_factory.mktemp("local"), moto_port=0)
+    stack = LocalStack(workdir=tmp_path_factory.mktemp("local"), moto_port=0, example_inputs=True)
     stack.start()
     yield stack
     stack.stop()

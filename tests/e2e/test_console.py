@@ -150,6 +150,18 @@ def test_console_task_list_loads(console, browser, client):
     Select(css(browser, "#filter-runtime")).select_by_value("")
 
 
+def test_console_fleet_shows_queues_and_the_models_a_pod_holds(console, browser, local):
+    browser.get(console.url + "#/fleet")
+    wait(browser, lambda d: all_css(d, '#fleet-queues tr[data-runtime="sdruntime"]'), what="queue")
+    row = css(browser, '#fleet-queues tr[data-runtime="sdruntime"]')
+    assert row.find_element("css selector", ".dlq").text == "0"
+    assert all_css(browser, '#fleet-queues tr[data-runtime="(catch-all)"]')
+    wait(browser, lambda d: all_css(d, '.pod[data-runtime="sdruntime"]'), what="pod card")
+    card = css(browser, '.pod[data-runtime="sdruntime"]')
+    assert local.pods["sdruntime"][0].url in card.text
+    assert "tiny-sd15" in card.text  # the default model, warm in RAM
+
+
 def test_console_submit_shows_progress_then_image(console, browser, local):
     from selenium.webdriver.support.ui import Select
 
@@ -191,7 +203,9 @@ def test_console_submit_shows_progress_then_image(console, browser, local):
     assert "Steps: 40" in infotext and "Seed: 42" in infotext
     assert all_css(browser, "#task-infotext b") == []
     assert css(browser, "#task-error").is_displayed() is False
+    browser.set_window_size(1280, 1000)
     browser.save_screenshot(str(DOCS_IMG / "console-task.png"))
+    browser.set_window_size(1280, 860)
 
     thumb.click()
     wait(browser, lambda d: image_loaded(d, "#lightbox img"), what="full size")
@@ -201,7 +215,6 @@ def test_console_submit_shows_progress_then_image(console, browser, local):
 
     browser.get(console.url + "#/tasks")
     wait(browser, lambda d: row_status(d, task_id) == "succeeded", what="listed")
-    browser.save_screenshot(str(DOCS_IMG / "console-tasks.png"))
 
 
 def test_console_form_refuses_a_bad_field_before_publishing(console, browser):
@@ -236,18 +249,47 @@ def test_console_failed_task_shows_its_error_code(console, browser, client):
     assert css(browser, "#cancel-button").is_displayed() is False
 
 
-def test_console_cancel_stops_a_running_task(console, browser, client, local):
-    task_id = new_id("stopme")
-    body = envelope(task_id, width=256, height=256, steps=150, batch_size=2, n_iter=4)
-    with client.listen([task_id]) as listener:
+def test_console_cancel_stops_a_queued_and_a_running_task(console, browser, client):
+    running_id, queued_id = new_id("stopme"), new_id("waiting")
+    body = envelope(running_id, width=256, height=256, steps=150, batch_size=2, n_iter=4)
+    with client.listen([running_id, queued_id]) as listener:
         client.publish(body, runtime="sdruntime")
-        browser.get(console.url + f"#/task/{task_id}")
+        browser.get(console.url + f"#/task/{running_id}")
         wait(browser, lambda d: css(d, "#task-status").text == "running", what="running")
+        # n_iter 4: the pod tells which image of the batch it is on
+        wait(
+            browser,
+            lambda d: "of 4" in css(d, "#task-progress .label").text.split("image")[-1],
+            what="image j of m",
+        )
+        # the pod's one slot is taken: this one waits in the queue
+        client.publish(envelope(queued_id), runtime="sdruntime")
+        # the list shows both, with the running one's bar: the picture for docs/local.md
+        browser.get(console.url + "#/tasks")
+        wait(browser, lambda d: row_status(d, queued_id) == "queued", what="queued in the list")
+        wait(
+            browser,
+            lambda d: (
+                "image 1 of 4"
+                in (label := css(d, f'tr[data-id="{running_id}"] .progress .label').text)
+                and not label.startswith("step 0 ")
+            ),
+            what="progress in the list",
+        )
+        browser.save_screenshot(str(DOCS_IMG / "console-tasks.png"))
+
+        browser.get(console.url + f"#/task/{queued_id}")
+        wait(browser, lambda d: css(d, "#cancel-button").is_displayed(), what="cancel button")
+        css(browser, "#cancel-button").click()
+        wait(browser, lambda d: css(d, "#cancel-result").text == "cancelled", what="cancelled")
+        wait(browser, lambda d: css(d, "#task-status").text == "cancelled", what="cancelled")
+
+        browser.get(console.url + f"#/task/{running_id}")
         wait(browser, lambda d: css(d, "#cancel-button").is_displayed(), what="cancel button")
         css(browser, "#cancel-button").click()
         wait(browser, lambda d: "cancel requested" in css(d, "#cancel-result").text, what="asked")
         wait(browser, lambda d: css(d, "#task-status").text == "cancelled", what="cancelled")
-        callback = listener.wait_terminal([task_id], timeout_s=WAIT_S)[task_id]
-    assert callback.status == "cancelled"
+        results = listener.wait_terminal([running_id, queued_id], timeout_s=WAIT_S)
+    assert {r.status for r in results.values()} == {"cancelled"}
     assert css(browser, "#task-error-code").text == "cancelled"
     assert css(browser, "#cancel-button").is_displayed() is False

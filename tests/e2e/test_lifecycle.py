@@ -35,7 +35,8 @@ def rendered_jobs(local) -> float:
     """Jobs the pods have finished, from their Prometheus counters."""
     total = 0.0
     for pod in local.pods["sdruntime"]:
-        with urllib.request.urlopen(f"{pod.url}/metrics", timeout=5) as response:
+        request = urllib.request.Request(f"{pod.url}/metrics", headers=local.pod_headers())
+        with urllib.request.urlopen(request, timeout=5) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith("sdeks_runtime_jobs_total{"):
                     total += float(line.rsplit(" ", 1)[1])

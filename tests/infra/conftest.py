@@ -47,7 +47,7 @@ WEBHOOK_QUEUE_URL = "https://sqs.us-east-1.amazonaws.com/123456789012/sdeks-webh
 
 def render_plain(config: DeployConfig) -> list[dict[str, Any]]:
     """Every manifest the app renders, with plain strings where the stack has tokens."""
-    from infra import k8s
+    from infra import collector, k8s, netpol
     from infra.workloads import render
 
     queue = "https://sqs.us-east-1.amazonaws.com/123456789012/sdeks-{}-tasks"
@@ -81,7 +81,15 @@ def render_plain(config: DeployConfig) -> list[dict[str, Any]]:
         ),
         k8s.gpu_node_pool(instance_types=config.gpu_instance_types, gpu_limit=8, drain_s=1200),
     ]
-    return workloads + nodes
+    observability = collector.manifests(
+        namespace=config.namespace,
+        image=config.collector_image,
+        metrics_namespace="sdeks/sdeks",
+        log_group="/sdeks/sdeks/metrics",
+        region="us-east-1",
+        internal_secret=config.internal_secret_name,
+    )
+    return workloads + nodes + observability + [netpol.runtime_policy(namespace=config.namespace)]
 
 
 @dataclass

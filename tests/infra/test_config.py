@@ -126,3 +126,30 @@ def test_app_reports_a_bad_config_and_exits_2() -> None:
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "systemNodes: Input should be greater than or equal to 2 (got 1)" in done.stderr
+
+
+def test_config_alarm_thresholds_default_and_override() -> None:
+    # GIVEN no alarms key THEN the documented defaults apply
+    alarms = _load({}).alarms
+    assert (alarms.dlq_messages, alarms.oldest_message_age_s, alarms.no_pods_minutes) == (
+        1,
+        1800,
+        15,
+    )
+    assert alarms.emails == []
+    # GIVEN overrides in camelCase THEN they are read, and a bad one names its path
+    config = _load({"sdeks": {"alarms": {"noPodsMinutes": 30, "emails": ["ops@example.com"]}}})
+    assert config.alarms.no_pods_minutes == 30
+    assert config.alarms.emails == ["ops@example.com"]
+    with pytest.raises(ConfigError, match=r"alarms\.failedCallbackPercent: .*less than or equal"):
+        _load({"sdeks": {"alarms": {"failedCallbackPercent": 150}}})
+    with pytest.raises(ConfigError, match=r"alarms\.emails\.0"):
+        _load({"sdeks": {"alarms": {"emails": ["not an address"]}}})
+
+
+def test_cdk_json_spells_out_the_default_alarm_thresholds() -> None:
+    # Operators tune thresholds in cdk.json: the values there are the defaults, in full.
+    context = json.loads((ROOT / "cdk.json").read_text())["context"]
+    listed = context["sdeks"]["alarms"]
+    assert _load(context).alarms == _load({}).alarms
+    assert set(listed) == {f.alias for f in type(_load({}).alarms).model_fields.values()}

@@ -302,6 +302,7 @@ def test_pod_identity_associations_for_every_workload(synth: Synth) -> None:
         ("sdeks", "sdeks-runtime"),
         ("keda", "keda-operator"),
         ("kube-system", "karpenter"),
+        ("sdeks", "sdeks-metrics"),
     }
     found = {
         (a["Properties"]["Namespace"], a["Properties"]["ServiceAccount"])

@@ -432,16 +432,17 @@ def test_absurd_sizes_are_refused_before_the_model_is_loaded(hostile, client):
         assert any(f"`{name}`" in message or name in message for name in fields), message
     # The model only these tasks name was never loaded anywhere: no model work happened.
     for pod in hostile.pods["sdruntime"]:
-        state = json.loads(_get(f"{pod.url}/v1/state"))
+        state = json.loads(_get(f"{pod.url}/v1/state", hostile.pod_headers()))
         tiers = state["models"]
         held = {m for tier in ("gpu", "ram", "disk", "loading") for m in tiers.get(tier, [])}
         assert UNUSED_MODEL not in held, (pod.name, tiers)
 
 
-def _get(url: str) -> bytes:
+def _get(url: str, headers: dict[str, str]) -> bytes:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
         return response.read()
 
 

@@ -355,3 +355,15 @@ def test_eks_sample_legacy_keys_on_sdapi(client):
     missing = webuiapi_txt2img_payload(alwayson_scripts={**legacy, "sd_vae": "ghost-vae"})
     response = client.post("/sdapi/v1/txt2img", json=missing)
     assert response.status_code == 404 and "ghost-vae" in response.json()["detail"]
+
+
+def test_ignored_fields_are_derived_from_the_request_models():
+    from runtime.a1111 import Img2ImgRequest, Txt2ImgRequest, ignored_fields, known_fields
+    from sdeks.envelope import TaskType
+
+    # Every field of the models is known, by construction: a field added to them is too.
+    assert set(Txt2ImgRequest.model_fields) <= known_fields(TaskType.TEXT_TO_IMAGE)
+    assert set(Img2ImgRequest.model_fields) <= known_fields(TaskType.IMAGE_TO_IMAGE)
+    content = {"prompt": "a fox", "promt": "typo", "init_images": ["x"], "steps": 4}
+    assert ignored_fields(TaskType.TEXT_TO_IMAGE, content) == ["init_images", "promt"]
+    assert ignored_fields(TaskType.IMAGE_TO_IMAGE, content) == ["promt"]

@@ -204,3 +204,14 @@ def test_bad_unit_fails_naming_it(renderer, fields, error, needle):
     with pytest.raises(error) as info:
         renderer.txt2img(t2i(unit(**fields)), options=OPTIONS)
     assert needle in info.value.message
+
+
+def test_hires_fix_runs_the_units_in_both_passes_unless_hr_option_says_otherwise(renderer):
+    hires = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5, "hr_upscaler": "Latent"}
+    plain = renderer.txt2img(t2i(**hires), options=OPTIONS)
+    both = renderer.txt2img(t2i(unit(), **hires), options=OPTIONS)
+    low_only = renderer.txt2img(t2i(unit(hr_option="Low res only"), **hires), options=OPTIONS)
+    assert both.images[0].size == (128, 128)
+    assert not np.array_equal(px(both), px(plain))
+    assert not np.array_equal(px(both), px(low_only))
+    assert not np.array_equal(px(low_only), px(plain))

@@ -281,8 +281,6 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"scheduler": "Align Your Steps"}, "`scheduler`"),
         ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "`hr_upscaler` '4x-UltraSharp'"),
         ({"restore_faces": True}, "`restore_faces`"),
-        ({"tiling": True}, "`tiling`"),
-        ({"refiner_checkpoint": "sdxl-refiner"}, "`refiner_checkpoint`"),
         ({"alwayson_scripts": {"Dynamic Prompts": {"args": [True]}}}, "Dynamic Prompts"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
         (

@@ -288,3 +288,33 @@ async def test_plain_boto3_clients_serve_the_cli(aws, stack, table_name, callbac
     assert [r.id for r in await table.list_recent()] == ["t-1"]
     assert await reporter.cancel("t-1") is CancelOutcome.CANCELLED
     assert [c.status for c in drain_callbacks(callbacks_queue)] == [TaskStatus.CANCELLED]
+
+
+async def test_eta_of_a_long_queued_task_is_learned_per_step(clients, table_name):
+    # Issue 16: a 150-step task queued behind 4-step history was estimated at one
+    # 4-step render. The time per step carries over; the task's steps are known.
+    clock = FakeClock()
+    table = TaskTable(clients[1], table_name, clock=clock)
+    await table.record_queued(make_task("short"))
+    await table.mark_running("short", total_steps=4)
+    clock.now += 4  # 1 s per step
+    await table.claim_terminal(finished("short"))
+    long_task = make_task("long", content={"prompt": "x", "steps": 150})
+    await table.record_queued(long_task)
+
+    view = await describe(table, "long")
+
+    assert view.record.planned_steps == 150
+    assert view.eta_s == pytest.approx(150.0)
+
+
+def test_learned_times_are_the_mean_and_the_median_step():
+    from sdeks.lifecycle import learned_times_ms
+
+    assert learned_times_ms([]) == (None, None)
+    mean, step = learned_times_ms([(4000, 4), (9000, 3), (2000, 2), (5000, None)])
+    assert (mean, step) == (5000, 1000)
+    record = TaskRecord(id="x", status=TaskStatus.QUEUED, received_at=1, planned_steps=20)
+    # Two tasks ahead on one worker at the mean, then its own 20 steps.
+    eta = estimate_eta_s(record, ahead=2, mean_ms=mean, workers=1, now_ms=2, step_ms=step)
+    assert eta == pytest.approx(2 * 5 + 20)

@@ -54,10 +54,20 @@ function when(epochMs) {
   return new Date(epochMs).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
 }
 
+function clock(epochMs) {
+  // Today's tasks by time of day (UTC); older ones by date.
+  if (!epochMs) return "-";
+  const full = when(epochMs);
+  return full.slice(0, 10) === when(Date.now()).slice(0, 10) ? full.slice(11) : full.slice(0, 10);
+}
+
 function eta(task) {
   if (task.eta_s === null || task.eta_s === undefined) return "-";
   if (["succeeded", "failed", "cancelled"].includes(task.status)) return "-";
-  return "~" + Math.round(task.eta_s) + "s";
+  const s = task.eta_s;
+  if (s < 90) return "~" + Math.round(s) + "s";
+  if (s < 90 * 60) return "~" + Math.round(s / 60) + "m";
+  return "~" + Math.round(s / 3600) + "h";
 }
 
 function progressText(progress) {
@@ -75,7 +85,8 @@ function progressBar(task) {
   const bar = el("div", { class: "bar" });
   const fill = el("div", { class: "fill" });
   const p = task.progress;
-  const fraction = p && p.total ? Math.min(1, p.done / p.total) : (task.status === "succeeded" ? 1 : 0);
+  // The last progress write may be skipped (writes are throttled): a success is a full bar.
+  const fraction = task.status === "succeeded" ? 1 : (p && p.total ? Math.min(1, p.done / p.total) : 0);
   fill.style.width = Math.round(fraction * 100) + "%";
   bar.append(fill);
   wrap.append(bar, el("span", { class: "label", text: task.status === "running" ? progressText(p) : "" }));
@@ -102,17 +113,17 @@ async function showTasks() {
     const link = el("a", { href: "#/task/" + encodeURIComponent(task.id), text: task.id });
     const error = task.error ? el("code", { class: "error-code", text: task.error.code, title: task.error.message }) : "";
     return el("tr", { "data-id": task.id, "data-status": task.status },
-      el("td", {}, link),
+      el("td", { class: "id-cell" }, link),
       el("td", {}, statusBadge(task)),
       el("td", {}, progressBar(task)),
       el("td", { class: "eta", text: eta(task) }),
       el("td", { text: task.runtime || "-" }),
       el("td", { text: task.model || "-" }),
-      el("td", { text: when(task.received_at) }),
+      el("td", { text: clock(task.received_at), title: when(task.received_at) }),
       el("td", { text: seconds(task.queued_ms) }),
       el("td", { text: seconds(task.execution_ms) }),
       el("td", { text: String(task.images) }),
-      el("td", {}, error));
+      el("td", { class: "error-cell" }, error));
   });
   body.replaceChildren(...rows);
   $("#tasks-empty").hidden = tasks.length > 0;

@@ -35,3 +35,24 @@ def test_config_from_env_reads_resources_runtimes_and_pods():
 def test_config_from_env_refuses_bad_values(env, words):
     with pytest.raises(ValueError, match=words):
         config_from_env(env)
+
+
+def test_sdeks_console_refuses_bad_pods_json(capsys):
+    from sdeks import cli
+
+    assert cli.main(["console", "--pods", "[1]"]) == cli.EXIT_USAGE
+    assert "must look like" in capsys.readouterr().out
+
+
+def test_console_imports_no_service_dependency():
+    """The console runs on the base install: no aiohttp, aiobotocore, torch or FastAPI."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sdeks.console.app, sdeks.console.server, sdeks.cli;"
+        "heavy = {'aiohttp', 'aiobotocore', 'torch', 'fastapi', 'diffusers', 'moto'};"
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

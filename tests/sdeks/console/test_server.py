@@ -257,3 +257,54 @@ def test_named_runtimes_find_their_queues_without_listing(aws, stack):
         assert status == 502 and "absent" in body["error"]["message"]
     finally:
         server.stop()
+
+
+class PodStub:
+    """A pod's `/v1/state` on 127.0.0.1 that wants a bearer token, as runtime/auth.py does."""
+
+    def __init__(self, token: str) -> None:
+        import http.server
+        import threading
+
+        state = {
+            "runtime": "sdruntime",
+            "models": {"gpu": [], "ram": ["tiny"], "disk": ["tiny"]},
+            "slots": 1,
+            "free_slots": 1,
+            "running": [],
+        }
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.headers.get("Authorization") == f"Bearer {token}"
+                body = json.dumps(state if ok else {"error": {"code": "unauthorized"}}).encode()
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("token", ["right", None])
+def test_fleet_asks_pods_for_their_state_with_the_pod_token(aws, stack, token):
+    pod = PodStub("right")
+    server = make_server(aws, stack, pods={"sdruntime": [pod.url]}, pod_token=token)
+    try:
+        (answer,) = request(server, "GET", "/api/fleet")[1]["pods"]["sdruntime"]
+    finally:
+        server.stop()
+        pod.close()
+    if token:
+        assert answer["reachable"] is True and answer["state"]["models"]["ram"] == ["tiny"]
+    else:
+        assert answer["reachable"] is False and "SDEKS_POD_TOKEN" in answer["error"]
