@@ -189,7 +189,9 @@ class Img2ImgRequest(GenerationRequest):
     include_init_images: bool = False
 
 
-class ExtrasSingleImageRequest(_Body):
+class ExtrasBaseRequest(_Body):
+    """Fields shared by `/extra-single-image` and `/extra-batch-images`."""
+
     #: 0 scale by `upscaling_resize`, 1 scale to `upscaling_resize_w` x `_h`.
     resize_mode: int = 0
     show_extras_results: bool = True
@@ -204,7 +206,21 @@ class ExtrasSingleImageRequest(_Body):
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
     image: str = ""
+
+
+class FileData(_Body):
+    """One image of `/extra-batch-images` (`data`: base64, `name`: the client's file name)."""
+
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData] = Field(default_factory=list)  # A1111 spells it so
 
 
 # --- responses ---------------------------------------------------------------
@@ -221,6 +237,16 @@ class ImageResponse(BaseModel):
 class ExtrasSingleImageResponse(BaseModel):
     html_info: str
     image: str | None = None
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str] = Field(default_factory=list)
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None = None
 
 
 class SDModelItem(BaseModel):
@@ -317,6 +343,7 @@ _REQUEST_FOR_TASK: dict[TaskType, type[_Body]] = {
     TaskType.TEXT_TO_IMAGE: Txt2ImgRequest,
     TaskType.IMAGE_TO_IMAGE: Img2ImgRequest,
     TaskType.EXTRA_SINGLE_IMAGE: ExtrasSingleImageRequest,
+    TaskType.EXTRA_BATCH_IMAGES: ExtrasBatchImagesRequest,
 }
 
 

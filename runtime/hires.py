@@ -353,7 +353,9 @@ def _hires_pipeline(
     negative = hires.negative_prompt if hires.negative_prompt is not None else plan.negative_prompt
     if same_weights and prompt == plan.display_prompt and negative == plan.negative_prompt:
         return pipe, embeds
+    from runtime import embeddings
     from runtime.stages.prepare import split_loras
 
     clean, _ = split_loras(prompt)
+    clean, negative = embeddings.convert(pipe, clean), embeddings.convert(pipe, negative)
     return pipe, prompts.encode(pipe, clean, negative, plan.clip_skip, request.batch_size)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from runtime.a1111 import (
+    ExtrasBatchImagesRequest,
     ExtrasSingleImageRequest,
     Img2ImgRequest,
     Txt2ImgRequest,
@@ -48,8 +49,8 @@ def render_task(
     if task.tasktype is TaskType.IMAGE_TO_IMAGE:
         assert isinstance(request, Img2ImgRequest)
         return renderer.img2img(request, options=options, model=model, control=control)
-    assert isinstance(request, ExtrasSingleImageRequest)
-    return renderer.extras(request)
+    assert isinstance(request, ExtrasSingleImageRequest | ExtrasBatchImagesRequest)
+    return renderer.extras(request, options=options, control=control)
 
 
 def run_job(

@@ -617,7 +617,11 @@ class ModelStore:
         timings.download_ms += download_ms
         started = time.perf_counter()
         try:
-            obj = kind.load(path, entry)
+            # Under the diffusers lock: a checkpoint loading meanwhile patches torch's
+            # module construction process-wide (`init_empty_weights`), which would
+            # build this model's parameters on the `meta` device.
+            with _FROM_PRETRAINED_LOCK:
+                obj = kind.load(path, entry)
         except (ModelLoadError, ModelNotFoundError):
             raise
         except MemoryError as exc:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from runtime.face_restoration import FACE_RESTORATION
+
 if TYPE_CHECKING:
     from runtime.stages.types import Plan, PostStage, StageContext
 
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 def _registered() -> list[PostStage]:
     from runtime.adetailer import STAGE as ADETAILER
 
-    return [ADETAILER]
+    # Face restoration first, then ADetailer (A1111's order for restore_faces).
+    return [FACE_RESTORATION, ADETAILER]
 
 
 #: The post-processing stages, in the order they run.

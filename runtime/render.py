@@ -46,8 +46,13 @@ from typing import Any
 
 from PIL import Image
 
-from runtime import hires, prompts, refiner, scripts
-from runtime.a1111 import ExtrasSingleImageRequest, Img2ImgRequest, Txt2ImgRequest
+from runtime import embeddings, hires, prompts, refiner, scripts
+from runtime.a1111 import (
+    ExtrasBatchImagesRequest,
+    ExtrasSingleImageRequest,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+)
 from runtime.control import JobControl
 from runtime.images import decode_image, encode_png, resize_image
 from runtime.models import Models
@@ -131,11 +136,18 @@ class Renderer:
             raise InvalidParameterError("`init_images` must hold at least one image")
         return self.generate(request, request, options=options, model=model, control=control)
 
-    def extras(self, request: ExtrasSingleImageRequest) -> RenderResult:
-        """`/extra-single-image` (`runtime.extras`)."""
+    def extras(
+        self,
+        request: ExtrasSingleImageRequest | ExtrasBatchImagesRequest,
+        *,
+        options: Mapping[str, Any] | None = None,
+        control: JobControl | None = None,
+    ) -> RenderResult:
+        """`/extra-single-image` and `/extra-batch-images` (`runtime.extras`)."""
         from runtime.extras import render_extras
 
-        return render_extras(self.models, self.settings, request)
+        check = control.check if control is not None else None
+        return render_extras(self.models, self.settings, request, options=options, check=check)
 
     def check_pinned(self, checkpoint: str) -> None:
         check_pinned(checkpoint, self.models, self.settings)
@@ -198,8 +210,8 @@ class Renderer:
         # A1111 prompt semantics (emphasis, BREAK, no 77-token cut), encoded once per request.
         embeds = prompts.encode(
             ctx.pipe,
-            plan.prompt,
-            plan.negative_prompt,
+            embeddings.convert(ctx.pipe, plan.prompt),
+            embeddings.convert(ctx.pipe, plan.negative_prompt),
             plan.clip_skip,
             request.batch_size,
             max_chunks=self.settings.max_prompt_chunks,

@@ -10,6 +10,13 @@ restoration run end to end on a laptop CPU in milliseconds.
     ESRGAN/4x-UltraSharp.pth                        ESRGAN (RRDB), x4, a weights-only pickle
     SwinIR/SwinIR_4x.safetensors                    SwinIR, x4            "SwinIR 4x"
 
+    GFPGAN/GFPGANv1.4.safetensors                   GFPGAN at 64 px (the published one is 512)
+    facedetection/detection_mobilenet0.25_Final.safetensors   RetinaFace, MobileNet 0.25
+
+The detector's face-class bias is raised so that it finds "faces" in any
+image (random weights otherwise find none), which is what a test of the
+restoration path needs; `faces=False` writes one that finds none.
+
 Random weights do not upscale well: they only prove that the path works and
 that the output is the model's, not a resize.
 """
@@ -91,4 +98,71 @@ def make_tiny_upscalers(root: Path, *, seed: int = 0) -> list[Path]:
     for i, (key, build) in enumerate(TINY_UPSCALERS.items()):
         written.append(write_state_dict(build(seed * 100 + i), Path(root) / key))
     log.info("wrote %d tiny upscalers under %s", len(written), root)
+    return written
+
+
+def _gfpgan(seed: int) -> Any:
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    _seed(seed)
+    return GFPGAN(
+        out_size=64,
+        num_style_feat=32,
+        channel_multiplier=1,
+        decoder_load_path=None,
+        fix_decoder=False,
+        num_mlp=2,
+        input_is_latent=True,
+        different_w=True,
+        narrow=0.125,
+        sft_half=True,
+    )
+
+
+def tiny_face_detector(seed: int = 0, *, faces: bool = True) -> Any:
+    """A random RetinaFace (MobileNet 0.25) whose output barely depends on the image:
+    with `faces`, every 64 px anchor (stride 16) holds a face whose five landmarks sit
+    where the FFHQ template puts them, so each face's crop is its box; without, none."""
+    import torch
+
+    from runtime.face_detection import build_retinaface
+    from runtime.face_restoration import _FFHQ_TEMPLATE
+
+    _seed(seed)
+    model = build_retinaface("mobilenet0.25")
+    # Landmark offsets are in units of 0.1 x the anchor size from its centre.
+    marks = torch.tensor(
+        [[(x / 512 - 0.5) / 0.1, (y / 512 - 0.5) / 0.1] for x, y in _FFHQ_TEMPLATE]
+    )
+    with torch.no_grad():
+        for level, (cls, box, mark) in enumerate(
+            zip(model.ClassHead, model.BboxHead, model.LandmarkHead, strict=True)
+        ):
+            for head in (cls, box, mark):
+                head.conv1x1.weight.mul_(0.001)
+                head.conv1x1.bias.zero_()
+            scores = cls.conv1x1.bias.view(2, 2)  # (anchor, [background, face])
+            scores[:, 1] = -20.0
+            if faces and level == 1:
+                scores[0, 1] = 20.0
+            mark.conv1x1.bias.view(2, 10).copy_(marks.reshape(1, 10).expand(2, 10))
+    return model
+
+
+TINY_FACE_MODELS: dict[str, Callable[[int], Any]] = {
+    "GFPGAN/GFPGANv1.4.safetensors": _gfpgan,
+    "facedetection/detection_mobilenet0.25_Final.safetensors": tiny_face_detector,
+}
+
+
+def make_tiny_face_models(root: Path, *, seed: int = 0, faces: bool = True) -> list[Path]:
+    """Write the tiny restorer and face detector under `root`; return the files."""
+    written = [write_state_dict(_gfpgan(seed), Path(root) / "GFPGAN/GFPGANv1.4.safetensors")]
+    detector = tiny_face_detector(seed, faces=faces)
+    written.append(
+        write_state_dict(
+            detector, Path(root) / "facedetection/detection_mobilenet0.25_Final.safetensors"
+        )
+    )
+    log.info("wrote a tiny face restorer and detector under %s", root)
     return written

@@ -32,7 +32,7 @@ from PIL import Image
 
 from runtime.model_catalog import ModelEntry
 from runtime.model_store import ModelKind
-from sdeks.errors import InvalidParameterError, ModelLoadError, ModelNotFoundError, SdeksError
+from sdeks.errors import InvalidParameterError, ModelLoadError, SdeksError
 
 if TYPE_CHECKING:
     import torch
@@ -187,13 +187,16 @@ def find(entries: list[ModelEntry], requested: str) -> ModelEntry | None:
 
 
 def unknown_upscaler(field: str, requested: str, names: list[str]) -> SdeksError:
-    """The error for a name that is no upscaler here: refused by reason (LDSR), or
-    `model_not_found`; both name the field and list what exists."""
+    """The error for a name that is no upscaler here (`invalid_parameter`, as for any
+    other unusable field value): it names the field and lists what exists; LDSR
+    says why it is refused."""
     reason = UNSUPPORTED.get(requested.strip())
     listed = ", ".join(names) or "none"
     if reason:
         return InvalidParameterError(f"`{field}` {requested!r}: {reason}; available: {listed}")
-    return ModelNotFoundError(f"`{field}` upscaler {requested!r} not found; available: {listed}")
+    return InvalidParameterError(
+        f"`{field}` {requested!r} is not installed; available upscalers: {listed}"
+    )
 
 
 def tile_options(options: Any) -> tuple[int, int]:

@@ -13,7 +13,7 @@
                   [--read-only]
     sdeks models list [--bucket B]
     sdeks models make-tiny DIR [--family sd15|sdxl] [--single-file]
-                          [--kind checkpoint|controlnet|detector]
+                          [--kind checkpoint|controlnet|detector|upscalers|faces|embedding|refiner]
     sdeks --version
 
 Every command talks to whatever `AWS_ENDPOINT_URL` and the AWS credentials
@@ -518,6 +518,18 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
+    if args.kind in ("upscalers", "faces"):
+        # DIR is the models bucket's root; files land in A1111's folders.
+        from runtime import tiny_kinds
+
+        build = {
+            "upscalers": tiny_kinds.make_tiny_upscalers,
+            "faces": tiny_kinds.make_tiny_face_models,
+        }[args.kind]
+        for written in build(Path(args.dir)):
+            _print(f"wrote {written}")
+        _print(f"upload the contents of {args.dir} to the models bucket's root")
+        return EXIT_OK
     from runtime.tiny import make_tiny
 
     if args.kind == "controlnet":
@@ -537,7 +549,17 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
         path = save_tiny_detector(dest if dest.suffix == ".pt2" else dest.with_suffix(".pt2"))
         _print(f"wrote a tiny red-region detector to {path}: upload it under adetailer/")
         return EXIT_OK
-    path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file)
+    if args.kind == "embedding":
+        from runtime.tiny_embeddings import make_tiny_embedding
+
+        path = make_tiny_embedding(Path(args.dir), family=args.family)
+        _print(
+            f"wrote a tiny random {args.family} embedding to {path}: upload it under embeddings/"
+        )
+        return EXIT_OK
+    # A refiner is a checkpoint of the same family with other weights.
+    seed = 1 if args.kind == "refiner" else 0
+    path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file, seed=seed)
     _print(f"wrote a tiny random {args.family} model to {path}")
     if args.single_file:
         from runtime.tiny import single_file_config_dir
@@ -655,10 +677,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--single-file", action="store_true")
     tiny.add_argument(
         "--kind",
-        choices=["checkpoint", "controlnet", "detector"],
+        choices=[
+            "checkpoint",
+            "controlnet",
+            "detector",
+            "upscalers",
+            "faces",
+            "embedding",
+            "refiner",
+        ],
         default="checkpoint",
-        help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/) or "
-        "an ADetailer detector (adetailer/)",
+        help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/), "
+        "an ADetailer detector (adetailer/), upscalers (ESRGAN, Compact, SwinIR) or faces "
+        "(a GFPGAN restorer and a RetinaFace detector; for these two DIR is the bucket root), "
+        "a textual-inversion embedding (embeddings/) or a refiner (a checkpoint with other "
+        "weights, Stable-diffusion/)",
     )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser

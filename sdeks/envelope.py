@@ -42,6 +42,7 @@ class TaskType(StrEnum):
     TEXT_TO_IMAGE = "text-to-image"
     IMAGE_TO_IMAGE = "image-to-image"
     EXTRA_SINGLE_IMAGE = "extra-single-image"
+    EXTRA_BATCH_IMAGES = "extra-batch-images"
 
 
 def check_task_id(value: str) -> str:
@@ -143,6 +144,7 @@ _SERVERLESS_ENDPOINTS = {
     "/sdapi/v1/txt2img": TaskType.TEXT_TO_IMAGE,
     "/sdapi/v1/img2img": TaskType.IMAGE_TO_IMAGE,
     "/sdapi/v1/extra-single-image": TaskType.EXTRA_SINGLE_IMAGE,
+    "/sdapi/v1/extra-batch-images": TaskType.EXTRA_BATCH_IMAGES,
 }
 _LEGACY_TASKTYPES = {
     "text-to-image": TaskType.TEXT_TO_IMAGE,
@@ -150,6 +152,7 @@ _LEGACY_TASKTYPES = {
     "image-to-image": TaskType.IMAGE_TO_IMAGE,
     "img2img": TaskType.IMAGE_TO_IMAGE,
     "extra-single-image": TaskType.EXTRA_SINGLE_IMAGE,
+    "extra-batch-images": TaskType.EXTRA_BATCH_IMAGES,
 }
 _LEGACY_ROUTING_KEYS = ("task", "id_task", "save_dir", "image_link", "runtime")
 

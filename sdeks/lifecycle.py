@@ -122,7 +122,10 @@ class Reporter:
         """Resolve a random seed (absent or -1) once per task id, so every attempt renders
         the same image. The first attempt's draw is kept in the table; returns the task
         with ``content.seed`` set. Unchanged without a table or for upscales."""
-        if self.table is None or task.tasktype is TaskType.EXTRA_SINGLE_IMAGE:
+        if self.table is None or task.tasktype in (
+            TaskType.EXTRA_SINGLE_IMAGE,
+            TaskType.EXTRA_BATCH_IMAGES,
+        ):
             return task
         seed = task.content.get("seed", -1)
         if seed is not None and seed != -1:

@@ -434,6 +434,16 @@ class LocalStack:
             prefix = f"{MODELS_CHECKPOINT_PREFIX}{name}/"
             count = upload_folder(s3, source, bucket, prefix)
             log.info("uploaded %d files to s3://%s/%s", count, bucket, prefix)
+        # Tiny upscalers, face restorer and detector in their A1111 folders, so extras,
+        # hires upscalers and restore_faces work on the local stack too.
+        kinds = self.workdir / "models" / "_other-kinds"
+        if not kinds.exists():
+            from runtime.tiny_kinds import make_tiny_face_models, make_tiny_upscalers
+
+            make_tiny_upscalers(kinds)
+            make_tiny_face_models(kinds)
+        count = upload_folder(s3, kinds, bucket, "")
+        log.info("uploaded %d upscaler/restorer files", count)
 
     def service_env(self) -> dict[str, str]:
         """Variables shared by every service process."""

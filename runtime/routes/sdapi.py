@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
 
-from runtime import a1111, infotext, samplers, upscalers
+from runtime import a1111, face_restoration, infotext, samplers, upscalers
 from runtime.control import JobControl
 from runtime.images import decode_image, encode_png
 from runtime.pod import Pod, PodDep
@@ -97,9 +97,19 @@ async def img2img(request: a1111.Img2ImgRequest, pod: PodDep) -> Any:
 
 @router.post("/extra-single-image", response_model=a1111.ExtrasSingleImageResponse)
 async def extra_single_image(request: a1111.ExtrasSingleImageRequest, pod: PodDep) -> Any:
-    result = await asyncio.to_thread(pod.renderer.extras, request)
+    result = await asyncio.to_thread(pod.renderer.extras, request, options=pod.options)
     image = base64.b64encode(encode_png(result.images[0], result.infotexts[0])).decode()
     return a1111.ExtrasSingleImageResponse(html_info=result.infotexts[0], image=image)
+
+
+@router.post("/extra-batch-images", response_model=a1111.ExtrasBatchImagesResponse)
+async def extra_batch_images(request: a1111.ExtrasBatchImagesRequest, pod: PodDep) -> Any:
+    result = await asyncio.to_thread(pod.renderer.extras, request, options=pod.options)
+    images = [
+        base64.b64encode(encode_png(image, text)).decode()
+        for image, text in zip(result.images, result.infotexts, strict=True)
+    ]
+    return a1111.ExtrasBatchImagesResponse(html_info=result.infotexts[0], images=images)
 
 
 @router.get("/options")
@@ -171,8 +181,14 @@ async def list_schedulers() -> Any:
 
 @router.get("/upscalers", response_model=list[a1111.UpscalerItem])
 async def list_upscalers(pod: PodDep) -> Any:
-    names = await asyncio.to_thread(upscalers.available, pod.models)
-    return [a1111.UpscalerItem(name=n) for n in names]
+    found = await asyncio.to_thread(upscalers.items, pod.models)
+    return [a1111.UpscalerItem(**item) for item in found]
+
+
+@router.get("/face-restorers", response_model=list[a1111.FaceRestorerItem])
+async def list_face_restorers(pod: PodDep) -> Any:
+    found = await asyncio.to_thread(face_restoration.items, pod.models)
+    return [a1111.FaceRestorerItem(**item) for item in found]
 
 
 @router.get("/scripts", response_model=a1111.ScriptsList)
@@ -191,6 +207,13 @@ async def prompt_styles(pod: PodDep) -> Any:
         a1111.PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
         for s in found.values()
     ]
+
+
+@router.get("/embeddings")
+async def list_embeddings(pod: PodDep) -> Any:
+    from runtime import embeddings
+
+    return await asyncio.to_thread(embeddings.listing, pod.models)
 
 
 @router.get("/latent-upscale-modes", response_model=list[a1111.LatentUpscalerModeItem])

@@ -92,7 +92,7 @@ def info_of(plan: Plan, loaded: Loaded, infotexts: list[str]) -> dict[str, Any]:
         "batch_size": request.batch_size,
         "n_iter": request.n_iter,
         "restore_faces": bool(request.restore_faces),
-        "face_restoration_model": None,
+        "face_restoration_model": plan.extra_params.get("Face restoration"),
         "sd_model_name": loaded.model_name,
         "sd_model_hash": loaded.hash,
         "sd_vae_name": vae_name if vae_name not in NO_VAE else None,

@@ -95,6 +95,12 @@ class JobPipelines:
             family=family,
         )
         ctx.lora_note = apply_loras(pipe, plan.loras)
+        if plan.embeddings:
+            from runtime import embeddings
+
+            hashes = embeddings.attach(pipe, self.models, plan.embeddings, ctx.undo)
+            if hashes:
+                plan.extra_params["TI hashes"] = ", ".join(hashes)
         for conditioning in plan.conditioning:
             ctx.pipe = conditioning.pipeline(ctx.pipe, ctx)
         if plan.request.tiling:

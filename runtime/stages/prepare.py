@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from runtime import hires, refiner, samplers, seeds, styles
+from runtime import embeddings, hires, refiner, samplers, seeds, styles
 from runtime.a1111 import NO_VAE, ROUTING_SCRIPT_KEYS, GenerationRequest, Img2ImgRequest
 from runtime.conditioning import PROVIDERS, build_conditioning
 from runtime.images import decode_image, fill_masked, resize_image
@@ -93,6 +93,12 @@ def prepare(
         mask=mask,
         strength=strength,
     )
+    if not request.disable_extra_networks:
+        extra_texts = [
+            getattr(request, "hr_prompt", ""),
+            getattr(request, "hr_negative_prompt", ""),
+        ]
+        result.embeddings = embeddings.used_in(models, styled, negative, *extra_texts)
     result.hires = hires.plan_hires(result, models, settings)
     if result.hires is not None:
         result.extra_params.update(hires.extra_params(result, result.hires))
@@ -144,9 +150,6 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
     strength = request.denoising_strength
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise InvalidParameterError(f"`denoising_strength` must be between 0 and 1, got {strength}")
-    for name in ("restore_faces",):
-        if getattr(request, name):
-            raise InvalidParameterError(f"`{name}` is not supported by this runtime, got true")
     claimed = set(supported_alwayson_scripts())
     unknown = sorted(k for k in request.script_alwayson if k.lower() not in claimed)
     if unknown:

@@ -105,11 +105,13 @@ class Plan:
     hires: HiresPlan | None = None
     #: The refiner (stage 5), or None.
     refiner: RefinerPlan | None = None
+    #: The textual-inversion embeddings the prompts name (model-store entries).
+    embeddings: list[Any] = field(default_factory=list)
 
     @property
     def changes_weights(self) -> bool:
         """Whether the render changes the shared weights (LoRAs, tiling): it runs alone."""
-        return bool(self.loras) or bool(self.request.tiling)
+        return bool(self.loras) or bool(self.request.tiling) or bool(self.embeddings)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
@@ -165,6 +166,46 @@ def test_other_envelope_shapes_are_served(client, example):
         callback = listener.wait_terminal([task_id], timeout_s=TIMEOUT_S)[task_id]
     assert callback.status == "succeeded", callback.error
     assert callback.runtime == "sdruntime"
+
+
+def test_extra_batch_images_end_to_end(local, client):
+    """`extra-batch-images` through SNS: a model upscaler, one PNG per input image."""
+    task_id = new_id("extras-batch")
+    images = [
+        {"data": base64.b64encode(png_bytes(24, color)).decode(), "name": f"in{i}.png"}
+        for i, color in enumerate([(200, 80, 40), (10, 120, 240), (90, 90, 90)])
+    ]
+    body = Task(
+        id=task_id,
+        runtime="sdruntime",
+        tasktype=TaskType.EXTRA_BATCH_IMAGES,
+        prefix="e2e",
+        content={"imageList": images, "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 2},
+    ).to_envelope()
+    callback = run(client, [body])[task_id]
+
+    assert callback.status == "succeeded", callback.error
+    assert len(callback.image_url) == 3
+    for url in callback.image_url:
+        image = Image.open(io.BytesIO(read_object(local, url)))
+        image.load()
+        assert image.size == (48, 48)
+        assert "Postprocess upscaler: R-ESRGAN 4x+" in image.info["parameters"]
+
+
+def test_unknown_upscaler_task_fails_naming_it(client):
+    task_id = new_id("extras-unknown")
+    body = Task(
+        id=task_id,
+        runtime="sdruntime",
+        tasktype=TaskType.EXTRA_SINGLE_IMAGE,
+        prefix="e2e",
+        content={"image": base64.b64encode(png_bytes(16)).decode(), "upscaler_1": "4x-Nope"},
+    ).to_envelope()
+    callback = run(client, [body])[task_id]
+    assert callback.status == "failed"
+    assert callback.error.code == "invalid_parameter"
+    assert "4x-Nope" in callback.error.message and "R-ESRGAN 4x+" in callback.error.message
 
 
 def test_eks_sample_legacy_body_with_uid_and_sd_vae(local, client):

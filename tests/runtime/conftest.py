@@ -66,8 +66,10 @@ def tiny_models_dir(
     Stable-diffusion/tiny-sdxl/            (diffusers folder)
     Stable-diffusion/tiny-sd15-single.safetensors (+ tiny-sd15-single.config/)
     Lora/   VAE/                           (empty)
+    RealESRGAN/ ESRGAN/ SwinIR/ GFPGAN/ facedetection/   tiny upscalers, restorer, detector
     """
     from runtime.tiny import single_file_config_dir
+    from runtime.tiny_kinds import make_tiny_face_models, make_tiny_upscalers
 
     root = tmp_path_factory.mktemp("models")
     ckpt = root / "Stable-diffusion"
@@ -79,6 +81,8 @@ def tiny_models_dir(
     shutil.copytree(config, ckpt / config.name)
     (root / "Lora").mkdir()
     (root / "VAE").mkdir()
+    make_tiny_upscalers(root)
+    make_tiny_face_models(root)
     return root
 
 

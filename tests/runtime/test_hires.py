@@ -149,7 +149,11 @@ def test_hires_scale_one_is_no_hires_and_disabled_fields_are_ignored(renderer):
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"hr_upscaler": "R-ESRGAN 4x+"}, "`hr_upscaler` 'R-ESRGAN 4x+' is not installed"),
+        # (the tiny bucket holds "R-ESRGAN 4x+", not the Anime6B model)
+        (
+            {"hr_upscaler": "R-ESRGAN 4x+ Anime6B"},
+            "`hr_upscaler` 'R-ESRGAN 4x+ Anime6B' is not installed",
+        ),
         ({"hr_scale": 100}, "hires fix target 6400x6400"),
         ({"hr_scale": -1}, "`hr_scale` must be a positive number"),
         ({"hr_second_pass_steps": -2}, "`hr_second_pass_steps`"),

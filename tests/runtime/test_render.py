@@ -279,8 +279,7 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"subseed_strength": 2}, "`subseed_strength`"),
         ({"sampler_name": "Restart"}, "supported samplers: DPM++ 2M"),
         ({"scheduler": "Align Your Steps"}, "`scheduler`"),
-        ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "`hr_upscaler` '4x-UltraSharp'"),
-        ({"restore_faces": True}, "`restore_faces`"),
+        ({"enable_hr": True, "hr_upscaler": "4x-Nope"}, "`hr_upscaler` '4x-Nope'"),
         ({"alwayson_scripts": {"Dynamic Prompts": {"args": [True]}}}, "Dynamic Prompts"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
         (

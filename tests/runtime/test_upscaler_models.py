@@ -66,7 +66,7 @@ def test_unknown_and_unsupported_names_fail_clearly(store: ModelStore) -> None:
     names = [i.name for i in um.available(store.entries(um.UPSCALER))]
     assert um.find(store.entries(um.UPSCALER), "R-ESRGAN 4x+ Anime6B") is None
     err = um.unknown_upscaler("upscaler_1", "R-ESRGAN 4x+ Anime6B", names)
-    assert isinstance(err, ModelNotFoundError)
+    assert isinstance(err, InvalidParameterError) and "is not installed" in err.message
     assert "`upscaler_1`" in err.message and "R-ESRGAN 4x+ Anime6B" in err.message
     assert "4x-UltraSharp" in err.message  # lists what exists
     ldsr = um.unknown_upscaler("hr_upscaler", "LDSR", names)
