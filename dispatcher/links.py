@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import ipaddress
 import logging
@@ -35,7 +36,7 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 Resolver = Callable[[str], Awaitable[list[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,15})://\S+$")
+# Used with `fullmatch` (a `$` would also match before a final newline).
+_URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://\S+")
 #: Text fields that are never links even when they hold nothing but a URL.
 _TEXT_KEYS = frozenset({"prompt", "negative_prompt", "styles", "sd_model_checkpoint", "sd_vae"})
 #: Formats Pillow may open: no EPS (Ghostscript), no exotic decoders.
@@ -198,6 +200,8 @@ class LinkPolicy:
     max_redirects: int = 5
     max_pixels: int = 32 * 1024 * 1024
     max_links: int = 16
+    max_task_bytes: int = 64 * 1024 * 1024
+    memory_budget_bytes: int = 1024 * 1024 * 1024
     concurrency: int = 16
 
     @classmethod
@@ -210,6 +214,8 @@ class LinkPolicy:
             max_redirects=settings.link_max_redirects,
             max_pixels=settings.link_max_pixels,
             max_links=settings.link_max_per_task,
+            max_task_bytes=settings.link_max_task_bytes,
+            memory_budget_bytes=settings.link_memory_budget_bytes,
             concurrency=settings.link_concurrency,
         )
 
@@ -223,12 +229,18 @@ class ResolvedContent:
 
 def find_links(content: Any) -> list[str]:
     """Every string in `content` that is a whole URL, in document order, deduplicated."""
-    found: dict[str, None] = {}
+    return list(count_links(content))
+
+
+def count_links(content: Any) -> dict[str, int]:
+    """Every link in `content` (document order) and how many times it occurs: each
+    occurrence becomes its own base64 copy in the job, so caps count occurrences."""
+    found: dict[str, int] = {}
 
     def walk(value: Any, key: str | None) -> None:
         if isinstance(value, str):
-            if key not in _TEXT_KEYS and _URL_RE.match(value):
-                found.setdefault(value)
+            if key not in _TEXT_KEYS and _URL_RE.fullmatch(value):
+                found[value] = found.get(value, 0) + 1
         elif isinstance(value, dict):
             for k, v in value.items():
                 walk(v, str(k))
@@ -237,7 +249,58 @@ def find_links(content: Any) -> list[str]:
                 walk(v, key)
 
     walk(content, None)
-    return list(found)
+    return found
+
+
+#: Memory one resolved byte costs until the pod answers: the base64 text in the job
+#: (4/3), and the job's JSON body as text and as bytes (4/3 each), rounded up.
+MEMORY_PER_IMAGE_BYTE = 4
+
+
+class _Tally:
+    """Resolved bytes of one task, each occurrence counted, against `max_task_bytes`."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.total = 0
+
+    def add(self, nbytes: int, link: str) -> None:
+        self.total += nbytes
+        if self.limit is not None and self.total > self.limit:
+            raise LinkTooLargeError(
+                f"the task's images pass {self.limit} bytes (each occurrence of a link "
+                f"counted; at {_shorten(link)})"
+            )
+
+
+class MemoryBudget:
+    """Bytes of resolved images one dispatcher holds at once (`link_memory_budget_bytes`).
+
+    A task reserves its worst case before any download and keeps it until its
+    pod answered; tasks that do not fit wait, first come first served. A task
+    larger than the whole budget waits for the budget to be empty and then
+    takes all of it, so it still runs, alone.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.peak = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        want = min(nbytes, self.total)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + want <= self.total)
+            self.used += want
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= want
+                self._cond.notify_all()
 
 
 def replace_links(content: Any, resolved: dict[str, str], key: str | None = None) -> Any:
@@ -292,6 +355,7 @@ class LinkResolver:
         self._pins = _PinnedResolver()
         self._limit = asyncio.Semaphore(policy.concurrency)
         self._session: aiohttp.ClientSession | None = None
+        self.budget = MemoryBudget(policy.memory_budget_bytes)
 
     async def __aenter__(self) -> LinkResolver:
         connector = aiohttp.TCPConnector(resolver=self._pins, use_dns_cache=False, limit=64)
@@ -306,18 +370,30 @@ class LinkResolver:
 
     # --- content ----------------------------------------------------------
 
+    def reservation(self, content: dict[str, Any]) -> int:
+        """The memory a task's links may cost once resolved (`MemoryBudget`): its worst
+        case, bounded by the per-link and per-task caps."""
+        occurrences = sum(count_links(content).values())
+        worst = min(self.policy.max_task_bytes, occurrences * self.policy.max_bytes)
+        return MEMORY_PER_IMAGE_BYTE * worst
+
     async def resolve_content(self, content: dict[str, Any]) -> ResolvedContent:
         """`content` with every link replaced by base64, downloads running concurrently."""
-        links = find_links(content)
+        counts = count_links(content)
+        links = list(counts)
         if not links:
             return ResolvedContent(content=content)
-        if len(links) > self.policy.max_links:
+        occurrences = sum(counts.values())
+        if occurrences > self.policy.max_links:
             raise LinkForbiddenError(
-                f"task holds {len(links)} links, over the limit of {self.policy.max_links}"
+                f"task holds {occurrences} links (each occurrence counted, {len(links)} "
+                f"distinct), over the limit of {self.policy.max_links}"
             )
         started = time.monotonic()
+        tally = _Tally(self.policy.max_task_bytes)
         results = await asyncio.gather(
-            *(self.fetch_base64(u) for u in links), return_exceptions=True
+            *(self.fetch_base64(u, tally=tally, weight=counts[u]) for u in links),
+            return_exceptions=True,
         )
         for result in results:  # the first failure in document order names the link
             if isinstance(result, BaseException):
@@ -329,20 +405,23 @@ class LinkResolver:
             links=links,
         )
 
-    async def fetch_base64(self, url: str) -> str:
-        data = await self.fetch(url)
+    async def fetch_base64(self, url: str, *, tally: _Tally | None = None, weight: int = 1) -> str:
+        data = await self.fetch(url, tally=tally, weight=weight)
         await asyncio.to_thread(check_image, data, url=url, max_pixels=self.policy.max_pixels)
         return base64.b64encode(data).decode("ascii")
 
-    async def fetch(self, url: str) -> bytes:
+    async def fetch(self, url: str, *, tally: _Tally | None = None, weight: int = 1) -> bytes:
+        """The bytes at `url`. `tally` counts them, `weight` times (the link's occurrences),
+        against the task's cap while they arrive."""
         scheme = url.split("://", 1)[0].lower()
+        tally = tally or _Tally(None)
         async with self._limit:
             try:
                 async with asyncio.timeout(self.policy.timeout_s):
                     if scheme in ("http", "https"):
-                        return await self._fetch_http(url)
+                        return await self._fetch_http(url, tally, weight)
                     if scheme == "s3":
-                        return await self._fetch_s3(url)
+                        return await self._fetch_s3(url, tally, weight)
             except TimeoutError as exc:
                 raise LinkUnreachableError(
                     f"{_shorten(url)} did not complete within {self.policy.timeout_s:g} s"
@@ -398,7 +477,7 @@ class LinkResolver:
                 )
         self._pins.pin(host, addresses)
 
-    async def _fetch_http(self, link: str) -> bytes:
+    async def _fetch_http(self, link: str, tally: _Tally, weight: int) -> bytes:
         assert self._session is not None, "use LinkResolver as an async context manager"
         try:
             url = URL(link, encoded=False)
@@ -417,7 +496,7 @@ class LinkResolver:
                         raise LinkUnreachableError(
                             f"{_shorten(link)} answered HTTP {response.status}"
                         )
-                    return await self._read_capped(response, link)
+                    return await self._read_capped(response, link, tally, weight)
             except aiohttp.ClientError as exc:
                 raise LinkUnreachableError(
                     f"cannot download {_shorten(link)}: {exc}"[:400]
@@ -430,7 +509,9 @@ class LinkResolver:
             f"{_shorten(link)} redirected more than {self.policy.max_redirects} times"
         )
 
-    async def _read_capped(self, response: aiohttp.ClientResponse, link: str) -> bytes:
+    async def _read_capped(
+        self, response: aiohttp.ClientResponse, link: str, tally: _Tally, weight: int
+    ) -> bytes:
         cap = self.policy.max_bytes
         if response.content_length is not None and response.content_length > cap:
             raise LinkTooLargeError(
@@ -442,12 +523,13 @@ class LinkResolver:
             size += len(chunk)
             if size > cap:
                 raise LinkTooLargeError(f"{_shorten(link)} is over the cap of {cap} bytes")
+            tally.add(len(chunk) * weight, link)
             chunks.append(chunk)
         return b"".join(chunks)
 
     # --- s3 ---------------------------------------------------------------
 
-    async def _fetch_s3(self, link: str) -> bytes:
+    async def _fetch_s3(self, link: str, tally: _Tally, weight: int) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -466,6 +548,7 @@ class LinkResolver:
                     raise LinkTooLargeError(
                         f"{_shorten(link)} is {response['ContentLength']} bytes, over the cap of {cap}"
                     )
+                tally.add(int(response.get("ContentLength") or 0) * weight, link)
                 data: bytes = await body.read()
         except (ClientError, BotoCoreError) as exc:
             raise LinkUnreachableError(f"cannot read {_shorten(link)}: {exc}"[:400]) from exc

@@ -48,10 +48,12 @@ from dispatcher.metrics import Metrics
 from dispatcher.queues import Source, Window
 from dispatcher.routing import Draining, Router
 from dispatcher.settings import DispatcherSettings
+from sdeks.bounds import check_task
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
 from sdeks.envelope import Notification, Task, parse_task, unwrap_sns
 from sdeks.errors import (
     InvalidEnvelopeError,
+    InvalidParameterError,
     LinkError,
     ModelNotFoundError,
     SdeksError,
@@ -59,12 +61,14 @@ from sdeks.errors import (
 )
 from sdeks.job import Job
 from sdeks.lifecycle import CallbackPending, Reporter
-from sdeks.names import REJECTED_PREFIX, RUNTIME_ATTRIBUTE
+from sdeks.names import REJECTED_PREFIX, RUNTIME_ATTRIBUTE, is_runtime_name
 
 log = logging.getLogger(__name__)
 
 #: SQS message attribute carrying the original publish time of a forwarded task.
 PUBLISHED_AT_ATTRIBUTE = "published_at"
+#: SQS message attribute naming the delivery a forwarded task came from (`Reporter.admit`).
+DELIVERY_ATTRIBUTE = "delivery"
 _SQS_BATCH = 10
 _SHORT_POLL_PAUSE_S = 0.1
 
@@ -247,6 +251,12 @@ class Dispatcher:
             or (_float(system.get("SentTimestamp")) or 0) / 1000
             or received_at
         )
+        # Which copy of the message this is: SNS fans one message out to every queue
+        # whose filter matches (a multi-valued `runtime` attribute can match several);
+        # the first copy admitted serves the task (`Reporter.admit`).
+        delivery = attributes.get(DELIVERY_ATTRIBUTE) or (
+            f"sns:{note.message_id}@{source.name}" if note.message_id else f"sqs:{lease.message_id}"
+        )
         try:
             task = parse_task(
                 note.body, runtime=hint, fallback_id=note.message_id or lease.message_id
@@ -255,6 +265,13 @@ class Dispatcher:
             await self._reject(lease, message, note, exc, runtime=hint)
             return
         lease.task_id = task.id
+        # 0. Bounds at the edge, before anything is stored or forwarded (sdeks.bounds).
+        try:
+            check_task(task)
+        except InvalidParameterError as exc:
+            exc.task_id = task.id
+            await self._reject(lease, message, note, exc, runtime=task.runtime, task=task)
+            return
         if task.runtime not in self.settings.queues:
             known = sorted(self.settings.queues)
             error = UnknownRuntimeError(
@@ -264,13 +281,15 @@ class Dispatcher:
             await self._reject(lease, message, note, error, runtime=task.runtime, task=task)
             return
         if task.runtime != source.runtime:
-            await self._forward(lease, task, published_at)
+            await self._forward(lease, task, published_at, delivery)
             return
         # The task may wait minutes in the window: keep only its parsed form, not
         # the SQS body and the SNS message inside it (up to 256 KiB each).
         message.pop("Body", None)
         del note
-        await self._dispatch(source, lease, task, receive_count, published_at, received_at)
+        await self._dispatch(
+            source, lease, task, receive_count, published_at, received_at, delivery
+        )
 
     async def _dispatch(
         self,
@@ -280,12 +299,13 @@ class Dispatcher:
         receive_count: int,
         published_at: float,
         received_at: float,
+        delivery: str | None = None,
     ) -> None:
         runtime = task.runtime
         # 1. The task table: a finished id is dropped (redelivery, republish);
         #    a random seed is drawn once so every attempt renders the same image.
         try:
-            admitted = await self.reporter.admit(task, published_at=published_at)
+            admitted = await self.reporter.admit(task, published_at=published_at, delivery=delivery)
         except CallbackPending as exc:
             # Its winner claimed the end but has not confirmed the publish yet: keep
             # the message until the claim is stale, then `admit` republishes it.
@@ -306,6 +326,10 @@ class Dispatcher:
         async with contextlib.AsyncExitStack() as hold:
             if find_links(task.content):
                 await hold.enter_async_context(self._ahead)
+                # ... and its worst case in the dispatcher's memory budget for links.
+                await hold.enter_async_context(
+                    self.links.budget.hold(self.links.reservation(task.content))
+                )
                 self.router.check_open()
             try:
                 resolved = await self.links.resolve_content(task.content)
@@ -370,7 +394,7 @@ class Dispatcher:
 
     # --- outcomes -----------------------------------------------------------
 
-    async def _forward(self, lease: Lease, task: Task, published_at: float) -> None:
+    async def _forward(self, lease: Lease, task: Task, published_at: float, delivery: str) -> None:
         """A valid task from the catch-all (or the wrong queue) goes to its runtime's queue."""
         # The normalized envelope, not the raw body: a serverless task's id came
         # from the SNS message id, which the forwarded copy would not have.
@@ -380,6 +404,7 @@ class Dispatcher:
             MessageAttributes={
                 RUNTIME_ATTRIBUTE: {"DataType": "String", "StringValue": task.runtime},
                 PUBLISHED_AT_ATTRIBUTE: {"DataType": "Number", "StringValue": repr(published_at)},
+                DELIVERY_ATTRIBUTE: {"DataType": "String", "StringValue": delivery},
             },
         )
         log.info(
@@ -406,20 +431,19 @@ class Dispatcher:
             error.message,
             extra={"task_id": error.task_id},
         )
-        if task is not None:
-            await self._finish(_failed(task, error))
-        else:
-            # Raises on failure: the message is then kept and retried, never deleted silently.
-            await self.reporter.reject(
-                Callback(
-                    id=error.task_id,
-                    runtime=runtime,
-                    status=TaskStatus.FAILED,
-                    error=ErrorInfo.from_exception(error),
-                    # Without a usable id, the SNS message id is what the publisher has.
-                    message_id=note.message_id or lease.message_id,
-                )
+        # The id is claimed only if no live task holds it (docs/lifecycle.md, "Refused
+        # messages"). Raises on failure: the message is then kept and retried.
+        callback = (
+            _failed(task, error)
+            if task is not None
+            else Callback(
+                id=error.task_id,
+                runtime=runtime if is_runtime_name(runtime) else None,
+                status=TaskStatus.FAILED,
+                error=ErrorInfo.from_exception(error),
             )
+        )
+        if await self.reporter.refuse(callback, message_id=note.message_id or lease.message_id):
             self.metrics.failures.labels(error.code).inc()
         await self.leases.delete(lease)
         self.metrics.completed.labels(runtime or "catch-all", "failed").inc()
@@ -466,7 +490,13 @@ def _failed(task: Task, error: SdeksError) -> Callback:
 def _message_attributes(message: dict[str, Any]) -> dict[str, str]:
     out = {}
     for name, attr in (message.get("MessageAttributes") or {}).items():
-        if isinstance(attr, dict) and isinstance(attr.get("StringValue"), str):
+        # Only plain String attributes count: a Number, Binary or custom type named
+        # `runtime` is no routing hint (SNS matched it by other rules).
+        if (
+            isinstance(attr, dict)
+            and attr.get("DataType") == "String"
+            and isinstance(attr.get("StringValue"), str)
+        ):
             out[name] = attr["StringValue"]
     return out
 

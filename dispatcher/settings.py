@@ -91,7 +91,14 @@ class DispatcherSettings(ServiceSettings):
     link_max_redirects: int = Field(default=5, ge=0)
     #: Decoded width x height limit; larger images are refused as bombs.
     link_max_pixels: int = Field(default=32 * MiB, ge=1)
+    #: Links per task, counted per occurrence (one link written 300 times counts 300).
     link_max_per_task: int = Field(default=16, ge=1)
+    #: Resolved image bytes per task, each occurrence counted (its base64 is sent once each).
+    link_max_task_bytes: int = Field(default=64 * MiB, ge=1)
+    #: Memory budget of one dispatcher for tasks whose links are resolved and held at once:
+    #: a task reserves 4 x its worst case (the image, its base64 in the job, the job's JSON
+    #: body) before downloading and keeps it until its pod answers; tasks wait for room.
+    link_memory_budget_bytes: int = Field(default=1024 * MiB, ge=1)
     #: Downloads in flight at once across all tasks.
     link_concurrency: int = Field(default=16, ge=1)
     #: Tasks with links whose images may be downloaded and held ahead of a pod at once.

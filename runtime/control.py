@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sdeks.errors import TaskCancelledError
+from sdeks.errors import TaskCancelledError, TaskTimeoutError
 
 
 @dataclass
@@ -33,6 +33,15 @@ class JobControl:
     keep_partial: bool = False
     #: Called after every denoising step with (steps done, steps in all), from the render thread.
     on_progress: Callable[[int, int], None] | None = None
+    #: `time.monotonic()` after which the job stops between steps with `TaskTimeoutError`
+    #: (the runtime's task time limit, `SDEKS_TASK_TIME_LIMIT_S`); None: no limit.
+    deadline: float | None = None
+    time_limit_s: float | None = None
+
+    def limit_time(self, seconds: float | None) -> None:
+        """Stop the job between steps once it has run `seconds` (from now)."""
+        self.time_limit_s = seconds
+        self.deadline = None if seconds is None else time.monotonic() + seconds
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -51,6 +60,12 @@ class JobControl:
     def check(self) -> None:
         if self.cancelled:
             raise TaskCancelledError(f"task {self.job_id} was cancelled", task_id=self.job_id)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TaskTimeoutError(
+                f"task {self.job_id} ran past this runtime's time limit of "
+                f"{self.time_limit_s:g} s and was stopped",
+                task_id=self.job_id,
+            )
 
     def advance(self, step: int) -> None:
         """Record `step` steps done in this batch, report them, and stop if cancelled."""

@@ -121,42 +121,20 @@ def run_job(
     manifest.timings = timings
     manifest_key = writer.write_manifest(task, manifest)
 
-    callback = _fit_for_sns(
-        Callback.for_task(
-            task,
-            status,
-            output_location=writer.output_location(task),
-            image_url=[writer.url(k) for k in keys],
-            output_url=writer.url(manifest_key),
-            seeds=manifest.seeds,
-            error=error,
-            timings=timings,
-            info=manifest.info,
-            ignored_fields=ignored,
-        )
-    )
-    return callback
-
-
-#: SNS refuses messages over 256 KiB; keep room for the attributes and JSON envelope.
-MAX_CALLBACK_BYTES = 240 * 1024
-_BULKY_INFO_KEYS = ("all_prompts", "all_negative_prompts", "infotexts", "prompt", "negative_prompt")
-
-
-def _fit_for_sns(callback: Callback) -> Callback:
-    """Trim `info` (never `context`) when the callback would not fit in an SNS message.
-
-    Long prompts repeat in `all_prompts` and every infotext; the manifest at
-    `output_url` keeps the full `info`.
-    """
-    if len(callback.model_dump_json()) <= MAX_CALLBACK_BYTES or callback.info is None:
-        return callback
-    info = {k: v for k, v in callback.info.items() if k not in _BULKY_INFO_KEYS}
-    info["truncated"] = f"too large for SNS; the full info is in {callback.output_url}"
-    trimmed = callback.model_copy(update={"info": info})
-    if len(trimmed.model_dump_json()) <= MAX_CALLBACK_BYTES:
-        return trimmed
-    return callback.model_copy(update={"info": None})
+    # Fitted to one SNS message by the shared rule (`Callback.fitted`: info first,
+    # then context, which the manifest keeps whole).
+    return Callback.for_task(
+        task,
+        status,
+        output_location=writer.output_location(task),
+        image_url=[writer.url(k) for k in keys],
+        output_url=writer.url(manifest_key),
+        seeds=manifest.seeds,
+        error=error,
+        timings=timings,
+        info=manifest.info,
+        ignored_fields=ignored,
+    ).fitted()
 
 
 __all__ = ["OutputError", "render_task", "run_job"]

@@ -134,6 +134,20 @@ def tokenize(tokenizer: Any, prompt: str) -> list[tuple[list[int], list[float]]]
     return chunk_tokens(runs)
 
 
+def check_length(field: str, chunks: list[tuple[list[int], list[float]]], max_chunks: int) -> None:
+    """Each chunk is one more pass through the text encoder and 77 more tokens every
+    denoising step attends to: a runtime caps them (issue 14: a 230 KB prompt made a
+    render 160x slower)."""
+    if len(chunks) > max_chunks:
+        from sdeks.errors import InvalidParameterError
+
+        tokens = sum(len(ids) for ids, _ in chunks)
+        raise InvalidParameterError(
+            f"`{field}` is {len(chunks)} chunks of {CHUNK_TOKENS} tokens ({tokens} tokens), "
+            f"over this runtime's limit of {max_chunks} chunks"
+        )
+
+
 def _padded(tokenizer: Any, ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
     length = tokenizer.model_max_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -159,18 +173,28 @@ def _final_norm(encoder: Any) -> Any:
 
 
 def encode(
-    pipe: Any, prompt: str, negative_prompt: str, clip_skip: int | None, batch: int
+    pipe: Any,
+    prompt: str,
+    negative_prompt: str,
+    clip_skip: int | None,
+    batch: int,
+    *,
+    max_chunks: int | None = None,
 ) -> dict[str, Any]:
     """`prompt_embeds` (and SDXL's pooled embeds) for prompt and negative prompt, `batch` copies.
 
     `clip_skip` counts skipped layers as diffusers does (A1111's
-    CLIP_stop_at_last_layers minus one).
+    CLIP_stop_at_last_layers minus one). `max_chunks`: the runtime's prompt cap
+    (`SDEKS_MAX_PROMPT_CHUNKS`); a longer prompt is refused before any encoding.
     """
     import torch
 
     tokenizer = pipe.tokenizer
     cond = tokenize(tokenizer, prompt)
     uncond = tokenize(tokenizer, negative_prompt)
+    if max_chunks is not None:
+        check_length("prompt", cond, max_chunks)
+        check_length("negative_prompt", uncond, max_chunks)
     # Both sides need the same length: pad the shorter with empty chunks (A1111).
     while len(cond) < len(uncond):
         cond.append(([], []))

@@ -214,6 +214,7 @@ class Renderer:
             embeddings.convert(ctx.pipe, plan.negative_prompt),
             plan.clip_skip,
             request.batch_size,
+            max_chunks=self.settings.max_prompt_chunks,
         )
         images: list[Image.Image] = []
         for n in range(request.n_iter):

@@ -67,6 +67,12 @@ class RuntimeSettings(ServiceSettings):
     #: Largest width x height accepted (2048 x 2048 by default).
     max_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
     max_steps: int = Field(default=150, ge=1)
+    #: Prompt cap in chunks of 75 tokens (each of `prompt` and `negative_prompt`).
+    max_prompt_chunks: int = Field(default=256, ge=1)
+    #: A job rendering longer than this stops between steps and ends with one `timeout`
+    #: callback. Keep it under the dispatcher's `SDEKS_JOB_TIMEOUT_S`, which otherwise
+    #: gives up on the pod and retries elsewhere.
+    task_time_limit_s: float | None = Field(default=900.0, gt=0)
     #: Largest batch_size x n_iter.
     max_images: int = Field(default=16, ge=1)
     max_batch_size: int = Field(default=8, ge=1)

@@ -7,10 +7,23 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sdeks.bounds import scrub
 from sdeks.envelope import Task
 from sdeks.errors import SdeksError
+
+#: SNS's limit on one message: body and attributes (names, types, values), in UTF-8 bytes.
+MAX_SNS_MESSAGE_BYTES = 262_144
+#: `error.message` is cut to this many characters (it quotes input only by excerpt).
+MAX_ERROR_MESSAGE_CHARS = 2_000
+#: `image_url` keeps at most this many UTF-8 bytes of URLs (the manifest lists them all),
+#: so the callback and the task table item stay bounded (DynamoDB's 400 KB).
+MAX_IMAGE_URL_BYTES = 64 * 1024
+#: `info` keys that repeat the prompt per image; dropped first when a callback is too big.
+BULKY_INFO_KEYS = ("all_prompts", "all_negative_prompts", "infotexts", "prompt", "negative_prompt")
+#: The key of the marker that replaces a `context` too large to echo.
+CONTEXT_MARKER = "sdeks_context_truncated"
 
 
 class TaskStatus(StrEnum):
@@ -39,6 +52,16 @@ class Timings(BaseModel):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+
+    @field_validator("message")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        # Messages quote input by `excerpt` only; this is the backstop for any that
+        # does not, so a failed callback always serialises and fits.
+        value = scrub(value)
+        if len(value) > MAX_ERROR_MESSAGE_CHARS:
+            value = value[:MAX_ERROR_MESSAGE_CHARS] + "... (message cut)"
+        return value
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
@@ -71,6 +94,13 @@ class Callback(BaseModel):
     #: The SNS message id, when the message had no usable task id to correlate by.
     message_id: str | None = None
 
+    @field_validator("context", "info")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        # Echoed input: a lone surrogate (valid JSON, not encodable) becomes U+FFFD,
+        # so the callback always serialises (the task itself was refused for it).
+        return scrub(value)
+
     @classmethod
     def for_task(cls, task: Task, status: TaskStatus, **fields: Any) -> Callback:
         """A callback about `task`: its id, runtime, tasktype and context, `result`
@@ -85,16 +115,105 @@ class Callback(BaseModel):
             **fields,
         )
 
-    def sns_publish_kwargs(self, topic_arn: str) -> dict[str, Any]:
-        """Arguments for `sns.publish` (boto3 and aiobotocore alike)."""
+    def message_attributes(self) -> dict[str, dict[str, str]]:
         attributes = {"status": {"DataType": "String", "StringValue": self.status.value}}
         if self.runtime:
             attributes["runtime"] = {"DataType": "String", "StringValue": self.runtime}
+        return attributes
+
+    def sns_size(self) -> int:
+        """UTF-8 bytes SNS counts against its limit: the body and every attribute."""
+        return sns_message_size(self.model_dump_json(), self.message_attributes())
+
+    def fitted(self, limit: int = MAX_SNS_MESSAGE_BYTES) -> Callback:
+        """This callback, trimmed by one rule until it fits in one SNS message.
+
+        In order, each step only if still needed (the manifest at `output_url`
+        keeps everything a step removes):
+
+        0. always: `image_url` keeps at most `MAX_IMAGE_URL_BYTES` of URLs
+           (`image_url_truncated` then says how many there were);
+        1. `info` loses the keys that repeat the prompt (`BULKY_INFO_KEYS`);
+        2. `info` is dropped;
+        3. `context` is replaced by ``{"sdeks_context_truncated": {"bytes": N,
+           "manifest": output_url}}``;
+        4. `error.message` is cut to 1000 characters, then `image_url` and
+           `seeds` are emptied.
+        """
+        out = self._urls_bounded()
+        if out.sns_size() <= limit:
+            return out
+        steps = [
+            lambda c: (
+                c._with_info(
+                    {k: v for k, v in c.info.items() if k not in BULKY_INFO_KEYS}
+                    | {"truncated": f"too large for SNS; the full info is in {c.output_url}"}
+                )
+                if c.info
+                else c
+            ),
+            lambda c: c._with_info(None),
+            lambda c: (
+                c.model_copy(update={"context": _context_marker(c.context, c.output_url)})
+                if c.context is not None
+                else c
+            ),
+            lambda c: c.model_copy(
+                update={
+                    "error": ErrorInfo(code=c.error.code, message=c.error.message[:1000])
+                    if c.error
+                    else None
+                }
+            ),
+            lambda c: c.model_copy(
+                update={"image_url": [], "seeds": [], "image_url_truncated": len(c.image_url)}
+            ),
+        ]
+        for step in steps:
+            out = step(out)
+            if out.sns_size() <= limit:
+                return out
+        raise ValueError(f"callback of task {self.id} cannot be made to fit in {limit} bytes")
+
+    def _with_info(self, info: dict[str, Any] | None) -> Callback:
+        return self.model_copy(update={"info": info})
+
+    def _urls_bounded(self) -> Callback:
+        total, kept = 0, 0
+        for url in self.image_url:
+            total += len(url.encode("utf-8")) + 4
+            if total > MAX_IMAGE_URL_BYTES:
+                break
+            kept += 1
+        if kept == len(self.image_url):
+            return self
+        return self.model_copy(
+            update={"image_url": self.image_url[:kept], "image_url_truncated": len(self.image_url)}
+        )
+
+    def sns_publish_kwargs(self, topic_arn: str) -> dict[str, Any]:
+        """Arguments for `sns.publish` (boto3 and aiobotocore alike), fitted to SNS."""
+        fitted = self.fitted()
         return {
             "TopicArn": topic_arn,
-            "Message": self.model_dump_json(),
-            "MessageAttributes": attributes,
+            "Message": fitted.model_dump_json(),
+            "MessageAttributes": fitted.message_attributes(),
         }
+
+
+def sns_message_size(message: str, attributes: dict[str, dict[str, str]]) -> int:
+    """What SNS counts against `MAX_SNS_MESSAGE_BYTES`: the body, and each attribute's
+    name, data type and value, in UTF-8 bytes."""
+    size = len(message.encode("utf-8"))
+    for name, attr in attributes.items():
+        size += len(name.encode("utf-8")) + len(attr.get("DataType", "").encode("utf-8"))
+        size += len(str(attr.get("StringValue", "")).encode("utf-8"))
+    return size
+
+
+def _context_marker(context: Any, manifest_url: str | None) -> dict[str, Any]:
+    size = len(json.dumps(context, separators=(",", ":")).encode("utf-8"))
+    return {CONTEXT_MARKER: {"bytes": size, "manifest": manifest_url}}
 
 
 class Manifest(BaseModel):

@@ -216,11 +216,26 @@ def _when(epoch_ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch_ms / 1000)) + "Z"
 
 
+def _bad_id(task_id: str) -> bool:
+    """Print one line and return True when `task_id` cannot name a task (the table
+    would refuse it with a traceback: an empty key is a DynamoDB validation error)."""
+    from sdeks.envelope import check_task_id
+
+    try:
+        check_task_id(task_id)
+    except ValueError as exc:
+        _print(f"error: {'no task id given' if not task_id else exc}")
+        return True
+    return False
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
     from sdeks.lifecycle import describe
 
+    if _bad_id(args.id):
+        return EXIT_FAILED
     view = asyncio.run(describe(_table(), args.id, workers=args.workers))
     if view is None:
         _print(f"no task {args.id!r} (unknown, or expired from the table)")
@@ -290,6 +305,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from sdeks.client import SdeksClient
 
+    if _bad_id(args.id):
+        return EXIT_FAILED
     return _wait_table(
         SdeksClient(), _table(), args.id, args.timeout, Path(args.out), args.interval
     )
@@ -329,6 +346,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from sdeks.lifecycle import Reporter
     from sdeks.tasks import CancelOutcome
 
+    if _bad_id(args.id):
+        return EXIT_FAILED
     client = SdeksClient()
     reporter = Reporter(
         aws.client("sns"),

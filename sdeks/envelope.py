@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from sdeks.bounds import escape, excerpt, has_surrogates
 from sdeks.errors import InvalidEnvelopeError
 from sdeks.names import REJECTED_PREFIX, check_runtime_name
 
@@ -31,8 +32,10 @@ MAX_WEBHOOK_LENGTH = 2048
 MAX_BODY_BYTES = 1024 * 1024  # SNS caps messages at 256 KiB; anything larger is hostile
 MAX_JSON_DEPTH = 64
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+# Always `fullmatch`: `$` also matches before a final newline ("x\n" would pass).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.=+-]+")
+_WEBHOOK_RE = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 
 
 class TaskType(StrEnum):
@@ -45,10 +48,10 @@ class TaskType(StrEnum):
 def check_task_id(value: str) -> str:
     if len(value) > MAX_ID_LENGTH:
         raise ValueError(f"id must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
-    if not _ID_RE.match(value) or ".." in value:
+    if not _ID_RE.fullmatch(value) or ".." in value:
         raise ValueError(
             "id may hold only letters, digits, '_', '.', '-', must start with a letter "
-            f"or digit and must not contain '..', got {value!r:.80}"
+            f"or digit and must not contain '..', got {excerpt(value)}"
         )
     return value
 
@@ -57,13 +60,13 @@ def check_prefix(value: str) -> str:
     if len(value) > MAX_PREFIX_LENGTH:
         raise ValueError(f"prefix must be at most {MAX_PREFIX_LENGTH} characters, got {len(value)}")
     if value.startswith("/"):
-        raise ValueError(f"prefix must not start with '/', got {value!r:.80}")
+        raise ValueError(f"prefix must not start with '/', got {excerpt(value)}")
     segments = value.split("/")
     for segment in segments:
-        if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
+        if segment in ("", ".", "..") or not _SEGMENT_RE.fullmatch(segment):
             raise ValueError(
                 "prefix must be '/'-separated segments of letters, digits, '_', '.', '=', "
-                f"'+', '-' with no empty, '.' or '..' segment, got {value!r:.80}"
+                f"'+', '-' with no empty, '.' or '..' segment, got {excerpt(value)}"
             )
     if value + "/" == REJECTED_PREFIX or value.startswith(REJECTED_PREFIX):
         raise ValueError(f"prefix {REJECTED_PREFIX!r} is reserved for rejected messages")
@@ -73,8 +76,11 @@ def check_prefix(value: str) -> str:
 def check_webhook(value: str) -> str:
     if len(value) > MAX_WEBHOOK_LENGTH:
         raise ValueError(f"webhook must be at most {MAX_WEBHOOK_LENGTH} characters")
-    if not value.startswith(("http://", "https://")):
-        raise ValueError(f"webhook must be an http(s) URL, got {value!r:.80}")
+    if has_surrogates(value) or not _WEBHOOK_RE.fullmatch(value):
+        raise ValueError(
+            f"webhook must be an http(s) URL without spaces or control characters, "
+            f"got {excerpt(value)}"
+        )
     return value
 
 
@@ -232,7 +238,9 @@ def _normalize(
     if "task" in doc:
         if set(doc) != {"task"}:
             extra = sorted(set(doc) - {"task"})
-            raise InvalidEnvelopeError(f"unexpected top-level fields next to 'task': {extra[:5]}")
+            raise InvalidEnvelopeError(
+                f"unexpected top-level fields next to 'task': {_names(extra)}"
+            )
         inner = doc["task"]
         if not isinstance(inner, Mapping):
             raise InvalidEnvelopeError("'task' must be an object with 'metadata' and 'content'")
@@ -255,7 +263,7 @@ def _normalize(
 def _from_metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
     extra = sorted(set(doc) - {"metadata", "content"})
     if extra:
-        raise InvalidEnvelopeError(f"unexpected fields next to 'metadata': {extra[:5]}")
+        raise InvalidEnvelopeError(f"unexpected fields next to 'metadata': {_names(extra)}")
     metadata = doc.get("metadata")
     if not isinstance(metadata, Mapping):
         raise InvalidEnvelopeError("'metadata' must be an object")
@@ -277,12 +285,17 @@ def _from_serverless(
     api = inp.get("api")
     if not isinstance(api, Mapping):
         raise InvalidEnvelopeError("'input.api' must be an object with 'method' and 'endpoint'")
-    method = str(api.get("method", "POST")).upper()
+    method = api.get("method", "POST")
     endpoint = api.get("endpoint")
-    if method != "POST" or endpoint not in _SERVERLESS_ENDPOINTS:
+    if (
+        not isinstance(method, str)
+        or method.upper() != "POST"
+        or not isinstance(endpoint, str)
+        or endpoint not in _SERVERLESS_ENDPOINTS
+    ):
         raise InvalidEnvelopeError(
             f"input.api must be POST to one of {sorted(_SERVERLESS_ENDPOINTS)}, "
-            f"got {method} {endpoint!r:.80}"
+            f"got method {excerpt(method)} and endpoint {excerpt(endpoint)}"
         )
     payload = inp.get("payload", {})
     task_id = doc.get("id", fallback_id)
@@ -304,11 +317,12 @@ def _from_legacy(
     doc: Mapping[str, Any], runtime: str | None, default_prefix: str
 ) -> dict[str, Any]:
     scripts = dict(doc["alwayson_scripts"])
-    tasktype = _LEGACY_TASKTYPES.get(str(scripts.get("task", "text-to-image")))
+    name = scripts.get("task", "text-to-image")
+    tasktype = _LEGACY_TASKTYPES.get(name) if isinstance(name, str) else None
     if tasktype is None:
         raise InvalidEnvelopeError(
             f"alwayson_scripts.task must be one of {sorted(_LEGACY_TASKTYPES)}, "
-            f"got {scripts.get('task')!r:.80}",
+            f"got {excerpt(name)}",
         )
     content = {k: v for k, v in doc.items() if k != "alwayson_scripts"}
     link = scripts.get("image_link")
@@ -335,15 +349,34 @@ def _from_legacy(
 
 
 def _describe(exc: ValidationError) -> str:
+    """Pydantic's errors in a few words each: the field path and the complaint, quoting
+    input only through `excerpt` (paths hold untrusted dict keys too)."""
     parts = []
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "task"
+        where = field_path(err["loc"]) or "task"
         if err["type"] == "missing":
             parts.append(f"{where}: required")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{where}: {msg}")
+            if "got " not in msg:
+                msg += f", got {excerpt(err.get('input'))}"
+            parts.append(f"{where}: {escape(msg, 400)}")
     return "invalid task envelope: " + "; ".join(parts)
+
+
+def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """A pydantic error location as ``a.b[0].c``, each part escaped and bounded."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + escape(part, 40)
+    return out
+
+
+def _names(keys: list[Any]) -> str:
+    return ", ".join(excerpt(k, 40) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
 
 
 # --- SNS notification unwrapping -------------------------------------------
@@ -376,7 +409,13 @@ def unwrap_sns(sqs_body: str) -> Notification:
     raw_attributes = doc.get("MessageAttributes") or {}
     if isinstance(raw_attributes, dict):
         for name, attr in raw_attributes.items():
-            if isinstance(attr, dict) and isinstance(attr.get("Value"), str):
+            # Only plain String attributes: a String.Array, Number or Binary `runtime`
+            # is no routing hint (docs/dispatcher.md, "Routing").
+            if (
+                isinstance(attr, dict)
+                and attr.get("Type") == "String"
+                and isinstance(attr.get("Value"), str)
+            ):
                 attributes[str(name)] = attr["Value"]
     published_at = None
     stamp = doc.get("Timestamp")

@@ -10,6 +10,8 @@ ends it (pod, dispatcher, `sdeks cancel`). See docs/lifecycle.md.
     reporter.cancel(id)         cancel a queued (callback now) or running (flag) task
     reporter.recover(id)        republish a claimed callback whose publish was lost
     reporter.reject(callback)   publish the failure of a message that is not a task (no claim)
+    reporter.refuse(callback, message_id=...)  the failure of a message refused before
+                                admission: claims its id only if no task holds it
 
 Also the status view: `describe` reads a task with its queue position and an
 ETA estimate.
@@ -76,16 +78,24 @@ class Reporter:
         self._monotonic = monotonic
         self._last_progress: dict[str, float] = {}
 
-    async def admit(self, task: Task, *, published_at: float | None = None) -> bool:
+    async def admit(
+        self, task: Task, *, published_at: float | None = None, delivery: str | None = None
+    ) -> bool:
         """The dispatcher received `task`. True: dispatch it. False: delete the message
         and do nothing else: the task already ended (its callback is out, or is
         republished here if its publisher died), or it was cancelled while a pod
         that has since died was running it (this call publishes the `cancelled`).
         Raises `CallbackPending` when the task ended but its callback is claimed and
-        not yet confirmed: keep the message and come back after `retry_after_s`."""
+        not yet confirmed: keep the message and come back after `retry_after_s`.
+
+        `delivery` names this copy of the message (SNS message id and the queue it
+        reached, or the SQS message id of a raw send). The first copy recorded for an
+        id serves it; another copy while the task is live (SNS fan-out to two queues,
+        a republish under the same id) is dropped: the first ends it with the one
+        terminal callback, and no second render can overwrite its outputs."""
         if self.table is None:
             return True
-        record = await self.table.record_queued(task, published_at=published_at)
+        record = await self.table.record_queued(task, published_at=published_at, delivery=delivery)
         if record.status.terminal:
             if record.callback_published is False and not await self.recover(
                 task.id, stale_after_s=self.republish_after_s
@@ -93,6 +103,14 @@ class Reporter:
                 # Deleting the message now would lose the callback if its winner died
                 # between claim and publish: keep it until the claim goes stale.
                 raise CallbackPending(task.id, self.republish_after_s)
+            return False
+        if delivery is not None and record.delivery not in (None, delivery):
+            log.info(
+                "task %s: another copy (%s) already serves it; %s dropped",
+                task.id,
+                record.delivery,
+                delivery,
+            )
             return False
         if record.cancel_requested:
             message = "cancelled while running; its pod stopped before reporting"
@@ -126,6 +144,9 @@ class Reporter:
         """
         if not callback.status.terminal:
             raise ValueError(f"finish needs a terminal status, got {callback.status}")
+        # Fitted before the claim: the table stores, and recovery republishes, exactly
+        # what fits in one SNS message (docs/reliability.md, "Bounds").
+        callback = callback.fitted()
         if callback.id is not None:
             self._last_progress.pop(callback.id, None)
         if self.table is not None and callback.id is not None:
@@ -216,6 +237,42 @@ class Reporter:
         if callback.status is not TaskStatus.FAILED:
             raise ValueError(f"reject needs a failed callback, got {callback.status}")
         await self._publish(callback)
+
+    async def refuse(self, callback: Callback, *, message_id: str | None) -> bool:
+        """Publish the failure of a message refused before admission (not a task, an
+        unknown runtime, a bound broken at the edge).
+
+        Its id (read from the message) is claimed only if no live task holds it
+        (`claim_terminal(new_only=True)`): then it is the id's one terminal callback.
+        If another task holds the id, that task is left alone and the failure goes
+        out with ``id: null``, `named_id` (the id it named) and `message_id`, so it
+        is never a second terminal callback for that id. A redelivery of a message
+        whose refusal already claimed the id publishes nothing (False).
+        """
+        if callback.status is not TaskStatus.FAILED:
+            raise ValueError(f"refuse needs a failed callback, got {callback.status}")
+        callback = callback.model_copy(update={"message_id": message_id}).fitted()
+        if callback.id is not None and self.table is not None:
+            if await self.table.claim_terminal(callback, new_only=True):
+                await self._publish(callback)
+                await self._confirm(callback)
+                return True
+            record = await self.table.get(callback.id, live=False)
+            stored = record.terminal_callback() if record is not None else None
+            if (
+                stored is not None
+                and message_id
+                and getattr(stored, "message_id", None) == (message_id)
+            ):
+                if record is not None and record.callback_published is False:
+                    await self._publish(stored)  # our own claim, its publish was lost
+                    await self._confirm(stored)
+                    return True
+                log.info("task %s: refusal of message %s already out", callback.id, message_id)
+                return False
+            callback = callback.model_copy(update={"id": None, "named_id": callback.id})
+        await self._publish(callback)
+        return True
 
     async def _publish(self, callback: Callback) -> None:
         kwargs = callback.sns_publish_kwargs(self._topic_arn)

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sdeks.bounds import excerpt
+
 #: SNS message attribute that routes a task to its runtime queue.
 RUNTIME_ATTRIBUTE = "runtime"
 
@@ -41,15 +43,20 @@ MODELS_DETECTOR_PREFIX = "adetailer/"
 #: Key prefix in the output bucket where unparseable messages are kept for audit.
 REJECTED_PREFIX = "rejected/"
 
-_RUNTIME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+# `fullmatch`, never `match` with `$`: `$` also matches before a final newline.
+_RUNTIME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")
+
+
+def is_runtime_name(name: object) -> bool:
+    return isinstance(name, str) and _RUNTIME_RE.fullmatch(name) is not None
 
 
 def check_runtime_name(name: str) -> str:
     """Runtime names become queue names and Kubernetes object names (DNS labels)."""
-    if not isinstance(name, str) or not _RUNTIME_RE.match(name):
+    if not is_runtime_name(name):
         raise ValueError(
             f"runtime name must be 1-40 lowercase letters, digits or '-', "
-            f"starting and ending with a letter or digit, got {name!r:.80}"
+            f"starting and ending with a letter or digit, got {excerpt(name)}"
         )
     return name
 

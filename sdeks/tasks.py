@@ -161,6 +161,8 @@ class TaskRecord(BaseModel):
     republished: int = 0
     republished_at: int | None = None
     expires_at: int | None = None
+    #: Which delivery of the task serves it (`Reporter.admit`): the first to arrive.
+    delivery: str | None = None
 
     @property
     def queued_ms(self) -> int | None:
@@ -265,14 +267,18 @@ class TaskTable:
 
     # --- lifecycle writes ---------------------------------------------------
 
-    async def record_queued(self, task: Task, *, published_at: float | None = None) -> TaskRecord:
+    async def record_queued(
+        self, task: Task, *, published_at: float | None = None, delivery: str | None = None
+    ) -> TaskRecord:
         """The dispatcher received `task` (first delivery, redelivery or republish).
 
         Creates the item as `queued`, or counts one more attempt on a live,
         unfinished one without regressing its status. A live *terminal* item
         is returned untouched: the caller must not render it again (and not
         publish anything). An expired item is replaced by a fresh one.
-        `published_at` is the SNS publish time in epoch seconds.
+        `published_at` is the SNS publish time in epoch seconds. `delivery` names
+        this copy of the message; the first one recorded is kept (`TaskRecord.delivery`),
+        so the caller can tell another copy (SNS fan-out, a republish) from a redelivery.
         """
         for _ in range(3):
             now_ms, now_s = self._now()
@@ -283,6 +289,8 @@ class TaskTable:
             u.set_if_absent("received_at", now_ms)
             if published_at is not None:
                 u.set_if_absent("published_at", int(published_at * 1000))
+            if delivery is not None:
+                u.set_if_absent("delivery", delivery)
             u.set("updated_at", now_ms).set(TTL_ATTRIBUTE, now_s + self.ttl_s).add("attempts", 1)
             condition = (
                 f"attribute_not_exists({u.name('id')}) OR ({u.name(TTL_ATTRIBUTE)} > "
@@ -300,7 +308,7 @@ class TaskTable:
                 if old.status.terminal and _is_new_publish(old, published_at):
                     return await self._note_republish(old, now_ms)
                 return old
-            if await self._replace_expired(task, published_at, now_ms, now_s):
+            if await self._replace_expired(task, published_at, now_ms, now_s, delivery):
                 return await self._require(task.id)
         raise TaskTableError(f"could not record task {task.id} as queued", task_id=task.id)
 
@@ -353,12 +361,13 @@ class TaskTable:
         )
         return await self._try(task_id, u, condition)
 
-    async def claim_terminal(self, callback: Callback) -> bool:
+    async def claim_terminal(self, callback: Callback, *, new_only: bool = False) -> bool:
         """Move the task to the callback's terminal status, if nobody did yet.
 
         Exactly one caller per task id gets True; it alone publishes the
         callback. The callback is stored so a publish lost to a crash can be
-        redone (`claim_republish`).
+        redone (`claim_republish`). `new_only`: claim only an id no live task
+        holds (a message refused before admission must not end another's task).
         """
         if callback.id is None:
             raise ValueError("a callback without an id cannot be claimed")
@@ -366,10 +375,9 @@ class TaskTable:
             raise ValueError(f"claim_terminal needs a terminal status, got {callback.status}")
         _, now_s = self._now()
         u = self._terminal_update(callback)
-        condition = (
-            f"attribute_not_exists({u.name('id')}) OR NOT {u.name('status')} IN "
-            f"({u.terminal_values()}) OR {u.name(TTL_ATTRIBUTE)} <= {u.value(now_s)}"
-        )
+        expired = f"{u.name(TTL_ATTRIBUTE)} <= {u.value(now_s)}"
+        live = "" if new_only else f"NOT {u.name('status')} IN ({u.terminal_values()}) OR "
+        condition = f"attribute_not_exists({u.name('id')}) OR {live}{expired}"
         won = await self._try(callback.id, u, condition)
         if not won:
             log.info("task %s already finished; %s not claimed", callback.id, callback.status)
@@ -568,7 +576,12 @@ class TaskTable:
         return u
 
     async def _replace_expired(
-        self, task: Task, published_at: float | None, now_ms: int, now_s: int
+        self,
+        task: Task,
+        published_at: float | None,
+        now_ms: int,
+        now_s: int,
+        delivery: str | None = None,
     ) -> bool:
         item: dict[str, Any] = {
             "id": task.id,
@@ -581,6 +594,8 @@ class TaskTable:
         }
         if published_at is not None:
             item["published_at"] = int(published_at * 1000)
+        if delivery is not None:
+            item["delivery"] = delivery
         try:
             await call(
                 self._client,

@@ -53,6 +53,7 @@ async def post_job(job: Job, pod: PodDep) -> Any:
             status_code=409,
         )
     control = JobControl(job_id=task.id)
+    control.limit_time(settings.task_time_limit_s)  # checked between steps: one `timeout`
     received = time.time()
     async with pod.slot(control, wait=False) as held:
         if not held:

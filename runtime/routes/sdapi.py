@@ -119,19 +119,16 @@ async def get_options(pod: PodDep) -> dict[str, Any]:
 
 @router.post("/options")
 async def set_options(pod: PodDep, body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+    from runtime.options import validate_options
+
+    validate_options(body)  # types and ranges first: a refused call changes nothing
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None:
-        if not isinstance(checkpoint, str):
-            raise InvalidParameterError(
-                f"`sd_model_checkpoint` must be a string, got {checkpoint!r}"
-            )
         # A1111 loads the model when it is set; an unknown one is refused.
         await asyncio.to_thread(pod.renderer.check_pinned, checkpoint)
         await asyncio.to_thread(pod.models.load, checkpoint)
     if "CLIP_stop_at_last_layers" in body:
-        from runtime.stages.prepare import clip_skip_of
-
-        clip_skip_of(body["CLIP_stop_at_last_layers"])
+        await asyncio.to_thread(_check_clip_layers, pod, body, checkpoint)
     if body.get("sd_vae") is not None and body["sd_vae"] not in a1111.NO_VAE:
         await asyncio.to_thread(pod.models.fetch_vae, str(body["sd_vae"]))
     pod.options.update(body)
@@ -264,3 +261,14 @@ async def interrupt(pod: PodDep) -> None:
     for job_id in list(pod.a1111_ids):
         if job_id in pod.running:
             pod.running[job_id].cancel()
+
+
+def _check_clip_layers(pod: Any, body: dict[str, Any], checkpoint: str | None) -> None:
+    """`CLIP_stop_at_last_layers` against the depth of the model it will apply to."""
+    from runtime.options import clip_layers, encoder_layers
+
+    name = checkpoint or pod.options.get("sd_model_checkpoint") or pod.settings.default_model
+    if not name:
+        return
+    with pod.models.use(name) as lease:
+        clip_layers(body["CLIP_stop_at_last_layers"], encoder_layers(lease.pipeline))

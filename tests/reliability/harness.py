@@ -29,10 +29,11 @@ from dispatcher.routing import Router
 from dispatcher.service import Dispatcher, Source
 from dispatcher.settings import DispatcherSettings
 from sdeks import aws as sdeks_aws
+from sdeks.bounds import check_task
 from sdeks.callback import Callback
 from sdeks.client import CallbackListener
 from sdeks.envelope import Task, TaskType, parse_task, unwrap_sns
-from sdeks.errors import InvalidEnvelopeError
+from sdeks.errors import InvalidEnvelopeError, InvalidParameterError
 from sdeks.lifecycle import Reporter
 from sdeks.tasks import TaskTable
 from tests.dispatcher.conftest import FakePod
@@ -67,6 +68,8 @@ class Delivery:
     #: "sns": published to the task topic; "sqs": sent raw to `queue`.
     via: str
     attribute: str | None = None  # the SNS `runtime` attribute
+    #: Its SNS data type: "String", or "String.Array" / "Number" (several values, a number)
+    attribute_type: str = "String"
     queue: str = RUNTIME  # RUNTIME or "catch-all" (raw sends)
     sqs_attributes: dict[str, str] = field(default_factory=dict)
 
@@ -78,6 +81,11 @@ class Expected:
     task_id: str | None
     #: Acceptable (status, code) pairs of its one callback; None: no callback.
     outcomes: frozenset[tuple[str, str | None]] | None
+    #: Refused before admission (`Reporter.refuse`): it claims `task_id` only if no live
+    #: task holds it, else its callback goes out with ``id: null``.
+    refusal: bool = False
+    #: The callback may not come (which message of a group wins is a race).
+    optional: bool = False
 
 
 class Harness:
@@ -87,8 +95,6 @@ class Harness:
         self.aws, self.stack = aws, stack
         self.exit = contextlib.AsyncExitStack()
         self.finished: set[str] = set()
-        #: Ids first ended by the messages of the receive being handled.
-        self.fresh: set[str] = set()
         self.handled = 0
         self.kinds: Counter[str] = Counter()
         self.rejected = 0
@@ -96,8 +102,9 @@ class Harness:
             CallbackListener(aws.sns, aws.sqs, stack.callback_topic_arn)
         )
 
-    async def start(self, behaviours: list[Any] | None = None) -> None:
-        """`behaviours`: one `FakePod.behaviour` per pod (None: one plain pod)."""
+    async def start(self, behaviours: list[Any] | None = None, **settings_: Any) -> None:
+        """`behaviours`: one `FakePod.behaviour` per pod (None: one plain pod); `settings_`
+        override the dispatcher's settings."""
         stack = self.stack
         sqs, sns, s3, dynamodb = [
             await self.exit.enter_async_context(sdeks_aws.aio_client(name))
@@ -128,8 +135,8 @@ class Harness:
             pods={RUNTIME: urls},
             metrics_port=0,
             state_interval_s=0.2,
-            link_timeout_s=2,
             s3_allow_buckets=[stack.output_bucket],
+            **({"link_timeout_s": 2} | settings_),
         )
         links = await self.exit.enter_async_context(
             LinkResolver(LinkPolicy.from_settings(settings), s3=s3, resolver=no_dns)
@@ -196,7 +203,10 @@ class Harness:
             request: dict[str, Any] = {"TopicArn": self.stack.task_topic_arn, "Message": body}
             if delivery.attribute:
                 request["MessageAttributes"] = {
-                    "runtime": {"DataType": "String", "StringValue": delivery.attribute}
+                    "runtime": {
+                        "DataType": delivery.attribute_type,
+                        "StringValue": delivery.attribute,
+                    }
                 }
             return request
         return {
@@ -233,7 +243,9 @@ class Harness:
             self.rejected += 1
             return Expected(None, frozenset({("failed", "invalid_envelope")}))
         attributes = {
-            k: v["StringValue"] for k, v in (message.get("MessageAttributes") or {}).items()
+            k: v["StringValue"]
+            for k, v in (message.get("MessageAttributes") or {}).items()
+            if v.get("DataType") == "String"
         }
         hint = note.runtime or attributes.get("runtime") or source.runtime
         try:
@@ -243,12 +255,18 @@ class Harness:
         except InvalidEnvelopeError as exc:
             self.kinds["invalid_envelope"] += 1
             self.rejected += 1
-            return Expected(exc.task_id, frozenset({("failed", "invalid_envelope")}))
+            return Expected(exc.task_id, frozenset({("failed", "invalid_envelope")}), True)
         assert isinstance(task, Task)
+        try:
+            check_task(task)
+        except InvalidParameterError:
+            self.kinds["invalid_parameter"] += 1
+            self.rejected += 1
+            return Expected(task.id, frozenset({("failed", "invalid_parameter")}), True)
         if task.runtime not in self.stack.queues:
             self.kinds["unknown_runtime"] += 1
             self.rejected += 1
-            return self._once(task.id, frozenset({("failed", "unknown_runtime")}))
+            return Expected(task.id, frozenset({("failed", "unknown_runtime")}), True)
         if task.runtime != source.runtime:
             self.kinds["forwarded"] += 1
             return Expected(task.id, None)
@@ -261,13 +279,6 @@ class Harness:
         return self._once(task.id, frozenset(outcomes))
 
     def _once(self, task_id: str, outcomes: frozenset[tuple[str, str | None]]) -> Expected:
-        if task_id in self.fresh:  # another task with this id in the same receive
-            return Expected(task_id, outcomes)
-        if task_id in self.finished:
-            self.kinds["already_ended"] += 1
-            return Expected(task_id, None)
-        self.finished.add(task_id)
-        self.fresh.add(task_id)
         return Expected(task_id, outcomes)
 
     async def handle_all(self) -> list[Expected]:
@@ -296,17 +307,40 @@ class Harness:
             self.handled += len(received)
 
     def expect_concurrent(self, each: list[Expected]) -> list[Expected]:
-        merged: dict[str, Expected] = {}
-        out = []
+        """The expectations of one receive, handled concurrently, as `Outcomes`."""
+        out: list[Expected] = []
+        groups: dict[str, list[Expected]] = {}
         for e in each:
-            if e.task_id is not None and e.outcomes is not None and e.task_id in self.fresh:
-                if e.task_id in merged:
-                    merged[e.task_id].outcomes = merged[e.task_id].outcomes | e.outcomes  # type: ignore[operator]
-                    continue
-                merged[e.task_id] = e
-            out.append(e)
-        self.fresh.clear()
+            if e.task_id is None:
+                out.append(Expected(None, e.outcomes, e.refusal))
+            else:
+                groups.setdefault(e.task_id, []).append(e)
+        for task_id, group in groups.items():
+            before = len(out)
+            self._expect_group(task_id, group, out)
+            # one expectation per message (those that produce nothing say so)
+            out.extend(Expected(task_id, None) for _ in range(len(group) - (len(out) - before)))
         return out
+
+    def _expect_group(self, task_id: str, group: list[Expected], out: list[Expected]) -> None:
+        """One id's messages in one receive (see `expect_concurrent`)."""
+        ending = [e for e in group if e.outcomes is not None]
+        if task_id in self.finished or not ending:
+            # Ended already (or only forwarded here): valid copies are dropped,
+            # refusals go out without the id (or not at all: a copy of a refused
+            # message whose refusal already claimed the id).
+            for e in ending:
+                if e.refusal:
+                    out.append(Expected(None, e.outcomes, True, optional=True))
+            return
+        self.finished.add(task_id)
+        # Exactly one callback carries the id; every other refusal of the group goes
+        # out with id null (one of them may be the winner instead).
+        union = frozenset().union(*(e.outcomes for e in ending if e.outcomes))
+        out.append(Expected(task_id, union))
+        refusals = [e for e in ending if e.refusal]
+        for i, e in enumerate(refusals):
+            out.append(Expected(None, e.outcomes, True, optional=i == 0))
 
     def callbacks(self) -> list[Callback]:
         return drain_callbacks(self.callbacks_listener)
