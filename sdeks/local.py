@@ -58,11 +58,24 @@ def make_moto_dynamodb_atomic() -> None:
     condition, then applies it, with no lock between: two racing conditional
     writes to one item can both succeed. The exactly-once terminal callback
     relies on DynamoDB's atomic conditional writes, so the embedded stack
-    serializes moto's writes. Idempotent; affects this process only.
+    serializes moto's writes.
+
+    Reads take the same lock: moto's UpdateItem of a new key first stores an
+    item holding only the key, then applies the update expression to it, so a
+    GetItem or Query served in between returned ``{"id": ...}`` alone, a state
+    DynamoDB never shows. Idempotent; affects this process only.
     """
     from moto.dynamodb.models import DynamoDBBackend
 
-    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+    for name in (
+        "put_item",
+        "update_item",
+        "delete_item",
+        "transact_write_items",
+        "get_item",
+        "query",
+        "scan",
+    ):
         original = getattr(DynamoDBBackend, name)
         if getattr(original, "_sdeks_atomic", False):
             continue

@@ -23,6 +23,12 @@ Access patterns:
 - queue position: ``Query`` `STATUS_INDEX` for ``status = queued`` and
   ``received_at`` before this task's, filtered on ``runtime``, ``Select=COUNT``.
 
+An item without a ``status`` is *partial*: no write here makes one (every
+write that may create an item sets the status, every other one is conditioned
+on the status existing), but a hand edit, another writer or an emulator caught
+mid-write can show one. Readers treat a partial item as absent and the writes
+that may create an item complete it, so it never crashes a reader.
+
 Items expire `ttl_s` after their last lifecycle write (``expires_at``, epoch
 seconds, DynamoDB TTL). DynamoDB deletes expired items lazily, so reads treat
 an item past ``expires_at`` as absent and `record_queued` starts it afresh.
@@ -41,7 +47,7 @@ from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from sdeks.callback import Callback, ErrorInfo, TaskStatus, Timings
 from sdeks.envelope import Task
@@ -293,14 +299,15 @@ class TaskTable:
                 u.set_if_absent("delivery", delivery)
             u.set("updated_at", now_ms).set(TTL_ATTRIBUTE, now_s + self.ttl_s).add("attempts", 1)
             condition = (
-                f"attribute_not_exists({u.name('id')}) OR ({u.name(TTL_ATTRIBUTE)} > "
+                f"attribute_not_exists({u.name('id')}) OR {_partial(u)} OR ({u.name(TTL_ATTRIBUTE)} > "
                 f"{u.value(now_s)} AND NOT {u.name('status')} IN ({u.terminal_values()}))"
             )
             try:
                 answer = await self._update(task.id, u, condition, ReturnValues="ALL_NEW")
                 return _record(answer["Attributes"])
             except _ConditionFailed as lost:
-                old = _record(lost.item) if lost.item else await self.get(task.id, live=False)
+                old = _record_or_none(lost.item) if lost.item else None
+                old = old or await self.get(task.id, live=False)
             if old is None:
                 continue  # deleted between the two calls: try again
             if not self._expired(old, now_s):
@@ -318,9 +325,7 @@ class TaskTable:
         idempotency window."""
         u = _Update().add("republished", 1).set("republished_at", now_ms)
         try:
-            answer = await self._update(
-                old.id, u, f"attribute_exists({u.name('id')})", ReturnValues="ALL_NEW"
-            )
+            answer = await self._update(old.id, u, _whole(u), ReturnValues="ALL_NEW")
         except _ConditionFailed:
             return old
         log.warning(
@@ -342,10 +347,10 @@ class TaskTable:
             u.set("pod", pod)
         if total_steps is not None:
             u.set("progress_total", total_steps)
-        # A missing item is created: the table write at receipt may have failed, and
-        # a lost status row must not stop a render.
+        # A missing (or partial) item is created: the table write at receipt may have
+        # failed, and a lost status row must not stop a render.
         condition = (
-            f"attribute_not_exists({u.name('id')}) OR ({u.name('status')} IN "
+            f"attribute_not_exists({u.name('id')}) OR {_partial(u)} OR ({u.name('status')} IN "
             f"({u.value(TaskStatus.QUEUED.value)}, {u.value(TaskStatus.RUNNING.value)}) "
             f"AND {_not_cancelled(u)})"
         )
@@ -377,7 +382,7 @@ class TaskTable:
         u = self._terminal_update(callback)
         expired = f"{u.name(TTL_ATTRIBUTE)} <= {u.value(now_s)}"
         live = "" if new_only else f"NOT {u.name('status')} IN ({u.terminal_values()}) OR "
-        condition = f"attribute_not_exists({u.name('id')}) OR {live}{expired}"
+        condition = f"attribute_not_exists({u.name('id')}) OR {_partial(u)} OR {live}{expired}"
         won = await self._try(callback.id, u, condition)
         if not won:
             log.info("task %s already finished; %s not claimed", callback.id, callback.status)
@@ -387,7 +392,8 @@ class TaskTable:
         """The claimed callback is on the topic."""
         now_ms, _ = self._now()
         u = _Update().set("callback_published", True).set("updated_at", now_ms)
-        await self._try(task_id, u, f"attribute_exists({u.name('id')})")
+        if not await self._try(task_id, u, _whole(u)):
+            log.warning("task %s: no record to mark the callback published on", task_id)
 
     async def claim_republish(self, task_id: str, *, stale_after_s: float) -> Callback | None:
         """The stored callback of a task whose winner claimed but never confirmed the
@@ -438,9 +444,7 @@ class TaskTable:
         image. Without an item (table write failed at receipt) `seed` is returned."""
         u = _Update().set_if_absent("seed", seed)
         try:
-            answer = await self._update(
-                task_id, u, f"attribute_exists({u.name('id')})", ReturnValues="ALL_NEW"
-            )
+            answer = await self._update(task_id, u, _whole(u), ReturnValues="ALL_NEW")
         except _ConditionFailed:
             return seed
         return int(_plain(answer["Attributes"]["seed"]))
@@ -458,13 +462,13 @@ class TaskTable:
         u = _Update().set("webhook_status", WebhookStatus(status).value)
         u.set("webhook_attempts", attempts).set("webhook_at", now_ms)
         u.set("webhook_http_status", http_status).set("webhook_error", (error or None))
-        if not await self._try(task_id, u, f"attribute_exists({u.name('id')})"):
+        if not await self._try(task_id, u, _whole(u)):
             log.warning("task %s: no item to record the webhook outcome on", task_id)
 
     # --- reads ----------------------------------------------------------------
 
     async def get(self, task_id: str, *, live: bool = True) -> TaskRecord | None:
-        """The task, or None when unknown (or, with `live`, expired)."""
+        """The task, or None when unknown, partial (no status) or, with `live`, expired."""
         try:
             answer = await call(
                 self._client,
@@ -478,7 +482,9 @@ class TaskTable:
         item = answer.get("Item")
         if not item:
             return None
-        record = _record(item)
+        record = _record_or_none(item)
+        if record is None:
+            return None
         if live and self._expired(record, self._now()[1]):
             return None
         return record
@@ -494,7 +500,7 @@ class TaskTable:
         records: list[TaskRecord] = []
         for one in statuses:
             answer = await self._query_index(one, limit=limit)
-            items = map(_record, answer.get("Items", []))
+            items = _records(answer.get("Items", []))
             records.extend(r for r in items if not self._expired(r, now_s))
         records.sort(key=lambda r: r.received_at or 0, reverse=True)
         return records[:limit]
@@ -538,7 +544,7 @@ class TaskTable:
             answer = await self._query_index(
                 TaskStatus.SUCCEEDED, limit=max(count, 25), runtime=runtime, start_key=start_key
             )
-            for record in map(_record, answer.get("Items", [])):
+            for record in _records(answer.get("Items", [])):
                 if record.execution_ms is not None:
                     out.append((record.execution_ms, record.progress_total))
             start_key = answer.get("LastEvaluatedKey")
@@ -696,6 +702,18 @@ async def call(client: Any, operation: str, **kwargs: Any) -> Any:
     return await answer if inspect.isawaitable(answer) else answer
 
 
+def _partial(u: _Update) -> str:
+    """An item holding no status (see the module docstring): a write that may create
+    an item treats it as absent and completes it."""
+    return f"attribute_not_exists({u.name('status')})"
+
+
+def _whole(u: _Update) -> str:
+    """A record exists: the condition of every write that must not create an item.
+    On the status, not the key, so a partial item is not given more fields."""
+    return f"attribute_exists({u.name('status')})"
+
+
 def _not_cancelled(u: _Update) -> str:
     flag = u.name("cancel_requested")
     return f"(attribute_not_exists({flag}) OR {flag} = {u.value(False)})"
@@ -772,3 +790,22 @@ def _record(item: Mapping[str, Any]) -> TaskRecord:
         fields["context"] = json.loads(fields["context"])
     known = {k: v for k, v in fields.items() if k in TaskRecord.model_fields and v is not None}
     return TaskRecord.model_validate(known)
+
+
+def _record_or_none(item: Mapping[str, Any]) -> TaskRecord | None:
+    """The record, or None for an item that is not one (partial, or a field of the
+    wrong type): a reader must not crash on an item it cannot use."""
+    try:
+        return _record(item)
+    except (ValidationError, ValueError) as exc:
+        log.warning("task table: item %r is not a task record, ignored: %s", _item_id(item), exc)
+        return None
+
+
+def _records(items: list[Mapping[str, Any]]) -> list[TaskRecord]:
+    return [r for r in map(_record_or_none, items) if r is not None]
+
+
+def _item_id(item: Mapping[str, Any]) -> str | None:
+    key = item.get("id")
+    return str(key.get("S")) if isinstance(key, Mapping) else None

@@ -375,3 +375,99 @@ async def test_client_errors_become_task_table_errors(ddb, aws, stack):
         await without_index.list_recent()
     aws.dynamodb.update_table(TableName=bare, **status_index_update())
     assert await without_index.list_recent() == []
+
+
+def put_partial(dynamodb, table_name: str, task_id: str, **attrs) -> None:
+    """An item without a status, as a hand edit, another writer or an emulator caught
+    mid-write can leave: `TaskRecord` cannot hold it."""
+    item = {"id": {"S": task_id}, **attrs}
+    dynamodb.put_item(TableName=table_name, Item=item)
+
+
+async def test_partial_item_is_absent_to_readers_and_untouched_by_updates(
+    table, dynamodb, table_name
+):
+    put_partial(dynamodb, table_name, "p-1")
+    assert await table.get("p-1") is None
+    assert await table.get("p-1", live=False) is None
+    assert await table.request_cancel("p-1") == (CancelOutcome.NOT_FOUND, None)
+    assert await table.update_progress("p-1", 1, 4) is False
+    await table.mark_published("p-1")
+    await table.record_webhook_outcome("p-1", status=WebhookStatus.DELIVERED, attempts=1)
+    assert await table.remember_seed("p-1", 7) == 7
+    assert await table.claim_republish("p-1", stale_after_s=0) is None
+    assert await table.list_recent() == []
+    # none of the writes that must not create a record added anything to it
+    item = dynamodb.get_item(TableName=table_name, Key={"id": {"S": "p-1"}})["Item"]
+    assert item == {"id": {"S": "p-1"}}
+
+
+async def test_writes_that_create_a_record_complete_a_partial_item(table, dynamodb, table_name):
+    put_partial(dynamodb, table_name, "p-q")
+    queued = await table.record_queued(make_task("p-q"))
+    assert (queued.status, queued.attempts, queued.runtime) == (TaskStatus.QUEUED, 1, "sdruntime")
+    assert (await table.get("p-q")).status is TaskStatus.QUEUED
+
+    put_partial(dynamodb, table_name, "p-r")
+    assert await table.mark_running("p-r", pod="pod-1", total_steps=4) is True
+    assert await table.update_progress("p-r", 1, 4) is True
+    assert (await table.get("p-r")).status is TaskStatus.RUNNING
+
+    put_partial(dynamodb, table_name, "p-t")
+    assert await table.claim_terminal(finished("p-t"), new_only=True) is True
+    done = await table.get("p-t")
+    assert done.status is TaskStatus.SUCCEEDED
+    assert done.terminal_callback() == finished("p-t")
+
+
+async def test_listing_skips_an_item_that_is_not_a_record(table, dynamodb, table_name):
+    await table.record_queued(make_task("good"))
+    # indexed (status and received_at are there) but `attempts` is not a number
+    put_partial(
+        dynamodb,
+        table_name,
+        "bad",
+        status={"S": "queued"},
+        received_at={"N": "1"},
+        attempts={"S": "many"},
+    )
+    assert [r.id for r in await table.list_recent()] == ["good"]
+    assert [r.id for r in await table.list_recent(TaskStatus.QUEUED)] == ["good"]
+    assert await table.get("bad") is None
+
+
+def test_embedded_dynamodb_never_shows_an_update_half_applied(monkeypatch, dynamodb, table_name):
+    """moto's UpdateItem of a new key stores the bare key, then applies the expression:
+    a read served in between saw ``{"id"}`` alone (a flaky e2e cancel test). The local
+    stack serializes reads with writes (`make_moto_dynamodb_atomic`), so a read made
+    while the expression is being applied waits for the whole item."""
+    from moto.dynamodb import models
+
+    seen: list[dict] = []
+    readers: list[threading.Thread] = []
+    real = models.UpdateExpressionExecutor
+
+    def read_now() -> None:
+        answer = dynamodb.get_item(TableName=table_name, Key={"id": {"S": "half"}})
+        seen.append(answer.get("Item", {}))
+
+    class ReadMidUpdate(real):
+        def execute(self, *args, **kwargs):
+            if not readers:  # one read, at the first point the bare key is stored
+                readers.append(threading.Thread(target=read_now))
+                readers[0].start()
+                # Long enough for an unserialized read to answer; a serialized one waits.
+                readers[0].join(timeout=1.0)
+            return super().execute(*args, **kwargs)
+
+    monkeypatch.setattr(models, "UpdateExpressionExecutor", ReadMidUpdate)
+    dynamodb.update_item(
+        TableName=table_name,
+        Key={"id": {"S": "half"}},
+        UpdateExpression="SET #s = :s",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":s": {"S": "queued"}},
+    )
+    monkeypatch.setattr(models, "UpdateExpressionExecutor", real)
+    readers[0].join(timeout=10)  # the serialized read answers once the update is done
+    assert seen == [{"id": {"S": "half"}, "status": {"S": "queued"}}]
