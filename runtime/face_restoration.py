@@ -322,9 +322,26 @@ def restore(
 # --- `restore_faces` in txt2img / img2img (a post-process stage) ----------------
 
 
-def _options_of(plan: Any) -> tuple[str, float]:
+def _default_restorer(models: Any) -> str:
+    """The restorer `restore_faces` uses when `face_restoration_model` is not set.
+
+    A1111's default is CodeFormer, and an A1111 install always has both
+    restorers; here a bucket may hold one. Clients that send `restore_faces: true`
+    without choosing want faces restored, so the installed one serves: CodeFormer
+    when its weights and architecture are there, else the first installed; with
+    none, CodeFormer (refused with what to upload). A name set explicitly is used
+    as given, or refused.
+    """
+    installed = available(models)
+    if "CodeFormer" in installed and _install_extra_arches():
+        return "CodeFormer"
+    others = [name for name in installed if name != "CodeFormer"]
+    return others[0] if others else "CodeFormer"
+
+
+def _options_of(plan: Any, models: Any) -> tuple[str, float]:
     """The restorer and CodeFormer weight in force (A1111 options, defaults as A1111)."""
-    name = plan.opts.get("face_restoration_model") or "CodeFormer"
+    name = plan.opts.get("face_restoration_model") or _default_restorer(models)
     weight = plan.opts.get("code_former_weight", DEFAULT_CODEFORMER_WEIGHT)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
         raise InvalidParameterError(f"`code_former_weight` must be between 0 and 1, got {weight!r}")
@@ -338,14 +355,14 @@ class FaceRestorationStage:
 
     def check(self, plan: Any, models: Any, settings: Any) -> None:
         if self.enabled(plan):
-            name, _ = _options_of(plan)
+            name, _ = _options_of(plan, models)
             check_restorer(models, name, "face_restoration_model")
 
     def enabled(self, plan: Any) -> bool:
         return bool(plan.request.restore_faces)
 
     def run(self, images: list[Image.Image], plan: Any, ctx: Any) -> list[Image.Image]:
-        name, weight = _options_of(plan)
+        name, weight = _options_of(plan, ctx.models)
         out = [
             restore(ctx.models, image, name, weight=weight, check=ctx.control.check)
             for image in images

@@ -41,16 +41,10 @@ class Script(Protocol):
 
 
 def _registered() -> list[Script]:
+    from runtime.sd_upscale import SD_UPSCALE
     from runtime.xyz_plot import XYZ_PLOT
 
-    scripts: list[Script] = [XYZ_PLOT]
-    try:
-        from runtime.sd_upscale import SD_UPSCALE
-
-        scripts.append(SD_UPSCALE)
-    except ImportError:  # not built yet
-        pass
-    return scripts
+    return [XYZ_PLOT, SD_UPSCALE]
 
 
 SCRIPTS: list[Script] = []

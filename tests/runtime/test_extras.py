@@ -157,8 +157,20 @@ def test_restore_faces_in_txt2img_uses_the_option(client) -> None:
     data = restored.json()
     assert data["images"][0] != plain["images"][0]
     assert "Face restoration: GFPGAN" in data["info"]
-    # The default restorer (CodeFormer) is not in this bucket: refused by name.
-    r = client.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True})
+    # No restorer chosen: the installed one (GFPGAN) serves, as clients that send only
+    # `restore_faces: true` expect; CodeFormer asked for by name is refused by name.
+    default = client.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True})
+    assert default.status_code == 200, default.text
+    assert "Face restoration: GFPGAN" in default.json()["info"]
+    assert default.json()["images"][0] == data["images"][0]
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={
+            **body,
+            "restore_faces": True,
+            "override_settings": {"face_restoration_model": "CodeFormer"},
+        },
+    )
     assert r.status_code != 200 and "CodeFormer" in r.text
 
 

@@ -93,7 +93,7 @@ def test_prompt_styles_and_scripts_routes(models_root: Path, tmp_path: Path):
         "negative_prompt": "cartoon, drawing",
     }
     assert "x/y/z plot" in scripts["txt2img"] and "x/y/z plot" in scripts["img2img"]
-    assert "sd upscale" not in scripts["txt2img"]
+    assert "sd upscale" in scripts["img2img"] and "sd upscale" not in scripts["txt2img"]
 
 
 def test_tiling_pads_circularly_for_the_job_only(renderer):
