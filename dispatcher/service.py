@@ -262,7 +262,7 @@ class Dispatcher:
                 note.body, runtime=hint, fallback_id=note.message_id or lease.message_id
             )
         except InvalidEnvelopeError as exc:
-            await self._reject(lease, message, note, exc, runtime=hint)
+            await self._reject(lease, message, note, exc, runtime=hint, delivery=delivery)
             return
         lease.task_id = task.id
         # 0. Bounds at the edge, before anything is stored or forwarded (sdeks.bounds).
@@ -270,7 +270,9 @@ class Dispatcher:
             check_task(task)
         except InvalidParameterError as exc:
             exc.task_id = task.id
-            await self._reject(lease, message, note, exc, runtime=task.runtime, task=task)
+            await self._reject(
+                lease, message, note, exc, runtime=task.runtime, task=task, delivery=delivery
+            )
             return
         if task.runtime not in self.settings.queues:
             known = sorted(self.settings.queues)
@@ -278,7 +280,9 @@ class Dispatcher:
                 f"runtime {task.runtime!r} is not served here; known runtimes: {known}",
                 task_id=task.id,
             )
-            await self._reject(lease, message, note, error, runtime=task.runtime, task=task)
+            await self._reject(
+                lease, message, note, error, runtime=task.runtime, task=task, delivery=delivery
+            )
             return
         if task.runtime != source.runtime:
             await self._forward(lease, task, published_at, delivery)
@@ -422,6 +426,7 @@ class Dispatcher:
         *,
         runtime: str | None,
         task: Task | None = None,
+        delivery: str | None = None,
     ) -> None:
         """Not a task we can serve: keep the raw body for audit, publish the failure, delete."""
         await self._keep_rejected(message, note, error)
@@ -443,7 +448,10 @@ class Dispatcher:
                 error=ErrorInfo.from_exception(error),
             )
         )
-        if await self.reporter.refuse(callback, message_id=note.message_id or lease.message_id):
+        refused = await self.reporter.refuse(
+            callback, message_id=note.message_id or lease.message_id, delivery=delivery
+        )
+        if refused:
             self.metrics.failures.labels(error.code).inc()
         await self.leases.delete(lease)
         self.metrics.completed.labels(runtime or "catch-all", "failed").inc()

@@ -117,7 +117,7 @@ def _b64png(image: Image.Image) -> str:
 
 class SDUpscale:
     title = "SD upscale"
-    kinds = ("img2img",)
+    kinds: tuple[str, ...] = ("img2img",)
 
     def run(
         self,

@@ -238,7 +238,9 @@ class Reporter:
             raise ValueError(f"reject needs a failed callback, got {callback.status}")
         await self._publish(callback)
 
-    async def refuse(self, callback: Callback, *, message_id: str | None) -> bool:
+    async def refuse(
+        self, callback: Callback, *, message_id: str | None, delivery: str | None = None
+    ) -> bool:
         """Publish the failure of a message refused before admission (not a task, an
         unknown runtime, a bound broken at the edge).
 
@@ -247,24 +249,40 @@ class Reporter:
         If another task holds the id, that task is left alone and the failure goes
         out with ``id: null``, `named_id` (the id it named) and `message_id`, so it
         is never a second terminal callback for that id. A redelivery of a message
-        whose refusal already claimed the id publishes nothing (False).
+        whose refusal already claimed the id publishes nothing (False), and neither
+        does another copy of it (`delivery`, as in `admit`: SNS fan-out to two
+        queues) while the copy that claimed has not confirmed its publish yet.
         """
         if callback.status is not TaskStatus.FAILED:
             raise ValueError(f"refuse needs a failed callback, got {callback.status}")
         callback = callback.model_copy(update={"message_id": message_id}).fitted()
         if callback.id is not None and self.table is not None:
-            if await self.table.claim_terminal(callback, new_only=True):
+            if await self.table.claim_terminal(callback, new_only=True, delivery=delivery):
                 await self._publish(callback)
                 await self._confirm(callback)
                 return True
             record = await self.table.get(callback.id, live=False)
             stored = record.terminal_callback() if record is not None else None
             if (
-                stored is not None
+                record is not None
+                and stored is not None
                 and message_id
-                and getattr(stored, "message_id", None) == (message_id)
+                and getattr(stored, "message_id", None) == message_id
             ):
-                if record is not None and record.callback_published is False:
+                if record.callback_published is False:
+                    if delivery is not None and record.delivery not in (None, delivery):
+                        # Another copy of this message claimed and is publishing now. Its
+                        # SQS message is deleted only once it has: if it dies first, that
+                        # copy's redelivery republishes. Publishing here too would be a
+                        # second terminal callback for the id.
+                        log.info(
+                            "task %s: refusal of message %s claimed by copy %s; %s dropped",
+                            callback.id,
+                            message_id,
+                            record.delivery,
+                            delivery,
+                        )
+                        return False
                     await self._publish(stored)  # our own claim, its publish was lost
                     await self._confirm(stored)
                     return True

@@ -366,13 +366,17 @@ class TaskTable:
         )
         return await self._try(task_id, u, condition)
 
-    async def claim_terminal(self, callback: Callback, *, new_only: bool = False) -> bool:
+    async def claim_terminal(
+        self, callback: Callback, *, new_only: bool = False, delivery: str | None = None
+    ) -> bool:
         """Move the task to the callback's terminal status, if nobody did yet.
 
         Exactly one caller per task id gets True; it alone publishes the
         callback. The callback is stored so a publish lost to a crash can be
         redone (`claim_republish`). `new_only`: claim only an id no live task
         holds (a message refused before admission must not end another's task).
+        `delivery`: the copy of the message that claims (a refusal), stored in
+        `TaskRecord.delivery` so another copy can tell it from a redelivery.
         """
         if callback.id is None:
             raise ValueError("a callback without an id cannot be claimed")
@@ -380,6 +384,8 @@ class TaskTable:
             raise ValueError(f"claim_terminal needs a terminal status, got {callback.status}")
         _, now_s = self._now()
         u = self._terminal_update(callback)
+        if delivery is not None:
+            u.set("delivery", delivery)
         expired = f"{u.name(TTL_ATTRIBUTE)} <= {u.value(now_s)}"
         live = "" if new_only else f"NOT {u.name('status')} IN ({u.terminal_values()}) OR "
         condition = f"attribute_not_exists({u.name('id')}) OR {_partial(u)} OR {live}{expired}"

@@ -12,7 +12,7 @@ import pytest
 
 from sdeks import aws as sdeks_aws
 from sdeks.aws import aio_client
-from sdeks.callback import Callback, TaskStatus
+from sdeks.callback import Callback, ErrorInfo, TaskStatus
 from sdeks.client import CallbackListener
 from sdeks.lifecycle import Reporter, describe, estimate_eta_s
 from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable
@@ -236,6 +236,51 @@ async def test_recover_republishes_a_claim_whose_publish_was_lost(reporter, tabl
     assert not await reporter.recover("t-1", stale_after_s=0)  # confirmed now
 
     assert [c.status for c in drain_callbacks(callbacks_queue)] == [TaskStatus.SUCCEEDED]
+
+
+def refused(task_id: str = "twin") -> Callback:
+    error = ErrorInfo(code="invalid_envelope", message="task.metadata.tasktype: not a tasktype")
+    return Callback(id=task_id, status=TaskStatus.FAILED, error=error)
+
+
+async def test_refusal_copies_of_one_message_publish_one_callback(reporter, callbacks_queue):
+    """SNS fan-out puts one refused message in two queues; handled at once, both copies
+    refuse it under the same message id. The copy that loses the claim used to take the
+    winner's unconfirmed claim for its own lost publish and publish it a second time."""
+    copies = ("sns:m-1@sdruntime", "sns:m-1@catch-all")
+    published = await asyncio.gather(
+        *(reporter.refuse(refused(), message_id="m-1", delivery=d) for d in copies)
+    )
+
+    assert sorted(published) == [False, True]
+    [callback] = drain_callbacks(callbacks_queue)
+    assert (callback.id, callback.message_id, callback.error.code) == (
+        "twin",
+        "m-1",
+        "invalid_envelope",
+    )
+
+
+async def test_refusal_claimed_by_another_copy_waits_for_that_copy(
+    reporter, table, callbacks_queue
+):
+    # Copy A claimed the id and has not published yet (in flight, or it died).
+    claim = refused().model_copy(update={"message_id": "m-1"})
+    assert await table.claim_terminal(claim, new_only=True, delivery="sns:m-1@sdruntime")
+
+    # Copy B publishes nothing: A's SQS message is kept until A has published.
+    assert not await reporter.refuse(refused(), message_id="m-1", delivery="sns:m-1@catch-all")
+    assert drain_callbacks(callbacks_queue) == []
+    # A's redelivery (its publish was lost) publishes the stored callback, once.
+    assert await reporter.refuse(refused(), message_id="m-1", delivery="sns:m-1@sdruntime")
+    assert not await reporter.refuse(refused(), message_id="m-1", delivery="sns:m-1@sdruntime")
+    assert not await reporter.refuse(refused(), message_id="m-1", delivery="sns:m-1@catch-all")
+    # Another message naming the id goes out without it.
+    assert await reporter.refuse(refused(), message_id="m-2", delivery="sns:m-2@sdruntime")
+
+    first, second = sorted(drain_callbacks(callbacks_queue), key=lambda c: c.message_id or "")
+    assert (first.id, first.message_id) == ("twin", "m-1")
+    assert (second.id, second.named_id, second.message_id) == (None, "twin", "m-2")
 
 
 async def test_describe_gives_queue_position_and_eta(clients, table_name):
