@@ -73,8 +73,10 @@ from .model_catalog import MODELS_CONFIG_PREFIX, Catalog, ModelEntry, folder_sha
 from .model_disk import DiskCache, file_sha256
 from .model_source import ModelSource
 
-#: Serializes diffusers model construction (see `ModelStore._load_to_ram`).
-_FROM_PRETRAINED_LOCK = threading.Lock()
+#: Serializes diffusers model construction (see `ModelStore._load_to_ram`). Reentrant:
+#: a kind's loader (ControlNet) runs under it and takes it again for its own
+#: `from_pretrained`, which a plain Lock would deadlock on.
+_FROM_PRETRAINED_LOCK = threading.RLock()
 log = logging.getLogger(__name__)
 
 Tier = Literal["gpu", "ram", "disk", "source"]
