@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +112,54 @@ def tiny_models_bucket(moto_endpoint: str, tiny_models_dir: Path) -> str:
                 ExtraArgs={"ChecksumAlgorithm": "SHA256"},
             )
     return bucket
+
+
+def pod_app(stack, aws, models_dir: Path, tmp_path: Path, **settings: Any) -> Any:
+    """The pod app (runtime.app.create_app) over moto's stack, serving `models_dir`.
+
+    `settings` override the RuntimeSettings fields (pod_token, slots, task_table, ...).
+    """
+    from runtime.app import create_app
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+    from runtime.outputs import OutputWriter
+    from runtime.settings import RuntimeSettings
+
+    fields: dict[str, Any] = {
+        "callback_topic_arn": stack.callback_topic_arn,
+        "output_bucket": stack.output_bucket,
+        "runtime": "sdruntime",
+        "default_model": "tiny-sd15",
+        "models": str(models_dir),
+        "device": "cpu",
+        "pod_name": "pod-a",
+    }
+    writer = OutputWriter(s3=aws.s3, bucket=stack.output_bucket)
+    store = ModelStore(LocalSource(models_dir), cache_dir=tmp_path / "cache")
+    return create_app(RuntimeSettings(**{**fields, **settings}), models=store, writer=writer)
+
+
+class CallbackQueue:
+    """The callback topic read through a `CallbackListener` queue (raw delivery, so
+    message attributes arrive as SQS attributes): call it for what arrived within 1 s."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+        self.queue_url: str = listener.queue_url
+
+    def __call__(self) -> list[Any]:
+        from sdeks.callback import Callback
+
+        answer = self.listener.sqs.receive_message(
+            QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+        )
+        return [Callback.model_validate_json(m["Body"]) for m in answer.get("Messages", [])]
+
+
+@pytest.fixture
+def callbacks(stack, aws) -> Iterator[CallbackQueue]:
+    """A queue subscribed to the callback topic for the test's duration."""
+    from sdeks.client import CallbackListener
+
+    with CallbackListener(aws.sns, aws.sqs, stack.callback_topic_arn) as listener:
+        yield CallbackQueue(listener)

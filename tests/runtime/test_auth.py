@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -12,31 +11,14 @@ from fastapi.testclient import TestClient
 
 from sdeks.callback import Callback
 from sdeks.signing import SIGNATURE_ATTRIBUTE, TIMESTAMP_ATTRIBUTE, verify_callback
+from tests.runtime.conftest import pod_app
 
 TOKEN = "pod-token-for-tests"
 SECRET = "callback-secret-for-tests"
 
 
 def _app(stack, aws, tiny_models_dir: Path, tmp_path: Path, **overrides):
-    from runtime.app import create_app
-    from runtime.model_source import LocalSource
-    from runtime.model_store import ModelStore
-    from runtime.outputs import OutputWriter
-    from runtime.settings import RuntimeSettings
-
-    settings = RuntimeSettings(
-        callback_topic_arn=stack.callback_topic_arn,
-        output_bucket=stack.output_bucket,
-        runtime="sdruntime",
-        default_model="tiny-sd15",
-        models=str(tiny_models_dir),
-        device="cpu",
-        pod_name="pod-auth",
-        **overrides,
-    )
-    writer = OutputWriter(s3=aws.s3, bucket=stack.output_bucket)
-    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
-    return create_app(settings, models=store, writer=writer)
+    return pod_app(stack, aws, tiny_models_dir, tmp_path, pod_name="pod-auth", **overrides)
 
 
 @pytest.fixture
@@ -47,19 +29,9 @@ def locked(stack, aws, tiny_models_dir: Path, tmp_path: Path):
 
 
 @pytest.fixture
-def callback_queue(stack, aws):
-    """An SQS queue subscribed (raw delivery, so attributes arrive as SQS attributes)."""
-    url = aws.sqs.create_queue(QueueName=f"auth-cb-{time.time_ns()}")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(
-        TopicArn=stack.callback_topic_arn,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"RawMessageDelivery": "true"},
-    )
-    return url
+def callback_queue(callbacks) -> str:
+    """The callback queue's URL (raw delivery, so attributes arrive as SQS attributes)."""
+    return callbacks.queue_url
 
 
 def _job(task_id: str) -> dict:

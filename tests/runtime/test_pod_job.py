@@ -15,6 +15,7 @@ from PIL import Image
 
 from runtime import infotext
 from sdeks.callback import Callback, Manifest
+from tests.runtime.conftest import pod_app
 
 CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
 
@@ -22,49 +23,16 @@ CONTEXT = {"ticket": "T-1", "nested": [1, {"a": None}], "unicode": "ü✓"}
 @pytest.fixture(params=["no-table"])
 def pod(request, stack, aws, tiny_models_dir: Path, tmp_path: Path):
     """The pod app over moto; `request.param` "table" gives it the task table."""
-    from runtime.app import create_app
-    from runtime.model_source import LocalSource
-    from runtime.model_store import ModelStore
-    from runtime.outputs import OutputWriter
-    from runtime.settings import RuntimeSettings
-
-    settings = RuntimeSettings(
-        callback_topic_arn=stack.callback_topic_arn,
-        output_bucket=stack.output_bucket,
-        runtime="sdruntime",
-        default_model="tiny-sd15",
-        models=str(tiny_models_dir),
-        device="cpu",
+    app = pod_app(
+        stack,
+        aws,
+        tiny_models_dir,
+        tmp_path,
         task_table=stack.task_table if request.param == "table" else None,
-        pod_name="pod-a",
         slots=2 if request.param == "two-slots" else 1,
     )
-    writer = OutputWriter(s3=aws.s3, bucket=stack.output_bucket)
-    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
-    app = create_app(settings, models=store, writer=writer)
     with TestClient(app) as client:
         yield client
-
-
-@pytest.fixture
-def callbacks(stack, aws):
-    """An SQS queue subscribed (raw delivery) to the callback topic."""
-    url = aws.sqs.create_queue(QueueName=f"cb-{time.time_ns()}")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(
-        TopicArn=stack.callback_topic_arn,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"RawMessageDelivery": "true"},
-    )
-
-    def receive() -> list[Callback]:
-        messages = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
-        return [Callback.model_validate_json(m["Body"]) for m in messages.get("Messages", [])]
-
-    return receive
 
 
 def job(task_id: str, tasktype: str = "text-to-image", **content) -> dict:

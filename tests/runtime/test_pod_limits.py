@@ -3,53 +3,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from sdeks.callback import Callback
+from tests.runtime.conftest import pod_app
 
 
 def _pod(stack, aws, tiny_models_dir: Path, tmp_path: Path, **settings_):
-    from runtime.app import create_app
-    from runtime.model_source import LocalSource
-    from runtime.model_store import ModelStore
-    from runtime.outputs import OutputWriter
-    from runtime.settings import RuntimeSettings
-
-    settings = RuntimeSettings(
-        callback_topic_arn=stack.callback_topic_arn,
-        output_bucket=stack.output_bucket,
-        runtime="sdruntime",
-        default_model="tiny-sd15",
-        models=str(tiny_models_dir),
-        device="cpu",
-        pod_name="pod-limits",
-        **settings_,
-    )
-    writer = OutputWriter(s3=aws.s3, bucket=stack.output_bucket)
-    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
-    return TestClient(create_app(settings, models=store, writer=writer))
-
-
-def _callbacks(stack, aws):
-    url = aws.sqs.create_queue(QueueName=f"cb-{time.time_ns()}")["QueueUrl"]
-    arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    aws.sns.subscribe(
-        TopicArn=stack.callback_topic_arn,
-        Protocol="sqs",
-        Endpoint=arn,
-        Attributes={"RawMessageDelivery": "true"},
-    )
-
-    def receive() -> list[Callback]:
-        messages = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
-        return [Callback.model_validate_json(m["Body"]) for m in messages.get("Messages", [])]
-
-    return receive
+    app = pod_app(stack, aws, tiny_models_dir, tmp_path, pod_name="pod-limits", **settings_)
+    return TestClient(app)
 
 
 def _job(task_id: str, **content) -> dict:
@@ -68,9 +32,9 @@ def _job(task_id: str, **content) -> dict:
 
 
 def test_job_past_the_time_limit_ends_with_one_timeout_callback(
-    stack, aws, tiny_models_dir, tmp_path
+    stack, aws, tiny_models_dir, tmp_path, callbacks
 ):
-    received = _callbacks(stack, aws)
+    received = callbacks
     with _pod(stack, aws, tiny_models_dir, tmp_path, task_time_limit_s=0.3) as pod:
         pod.post("/v1/jobs", json=_job("warm-1"))  # the model loads outside the measured job
         received()
