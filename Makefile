@@ -13,7 +13,7 @@ export DIFFUSERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install demo test lint typecheck synth bench clean
+.PHONY: install demo test lint typecheck synth bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(VENV)/bin/pytest -q
+
+# The console screenshots in docs/local.md, made by its browser test.
+screenshots: $(STAMP)
+	SDEKS_SCREENSHOTS_DIR=docs/img $(VENV)/bin/pytest -q tests/e2e/test_console.py
 
 synth: $(STAMP)
 	$(PY) -m infra.app --check
