@@ -166,7 +166,19 @@ class ModelKind:
 
 
 @dataclass
-class WeightsLease:
+class _Lease:
+    """A pin on a model, released once (by `release` or the `use*` context)."""
+
+    _release: Any = field(repr=False, default=None, kw_only=True)
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release(self)
+
+
+@dataclass
+class WeightsLease(_Lease):
     """A pinned model of another kind (see `ModelKind`), for one use."""
 
     entry: ModelEntry
@@ -175,12 +187,6 @@ class WeightsLease:
     model: Any
     timings: LoadTimings
     device: str
-    _release: Any = field(repr=False, default=None)
-
-    def release(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release(self)
 
 
 @dataclass
@@ -202,7 +208,7 @@ class _Loaded:
 
 
 @dataclass
-class ModelLease:
+class ModelLease(_Lease):
     """A pinned model and a pipeline of the asked kind, for one render."""
 
     name: str
@@ -215,12 +221,6 @@ class ModelLease:
     pipeline: Any
     timings: LoadTimings
     device: str
-    _release: Any = field(repr=False, default=None)
-
-    def release(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release(self)
 
 
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:
