@@ -36,7 +36,7 @@ import bisect
 import heapq
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
@@ -202,16 +202,21 @@ class FifoPolicy:
         pods: Sequence[PodView],
     ) -> Plan:
         queue = iter(Backlog.of(tasks))
-        plan = Plan()
-        for pod in sorted(pods, key=lambda p: p.name):
-            for _ in range(pod.free_slots):
-                task = next(queue, None)
-                if task is None:
-                    return plan
-                switch = task.model != pod.active_model
-                plan.decisions.append(Assign(task.key, pod.name, task.model, switch))
-                pod = _with_model(pod, task.model)
-        return plan
+        return _fill(pods, lambda _pod: next(queue, None))
+
+
+def _fill(pods: Sequence[PodView], pick: Callable[[PodView], PendingTask | None]) -> Plan:
+    """Each free slot, pods in name order, takes the task `pick` gives it (None: no more)."""
+    plan = Plan()
+    for pod in sorted(pods, key=lambda p: p.name):
+        for _ in range(pod.free_slots):
+            task = pick(pod)
+            if task is None:
+                return plan
+            switch = task.model != pod.active_model
+            plan.decisions.append(Assign(task.key, pod.name, task.model, switch))
+            pod = _with_model(pod, task.model)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,6 @@ class HolderFirstPolicy:
         taken = Counter[str]()  # per model: how many of its oldest are assigned
         heads = [(_order(q[0]), m) for m, q in backlog.by_model.items()]
         heapq.heapify(heads)
-        plan = Plan()
 
         def take(model: str) -> PendingTask:
             queue = backlog.by_model[model]
@@ -239,29 +243,23 @@ class HolderFirstPolicy:
             taken[model] += 1
             return task
 
-        for pod in sorted(pods, key=lambda p: p.name):
-            for _ in range(pod.free_slots):
-                own = pod.active_model
-                if own is not None and taken[own] < len(backlog.by_model.get(own, ())):
-                    task = take(own)
+        def pick(pod: PodView) -> PendingTask | None:
+            own = pod.active_model
+            if own is not None and taken[own] < len(backlog.by_model.get(own, ())):
+                return take(own)
+            # The heap's entries go stale as models are taken from: refresh lazily.
+            while heads:
+                key, model = heads[0]
+                queue = backlog.by_model[model]
+                if taken[model] >= len(queue):
+                    heapq.heappop(heads)
+                elif _order(queue[taken[model]]) != key:
+                    heapq.heapreplace(heads, (_order(queue[taken[model]]), model))
                 else:
-                    # The heap's entries go stale as models are taken from: refresh lazily.
-                    while heads:
-                        key, model = heads[0]
-                        queue = backlog.by_model[model]
-                        if taken[model] >= len(queue):
-                            heapq.heappop(heads)
-                        elif _order(queue[taken[model]]) != key:
-                            heapq.heapreplace(heads, (_order(queue[taken[model]]), model))
-                        else:
-                            break
-                    if not heads:
-                        return plan
-                    task = take(heads[0][1])
-                switch = task.model != pod.active_model
-                plan.decisions.append(Assign(task.key, pod.name, task.model, switch))
-                pod = _with_model(pod, task.model)
-        return plan
+                    return take(model)
+            return None
+
+        return _fill(pods, pick)
 
 
 @dataclass(frozen=True)
