@@ -116,6 +116,34 @@ def make_moto_faithful() -> None:
     """Every fix that makes moto server behave like AWS where the pipeline relies on it."""
     make_moto_dynamodb_atomic()
     make_moto_sqs_deletes_atomic()
+    make_moto_sns_skip_deleted_queues()
+
+
+def make_moto_sns_skip_deleted_queues() -> None:
+    """Make SNS drop a delivery to a deleted SQS queue, as AWS does, instead of failing Publish.
+
+    moto 5 sends each SQS subscription's copy inside Publish, so one listener
+    that deleted its queue without unsubscribing made every later Publish to
+    the topic fail with NonExistentQueue: the pods' and the dispatcher's
+    callbacks were lost for every other subscriber. AWS keeps the publish and
+    only that delivery fails. Idempotent; affects this process only.
+    """
+    from moto.sns.models import Subscription
+    from moto.sqs.exceptions import QueueDoesNotExist
+
+    original = Subscription.publish
+    if getattr(original, "_sdeks_tolerant", False):
+        return
+
+    def publish(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except QueueDoesNotExist:
+            log.debug("SNS delivery to deleted queue %s dropped", self.endpoint)
+            return None
+
+    publish._sdeks_tolerant = True  # type: ignore[attr-defined]
+    Subscription.publish = publish  # type: ignore[method-assign]
 
 
 #: The port `sdeks local up` prefers: LocalStack's, so tools configured for it work.

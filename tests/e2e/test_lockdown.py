@@ -26,12 +26,13 @@ def signed_callbacks(local):
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
-    local.client("sns").subscribe(
+    sns = local.client("sns")
+    subscription = sns.subscribe(
         TopicArn=local.resources.callback_topic_arn,
         Protocol="sqs",
         Endpoint=arn,
         Attributes={"RawMessageDelivery": "true"},
-    )
+    )["SubscriptionArn"]
 
     def wait_for(ids: set[str]) -> dict[str, dict]:
         found: dict[str, dict] = {}
@@ -51,6 +52,7 @@ def signed_callbacks(local):
         return found
 
     yield wait_for
+    sns.unsubscribe(SubscriptionArn=subscription)
     sqs.delete_queue(QueueUrl=url)
 
 
