@@ -326,3 +326,24 @@ def test_two_slots_render_concurrently_and_deterministically(pod, aws):
         first = Image.open(io.BytesIO(read(aws, callback.image_url[0])))
         second = Image.open(io.BytesIO(read(aws, alone.image_url[0])))
         assert first.tobytes() == second.tobytes()
+
+
+def test_post_job_with_a_ui_state_clients_alwayson_scripts(pod, aws):
+    # GIVEN what a UI-state client sends on every call: extension entries switched off,
+    # A1111's built-in scripts at their defaults, an extension this pod lacks switched off
+    scripts = {
+        "controlnet": {"args": []},
+        "ADetailer": {"args": [False, False, {"ad_model": "None", "ad_tab_enable": True}]},
+        "Dynamic Prompts v2.17.1": {"args": [False, False, 1]},
+        "Refiner": {"args": [False, "", 0.8]},
+        "Seed": {"args": [-1, False, -1, 0, 0, 0]},
+        "Soft inpainting": {"args": [False, 1, 0.5, 4, 0, 0.5, 2]},
+        "Extra options": {"args": []},
+    }
+    body = job("ui-state-1", alwayson_scripts=scripts, override_settings={"sd_vae": "none"})
+    callback = Callback.model_validate(pod.post("/v1/jobs", json=body).json())
+    # THEN it renders, and the script no stage reads is reported, not refused
+    assert callback.status == "succeeded", callback.error
+    assert callback.seeds == [7]
+    manifest = Manifest.model_validate_json(read(aws, callback.output_url))
+    assert manifest.ignored_fields == ["alwayson_scripts.Dynamic Prompts v2.17.1"]
