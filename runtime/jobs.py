@@ -92,7 +92,9 @@ def run_job(
         status, error = TaskStatus.FAILED, ErrorInfo.from_exception(exc)
     if error:
         log.info("task %s %s: %s", task.id, status.value, error.code, extra={"task_id": task.id})
-    ignored = ignored_fields(task.tasktype, task.content)
+    from runtime.stages.prepare import supported_alwayson_scripts
+
+    ignored = ignored_fields(task.tasktype, task.content, supported_alwayson_scripts())
     if ignored:
         log.warning(
             "task %s: ignored unknown fields %s", task.id, ignored, extra={"task_id": task.id}
