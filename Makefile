@@ -13,7 +13,7 @@ export DIFFUSERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install demo test lint typecheck synth bench screenshots clean
+.PHONY: install demo test unit lint typecheck synth bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy sdeks dispatcher runtime infra
 
-test: $(STAMP) lint typecheck
+# mypy (one core, minutes cold) runs beside the tests, which wait on subprocesses much of the time.
+test: $(STAMP) lint
+	$(MAKE) --no-print-directory -j2 typecheck unit
+
+unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 # The console screenshots in docs/local.md, made by its browser test.
