@@ -18,9 +18,9 @@ turn with the render's own checkpoint: seed + j, `ad_denoising_strength`,
 `ad_mask_blur`, `ad_inpaint_only_masked` (+ padding), `ad_inpaint_masked_content`,
 `ad_prompt` (+ `ad_prompt_append`), separate size / steps / CFG / CLIP skip
 when `ad_use_inpaint_width_height` / `ad_use_steps` / `ad_use_cfg_scale` /
-`ad_use_clip_skip`. A setting this stage
-cannot honour is refused naming it, unless its value is the neutral one
-("Use same checkpoint", a noise multiplier of 1...). Pixels outside the
+`ad_use_clip_skip`. A setting this stage cannot honour is refused naming it,
+unless its value is the neutral one ("Use same checkpoint", a noise
+multiplier of 1...). Pixels outside the
 blurred mask are the original's, exactly. What was found goes into the
 infotext and `info.extra_generation_params` (`ADetailer detections`).
 """
@@ -242,7 +242,8 @@ def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
             sent = values.get(name)
             if sent is not None and lax_number(sent, f"{where}.{name}") != number:
                 raise InvalidParameterError(
-                    f"`{where}.{name}` ({sent!r:.40}) disagrees with `ad_controlnet_guidance_start_end`"
+                    f"`{where}.{name}` ({sent!r:.40}) disagrees with "
+                    "`ad_controlnet_guidance_start_end`"
                 )
             values[name] = number
     return values

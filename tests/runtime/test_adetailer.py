@@ -227,3 +227,32 @@ def test_separate_inpaint_size(renderer):
             ),
             options=OPTIONS,
         )
+
+
+def test_hires_fix_only_passes_skip_a_render_without_hires(renderer):
+    from runtime.a1111 import Txt2ImgRequest
+
+    only_hires = {**AD, "ad_hires_fix_only": True}
+    t2i = Txt2ImgRequest(
+        prompt="a cube",
+        steps=2,
+        width=64,
+        height=64,
+        seed=3,
+        alwayson_scripts={"ADetailer": {"args": [True, only_hires]}},
+    )
+    assert "ADetailer" not in renderer.txt2img(t2i, options=OPTIONS).infotexts[0]
+    # img2img has no hires fix: the pass runs
+    result = renderer.img2img(request(picture(True), only_hires), options=OPTIONS)
+    assert "ADetailer detections" in result.info["extra_generation_params"]
+
+
+def test_masked_content_and_clip_skip_change_the_pass(renderer):
+    plain = px(renderer.img2img(request(picture(True), AD), options=OPTIONS))
+    for extra, param in [
+        ({"ad_inpaint_masked_content": "latent nothing"}, "ADetailer inpaint masked content"),
+        ({"ad_use_clip_skip": True, "ad_clip_skip": 2}, "ADetailer CLIP skip"),
+    ]:
+        result = renderer.img2img(request(picture(True), {**AD, **extra}), options=OPTIONS)
+        assert not np.array_equal(px(result), plain), extra
+        assert param in result.info["extra_generation_params"]
