@@ -11,10 +11,13 @@ This module must not import torch: the dispatcher and tests use it cheaply.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runtime.builtin_scripts import inert_scripts
+from runtime.values import is_unset
 from sdeks.envelope import TaskType, requested_model
 from sdeks.errors import InvalidParameterError
 
@@ -36,8 +39,14 @@ ROUTING_SCRIPT_KEYS = frozenset(
 )
 
 
-#: `sd_vae` values that mean "the checkpoint's own VAE" (A1111's names for it).
+#: `sd_vae` values that mean "the checkpoint's own VAE" (A1111's names for it); `is_no_vae`
+#: also takes every "unset" spelling (`runtime.values.is_unset`).
 NO_VAE = frozenset({"Automatic", "None", ""})
+
+
+def is_no_vae(name: Any) -> bool:
+    """Whether an `sd_vae` value means the checkpoint's own VAE ("Automatic", "None", "")."""
+    return is_unset(name) or (isinstance(name, str) and name.strip().lower() == "automatic")
 
 
 class _Body(BaseModel):
@@ -381,11 +390,22 @@ def known_fields(tasktype: TaskType) -> frozenset[str]:
     return frozenset(names)
 
 
-def ignored_fields(tasktype: TaskType, content: dict[str, Any]) -> list[str]:
+def ignored_fields(
+    tasktype: TaskType, content: dict[str, Any], scripts: Iterable[str] | None = None
+) -> list[str]:
     """Top-level `content` fields the request model of `tasktype` does not know (a
     misspelled `promt`): kept out of the render, as A1111 does, but reported in the
-    manifest, the callback and by the CLI. Empty for a task type without a model here."""
+    manifest, the callback and by the CLI. Empty for a task type without a model here.
+
+    With `scripts` (the `alwayson_scripts` names the runtime reads), also
+    `alwayson_scripts.<name>` for each other script sent switched off or empty
+    (`runtime.builtin_scripts.is_inert`): a no-op, not an error."""
     known = known_fields(tasktype)
     if not known:
         return []
-    return sorted(str(key) for key in content if key not in known)
+    ignored = sorted(str(key) for key in content if key not in known)
+    block = content.get("alwayson_scripts")
+    if scripts is not None and isinstance(block, dict):
+        real = {k: v for k, v in block.items() if k not in ROUTING_SCRIPT_KEYS}
+        ignored += [f"alwayson_scripts.{k}" for k in inert_scripts(real, scripts)]
+    return ignored

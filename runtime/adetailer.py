@@ -4,16 +4,24 @@ The extension's API (`adetailer/args.py`, `scripts/!adetailer.py`):
 `args` is `[enable, (skip_img2img,) {ad_model, ad_prompt, ...}, {...}, ...]`;
 a leading boolean is the switch (`[false]` is a no-op), each object one
 detector pass with the extension's defaults (`ADetailerArgs`; unknown keys are
-refused, as its `extra=forbid` does). For each finished image and each pass:
-detect with `ad_model` (from `adetailer/` in the bucket, `runtime.detectors`),
-keep boxes above `ad_confidence` (then `ad_mask_min/max_ratio`,
-`ad_mask_k_largest`), turn them into masks dilated by `ad_dilate_erode`
+refused, as its `extra=forbid` does; booleans and numbers are read as its
+pydantic model reads them, `"true"` and `"0.5"` included). Old names still
+sent by clients are folded into the current ones (`ad_tap_enable` ->
+`ad_tab_enable`, `ad_mask_k_largest` -> `ad_mask_k`, the pair
+`ad_controlnet_guidance_start_end` -> start and end). For each finished image
+and each pass: detect with `ad_model` (from `adetailer/` in the bucket,
+`runtime.detectors`), keep boxes above `ad_confidence` (then
+`ad_mask_min/max_ratio`, then the `ad_mask_k` largest or most confident by
+`ad_mask_filter_method`), turn them into masks dilated by `ad_dilate_erode`
 (`ad_mask_merge_invert` merges or inverts them), and inpaint each mask in
 turn with the render's own checkpoint: seed + j, `ad_denoising_strength`,
-`ad_mask_blur`, `ad_inpaint_only_masked` (+ padding), separate steps / CFG
-when `ad_use_steps` / `ad_use_cfg_scale`. Pixels outside the blurred mask are
-the original's, exactly. What was found goes into the infotext and
-`info.extra_generation_params` (`ADetailer detections`).
+`ad_mask_blur`, `ad_inpaint_only_masked` (+ padding), `ad_inpaint_masked_content`,
+`ad_prompt` (+ `ad_prompt_append`), separate steps / CFG / CLIP skip when
+`ad_use_steps` / `ad_use_cfg_scale` / `ad_use_clip_skip`. A setting this stage
+cannot honour is refused naming it, unless its value is the neutral one
+("Use same checkpoint", a noise multiplier of 1...). Pixels outside the
+blurred mask are the original's, exactly. What was found goes into the
+infotext and `info.extra_generation_params` (`ADetailer detections`).
 """
 
 from __future__ import annotations
@@ -26,37 +34,47 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from runtime.controlnet_units import script_args
-from sdeks.errors import InvalidParameterError, ModelNotFoundError
+from runtime.values import is_unset, lax_bool, lax_number
+from sdeks.errors import InvalidParameterError, ModelLoadError, ModelNotFoundError
 
 SCRIPT = "adetailer"
 VERSION = "sdeks"
 MERGE_INVERT = ("None", "Merge", "Merge and Invert")
+FILTER_METHODS = ("Area", "Confidence")
+#: `ad_inpaint_masked_content` -> A1111's `inpainting_fill` index (`runtime.images.fill_masked`).
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 @dataclass
 class ADetailerArgs:
-    """One detector pass, with the extension's defaults."""
+    """One detector pass, with the extension's defaults (current names; see `_ALIASES`)."""
 
     ad_model: str = "None"
     ad_model_classes: str = ""
-    ad_tap_enable: bool = True
+    ad_tab_enable: bool = True
     ad_prompt: str = ""
+    ad_prompt_append: str = ""
     ad_negative_prompt: str = ""
+    ad_negative_prompt_append: str = ""
     ad_confidence: float = 0.3
-    ad_mask_k_largest: int = 0
+    ad_mask_filter_method: str = "Area"
+    ad_mask_k: int = 0
     ad_mask_min_ratio: float = 0.0
     ad_mask_max_ratio: float = 1.0
     ad_dilate_erode: int = 4
+    ad_mask_bbox_expansion: int = 0
     ad_x_offset: int = 0
     ad_y_offset: int = 0
     ad_mask_merge_invert: str = "None"
     ad_mask_blur: int = 4
     ad_denoising_strength: float = 0.4
+    ad_inpaint_masked_content: str = "original"
     ad_inpaint_only_masked: bool = True
     ad_inpaint_only_masked_padding: int = 32
     ad_use_inpaint_width_height: bool = False
     ad_inpaint_width: int = 512
     ad_inpaint_height: int = 512
+    ad_inpaint_scale: float = 1.0
     ad_use_steps: bool = False
     ad_steps: int = 28
     ad_use_cfg_scale: bool = False
@@ -73,25 +91,50 @@ class ADetailerArgs:
     ad_use_clip_skip: bool = False
     ad_clip_skip: int = 1
     ad_restore_face: bool = False
+    ad_hires_fix_only: bool = False
     ad_controlnet_model: str = "None"
     ad_controlnet_module: str = "None"
     ad_controlnet_weight: float = 1.0
     ad_controlnet_guidance_start: float = 0.0
     ad_controlnet_guidance_end: float = 1.0
-    is_api: bool = True
+    ad_controlnet_use_crop_input: bool = True
+    #: The extension's marker of an API call: any of the shapes clients send (no effect).
+    is_api: Any = True
 
     @property
     def active(self) -> bool:
-        return self.ad_model != "None" and self.ad_tap_enable
+        return self.ad_model != "None" and self.ad_tab_enable
+
+    def prompts(self, prompt: str, negative: str) -> tuple[str, str]:
+        """The pass's (prompt, negative prompt): `ad_prompt` (with `[PROMPT]` replaced by the
+        render's) or the render's own, then `ad_prompt_append` after a comma."""
+        positive = self.ad_prompt.replace("[PROMPT]", prompt) if self.ad_prompt else prompt
+        negative_out = (
+            self.ad_negative_prompt.replace("[PROMPT]", negative)
+            if self.ad_negative_prompt
+            else negative
+        )
+        return (
+            _append(positive, self.ad_prompt_append),
+            _append(negative_out, self.ad_negative_prompt_append),
+        )
+
+
+def _append(prompt: str, tail: str) -> str:
+    if not tail.strip():
+        return prompt
+    base = prompt.rstrip().rstrip(",").rstrip()
+    return f"{base}, {tail.strip()}" if base else tail.strip()
 
 
 #: (low, high) of the numeric fields (the extension's pydantic constraints).
-_RANGES: dict[str, tuple[float, float]] = {
+_RANGES: dict[str, tuple[float | None, float | None]] = {
     "ad_confidence": (0, 1),
-    "ad_mask_k_largest": (0, 1000),
+    "ad_mask_k": (0, 1000),
     "ad_mask_min_ratio": (0, 1),
     "ad_mask_max_ratio": (0, 1),
     "ad_dilate_erode": (-128, 128),
+    "ad_mask_bbox_expansion": (0, 4096),
     "ad_x_offset": (-4096, 4096),
     "ad_y_offset": (-4096, 4096),
     "ad_mask_blur": (0, 64),
@@ -99,6 +142,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "ad_inpaint_only_masked_padding": (0, 1024),
     "ad_inpaint_width": (1, 4096),
     "ad_inpaint_height": (1, 4096),
+    "ad_inpaint_scale": (0, 16),
     "ad_steps": (1, 150),
     "ad_cfg_scale": (0, 100),
     "ad_noise_multiplier": (0.5, 1.5),
@@ -108,15 +152,15 @@ _RANGES: dict[str, tuple[float, float]] = {
     "ad_controlnet_guidance_end": (0, 1),
 }
 _FIELDS = {f.name: f for f in fields(ADetailerArgs)}
-#: Fields that would need features this stage does not have: refused when switched on.
-_UNSUPPORTED = {
-    "ad_use_checkpoint": "a separate checkpoint",
-    "ad_use_vae": "a separate VAE",
-    "ad_use_sampler": "a separate sampler",
-    "ad_use_noise_multiplier": "a noise multiplier",
-    "ad_use_clip_skip": "a separate CLIP skip",
-    "ad_restore_face": "face restoration",
+#: Old names still sent by clients -> the extension's current name. Both sent: they must agree.
+_ALIASES = {"ad_tap_enable": "ad_tab_enable", "ad_mask_k_largest": "ad_mask_k"}
+#: Fields that take one of a few names.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "ad_mask_merge_invert": MERGE_INVERT,
+    "ad_mask_filter_method": FILTER_METHODS,
+    "ad_inpaint_masked_content": MASKED_CONTENT,
 }
+_OPTIONAL_STR = ("ad_checkpoint", "ad_vae")
 
 
 def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
@@ -126,6 +170,8 @@ def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
         return []
     key, args = found
     where = f"alwayson_scripts.{key}.args"
+    if args is None:
+        return []
     if not isinstance(args, list):
         raise InvalidParameterError(f"`{where}` must be a list, got {type(args).__name__}")
     enabled = args[0] if args and isinstance(args[0], bool) else True
@@ -134,6 +180,8 @@ def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
         if isinstance(raw, bool):
             if i > 1:
                 raise InvalidParameterError(f"`{where}[{i}]` must be an object, got {raw}")
+            continue
+        if raw is None:
             continue
         if not isinstance(raw, dict):
             raise InvalidParameterError(
@@ -146,50 +194,119 @@ def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
 
 
 def _parse_one(raw: dict[str, Any], where: str) -> ADetailerArgs:
+    values = _canonical(raw, where)
     args = ADetailerArgs()
-    for name, value in raw.items():
-        f = _FIELDS.get(name)
-        if f is None:
+    for name, value in values.items():
+        if name not in _FIELDS:
             raise InvalidParameterError(f"`{where}.{name}` is not an ADetailer field")
-        if value is None and name in ("ad_checkpoint", "ad_vae"):
-            continue
-        default = getattr(args, name)
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            ok = ok and math.isfinite(value)
-        else:
-            ok = isinstance(value, str) and len(value) <= 4000
-        if not ok:
-            raise InvalidParameterError(f"`{where}.{name}` has the wrong type: {value!r:.80}")
-        low, high = _RANGES.get(name, (None, None))
-        if low is not None and high is not None and not low <= value <= high:
-            raise InvalidParameterError(
-                f"`{where}.{name}` must be between {low:g} and {high:g}, got {value}"
-            )
-        setattr(args, name, float(value) if isinstance(default, float) else value)
-    if args.ad_mask_merge_invert not in MERGE_INVERT:
-        raise InvalidParameterError(
-            f"`{where}.ad_mask_merge_invert` must be one of {', '.join(MERGE_INVERT)}"
-        )
-    for name, what in _UNSUPPORTED.items():
-        if getattr(args, name) and args.active:
-            raise InvalidParameterError(
-                f"`{where}.{name}`: {what} is not supported by ADetailer here"
-            )
-    if args.ad_controlnet_model != "None" and args.active:
-        raise InvalidParameterError(
-            f"`{where}.ad_controlnet_model`: ControlNet inside ADetailer is not supported here"
-        )
+        setattr(args, name, _value(name, value, getattr(args, name), f"{where}.{name}"))
+    _check_supported(args, where)
     if args.ad_model.lower().startswith("mediapipe"):
         raise InvalidParameterError(
             f"`{where}.ad_model` {args.ad_model!r}: mediapipe detectors are not available; "
             "use a detector file from adetailer/"
         )
     return args
+
+
+def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """`raw` under the current field names: old aliases folded in, the start/end pair split."""
+    values = dict(raw)
+    for alias, name in _ALIASES.items():
+        if alias not in values:
+            continue
+        old = values.pop(alias)
+        if name in values and values[name] is not None and old is not None:
+            if _value(name, old, _default(name), f"{where}.{alias}") != _value(
+                name, values[name], _default(name), f"{where}.{name}"
+            ):
+                raise InvalidParameterError(
+                    f"`{where}` has `{alias}` ({old!r:.40}) and its current name `{name}` "
+                    f"({values[name]!r:.40}) with different values"
+                )
+        elif old is not None:
+            values[name] = old
+    pair = values.pop("ad_controlnet_guidance_start_end", None)
+    if pair is not None:
+        spot = f"{where}.ad_controlnet_guidance_start_end"
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise InvalidParameterError(f"`{spot}` must be [start, end], got {pair!r:.80}")
+        start, end = (lax_number(v, spot, low=0, high=1) for v in pair)
+        if start > end:
+            raise InvalidParameterError(f"`{spot}`: start {start:g} is greater than end {end:g}")
+        for name, number in (
+            ("ad_controlnet_guidance_start", start),
+            ("ad_controlnet_guidance_end", end),
+        ):
+            sent = values.get(name)
+            if sent is not None and lax_number(sent, f"{where}.{name}") != number:
+                raise InvalidParameterError(
+                    f"`{where}.{name}` ({sent!r:.40}) disagrees with `ad_controlnet_guidance_start_end`"
+                )
+            values[name] = number
+    return values
+
+
+def _default(name: str) -> Any:
+    return getattr(ADetailerArgs(), name)
+
+
+def _value(name: str, value: Any, default: Any, where: str) -> Any:
+    """One field's value, read as the extension's pydantic model reads it (lax scalars)."""
+    if name == "is_api":
+        if value is None or isinstance(value, bool | list | tuple):
+            return value
+        raise InvalidParameterError(f"`{where}` must be true, false or a list, got {value!r:.80}")
+    if value is None:
+        return None if name in _OPTIONAL_STR else default
+    low, high = _RANGES.get(name, (None, None))
+    if isinstance(default, bool):
+        return lax_bool(value, where)
+    if isinstance(default, int):
+        return int(lax_number(value, where, integer=True, low=low, high=high))
+    if isinstance(default, float):
+        return lax_number(value, where, low=low, high=high)
+    if not isinstance(value, str) or len(value) > 4000:
+        raise InvalidParameterError(f"`{where}` must be a string, got {value!r:.80}")
+    choices = _CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise InvalidParameterError(
+            f"`{where}` must be one of {', '.join(map(repr, choices))}, got {value!r:.80}"
+        )
+    return value
+
+
+def _check_supported(args: ADetailerArgs, where: str) -> None:
+    """Refuse, naming the field, a setting this stage cannot honour; accept its neutral value."""
+    if not args.active:
+        return
+    refused = {
+        "ad_use_checkpoint": (
+            args.ad_use_checkpoint and not is_unset(args.ad_checkpoint),
+            "a separate checkpoint",
+        ),
+        "ad_use_vae": (args.ad_use_vae and not is_unset(args.ad_vae), "a separate VAE"),
+        "ad_use_sampler": (
+            args.ad_use_sampler and not (is_unset(args.ad_sampler) and is_unset(args.ad_scheduler)),
+            "a separate sampler",
+        ),
+        "ad_use_noise_multiplier": (
+            args.ad_use_noise_multiplier and args.ad_noise_multiplier != 1.0,
+            "a noise multiplier",
+        ),
+        "ad_restore_face": (args.ad_restore_face, "face restoration"),
+        "ad_controlnet_model": (
+            not is_unset(args.ad_controlnet_model),
+            "ControlNet inside ADetailer",
+        ),
+        "ad_mask_bbox_expansion": (args.ad_mask_bbox_expansion != 0, "bounding box expansion"),
+        "ad_inpaint_scale": (args.ad_inpaint_scale != 1.0, "an inpaint scale other than 1"),
+    }
+    for name, (bad, what) in refused.items():
+        if bad:
+            raise InvalidParameterError(
+                f"`{where}.{name}`: {what} is not supported by ADetailer here"
+            )
 
 
 # --- masks (the extension's mask.py) ----------------------------------------------
@@ -232,6 +349,8 @@ def preprocess_masks(masks: list[Image.Image], args: ADetailerArgs) -> list[Imag
 
 
 def _filter(dets: list[Any], args: ADetailerArgs, size: tuple[int, int]) -> list[Any]:
+    """The extension's order: the area ratio bounds, then the top `ad_mask_k` by
+    `ad_mask_filter_method` ("Area": the largest boxes, "Confidence": the surest)."""
     area = size[0] * size[1]
 
     def box_area(d: Any) -> float:
@@ -241,8 +360,9 @@ def _filter(dets: list[Any], args: ADetailerArgs, size: tuple[int, int]) -> list
     dets = [
         d for d in dets if args.ad_mask_min_ratio <= box_area(d) / area <= args.ad_mask_max_ratio
     ]
-    if args.ad_mask_k_largest:
-        dets = sorted(dets, key=box_area, reverse=True)[: args.ad_mask_k_largest]
+    if args.ad_mask_k:
+        key = box_area if args.ad_mask_filter_method == "Area" else (lambda d: d.score)
+        dets = sorted(dets, key=key, reverse=True)[: args.ad_mask_k]
     return dets
 
 
@@ -255,30 +375,29 @@ class ADetailerStage:
     script: str | None = SCRIPT
 
     def check(self, plan: Any, models: Any, settings: Any) -> None:
-        from runtime.detectors import DETECTOR
+        from runtime.detectors import resolve_detector
 
-        for n, args in enumerate(parse_args(plan.request.alwayson_scripts)):
+        for n, args in enumerate(passes_of(plan)):
             try:
-                models.resolve_weights(DETECTOR, args.ad_model)
-            except ModelNotFoundError as exc:
-                raise ModelNotFoundError(
-                    f"ADetailer pass {n + 1} `ad_model`: {exc.message}"
-                ) from exc
+                resolve_detector(models, args.ad_model)
+            except (ModelNotFoundError, ModelLoadError) as exc:
+                raise type(exc)(f"ADetailer pass {n + 1} `ad_model`: {exc.message}") from exc
 
     def enabled(self, plan: Any) -> bool:
-        return bool(parse_args(plan.request.alwayson_scripts))
+        return bool(passes_of(plan))
 
     def run(self, images: list[Image.Image], plan: Any, ctx: Any) -> list[Image.Image]:
-        from runtime.detectors import DETECTOR
+        from runtime.detectors import DETECTOR, resolve_detector
 
-        passes = parse_args(plan.request.alwayson_scripts)
+        passes = passes_of(plan)
         report: list[str] = []
         out = []
         for i, image in enumerate(images):
             found = []
             for args in passes:
                 ctx.control.check()
-                with ctx.models.use_weights(DETECTOR, args.ad_model) as lease:
+                entry = resolve_detector(ctx.models, args.ad_model)
+                with ctx.models.use_weights(DETECTOR, entry) as lease:
                     dets = lease.model(image.convert("RGB"), args.ad_confidence)
                 dets = _filter(dets, args, image.size)
                 masks = preprocess_masks(box_masks(image.size, [d.box for d in dets]), args)
@@ -303,10 +422,23 @@ class ADetailerStage:
             params[f"ADetailer inpaint only masked{suffix}"] = args.ad_inpaint_only_masked
             if args.ad_inpaint_only_masked:
                 params[f"ADetailer inpaint padding{suffix}"] = args.ad_inpaint_only_masked_padding
-            if args.ad_prompt:
-                params[f"ADetailer prompt{suffix}"] = args.ad_prompt
-            if args.ad_negative_prompt:
-                params[f"ADetailer negative prompt{suffix}"] = args.ad_negative_prompt
+            if args.ad_mask_k:
+                params[f"ADetailer mask only top k{suffix}"] = args.ad_mask_k
+                params[f"ADetailer method to decide top k masks{suffix}"] = (
+                    args.ad_mask_filter_method
+                )
+            if args.ad_inpaint_masked_content != "original":
+                params[f"ADetailer inpaint masked content{suffix}"] = args.ad_inpaint_masked_content
+            if args.ad_use_clip_skip:
+                params[f"ADetailer CLIP skip{suffix}"] = args.ad_clip_skip
+            for name, label in (
+                ("ad_prompt", "prompt"),
+                ("ad_prompt_append", "prompt append"),
+                ("ad_negative_prompt", "negative prompt"),
+                ("ad_negative_prompt_append", "negative prompt append"),
+            ):
+                if getattr(args, name):
+                    params[f"ADetailer {label}{suffix}"] = getattr(args, name)
         params["ADetailer detections"] = "; ".join(report)
         params["ADetailer version"] = VERSION
         return out
@@ -324,24 +456,23 @@ class ADetailerStage:
 
         from runtime import prompts, seeds
         from runtime.families import derive
+        from runtime.images import fill_masked
 
         request = plan.request
         pipe = derive(ctx.pipe, ctx.family, "inpaint")
         pipe.set_progress_bar_config(disable=True)
-        prompt = args.ad_prompt.replace("[PROMPT]", plan.prompt) if args.ad_prompt else plan.prompt
-        negative = (
-            args.ad_negative_prompt.replace("[PROMPT]", plan.negative_prompt)
-            if args.ad_negative_prompt
-            else plan.negative_prompt
-        )
-        embeds = prompts.encode(pipe, prompt, negative, plan.clip_skip, 1)
+        prompt, negative = args.prompts(plan.prompt, plan.negative_prompt)
+        # A1111's CLIP skip counts layers from the end (1 = last); diffusers' skips them.
+        clip_skip = (args.ad_clip_skip - 1 or None) if args.ad_use_clip_skip else plan.clip_skip
+        embeds = prompts.encode(pipe, prompt, negative, clip_skip, 1)
         blurred = (
             mask.filter(ImageFilter.GaussianBlur(args.ad_mask_blur)) if args.ad_mask_blur else mask
         )
         steps = args.ad_steps if args.ad_use_steps else request.steps
+        fill = MASKED_CONTENT.index(args.ad_inpaint_masked_content)
         kwargs: dict[str, Any] = {
             **embeds,
-            "image": image,
+            "image": fill_masked(image.convert("RGB"), blurred, fill),
             "mask_image": blurred,
             "strength": args.ad_denoising_strength,
             "num_inference_steps": max(steps, math.ceil(1 / max(args.ad_denoising_strength, 1e-3))),
@@ -362,6 +493,15 @@ class ADetailerStage:
             result = pipe(**kwargs).images[0].convert("RGB").resize(image.size)
         # The original outside the (blurred) mask, bit for bit, as A1111's overlay does.
         return Image.composite(result, image.convert("RGB"), blurred)
+
+
+def passes_of(plan: Any) -> list[ADetailerArgs]:
+    """The passes that run on this render: `ad_hires_fix_only` ones only after a hires pass
+    (a txt2img without `enable_hr` skips them; img2img, which has no hires fix, runs them)."""
+    hires = plan.hires is not None or plan.img is not None
+    return [
+        p for p in parse_args(plan.request.alwayson_scripts) if hires or not p.ad_hires_fix_only
+    ]
 
 
 def _ordinal(n: int) -> str:

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from sdeks.errors import TaskCancelledError, TaskTimeoutError
 
 
+class SupersededError(Exception):
+    """Another render attempt of the task took it over while this one rendered
+    (`TaskTable.mark_running`): this attempt writes no outputs and reports nothing."""
+
+
 @dataclass
 class JobControl:
     """Progress and cancellation of one running job, shared with the HTTP side."""

@@ -16,9 +16,14 @@ defaults and value spellings follow the extension's `ControlNetUnit`
   `threshold_a`, `threshold_b` of -1 (or out of the module's range) take the
   module's default, as the extension's bound check does.
 - Old aliases: `input_image` (image), `guidance` (guidance_end), `lowvram`
-  (low_vram), `mask_image` (mask).
+  (low_vram), `mask_image` (mask). Older clients (webuiapi) send an alias and
+  its new name together; as in the extension, the new name wins when it is
+  set (not None) and the alias is dropped; an alias alone is used.
 - `image`: base64 (or a link the dispatcher has resolved to base64),
-  `{"image": ..., "mask": ...}`, or `[image, mask]`.
+  `{"image": ..., "mask": ...}`, or `[image, mask]`; `""` means no image
+  (img2img: the init image), as for the extension's UI units.
+- Booleans and numbers are read leniently, as the extension's pydantic unit
+  does (`"true"`, `0`/`1`, `"0.5"`: `runtime.values`).
 
 Unlike the extension, a bad value is refused with the field named
 (`alwayson_scripts.controlnet.args[1].weight ...`) instead of logged and
@@ -31,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.values import lax_bool, lax_number
 from sdeks.errors import InvalidParameterError
 
 #: The `alwayson_scripts` key (lower-cased) the units come under.
@@ -48,7 +54,14 @@ _RESIZE_ALIASES = {
 }
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
-_ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_vram"}
+_ALIASES = {
+    "input_image": "image",
+    "guidance": "guidance_end",
+    "lowvram": "low_vram",
+    "mask_image": "mask",
+}
+#: Image fields where `""` means "no image".
+_IMAGE_FIELDS = ("image", "input_image", "mask", "mask_image")
 #: Fields of the extension's unit that are accepted and have no effect here.
 ACCEPTED_WITHOUT_EFFECT = (
     "low_vram",
@@ -165,16 +178,16 @@ def parse_units(alwayson_scripts: dict[str, Any]) -> list[ControlNetUnit]:
 
 def parse_unit(raw: dict[str, Any], index: int, where: str) -> ControlNetUnit:
     values = dict(raw)
+    for name in _IMAGE_FIELDS:
+        if values.get(name) == "":
+            values[name] = None
     for alias, name in _ALIASES.items():
         if alias in values:
-            if name in values and values[name] is not None:
-                raise InvalidParameterError(f"`{where}` has both `{alias}` and `{name}`")
-            values[name] = values.pop(alias)
-    if values.get("mask_image") is not None:
-        if values.get("mask") is not None:
-            raise InvalidParameterError(f"`{where}` has both `mask` and `mask_image`")
-        values["mask"] = values.pop("mask_image")
-    values.pop("mask_image", None)
+            old = values.pop(alias)
+            # The extension keeps the new field when both are sent (older webuiapi
+            # sends `guidance` beside `guidance_start`/`guidance_end`).
+            if values.get(name) is None:
+                values[name] = old
 
     unit = ControlNetUnit(index=index)
     unit.enabled = _bool(values, "enabled", True, where)
@@ -184,7 +197,7 @@ def parse_unit(raw: dict[str, Any], index: int, where: str) -> ControlNetUnit:
     unit.image, unit.mask = _image(values.get("image"), values.get("mask"), where)
     unit.resize_mode = resize_mode_of(values.get("resize_mode", "Crop and Resize"), where)
     unit.low_vram = _bool(values, "low_vram", False, where)
-    unit.processor_res = int(_float(values, "processor_res", -1, where))
+    unit.processor_res = int(_float(values, "processor_res", -1, where, integer=True))
     unit.threshold_a = _float(values, "threshold_a", -1, where)
     unit.threshold_b = _float(values, "threshold_b", -1, where)
     unit.guidance_start = _float(values, "guidance_start", 0.0, where, 0.0, 1.0)
@@ -244,9 +257,7 @@ def _bool(values: dict[str, Any], name: str, default: bool, where: str) -> bool:
     value = values.get(name, default)
     if value is None:
         return default
-    if not isinstance(value, bool):
-        raise InvalidParameterError(f"`{where}.{name}` must be true or false, got {value!r:.80}")
-    return value
+    return lax_bool(value, f"{where}.{name}")
 
 
 def _str(values: dict[str, Any], name: str, default: str, where: str) -> str:
@@ -265,17 +276,13 @@ def _float(
     where: str,
     low: float | None = None,
     high: float | None = None,
+    *,
+    integer: bool = False,
 ) -> float:
     value = values.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidParameterError(f"`{where}.{name}` must be a number, got {value!r:.80}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidParameterError(
-            f"`{where}.{name}` must be between {low:g} and {high:g}, got {value}"
-        )
-    return float(value)
+    return lax_number(value, f"{where}.{name}", integer=integer, low=low, high=high)
 
 
 def _image(image: Any, mask: Any, where: str) -> tuple[str | None, str | None]:
@@ -291,9 +298,10 @@ def _image(image: Any, mask: Any, where: str) -> tuple[str | None, str | None]:
                 "(one input image per unit)"
             )
     if isinstance(image, dict):
-        if mask is not None and image.get("mask") is not None:
+        if mask is not None and image.get("mask") not in (None, ""):
             raise InvalidParameterError(f"`{where}` has a mask both in `image` and in `mask`")
         image, mask = image.get("image"), image.get("mask", mask)
+    image, mask = (None if v == "" else v for v in (image, mask))
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and (not isinstance(value, str) or not value):
             raise InvalidParameterError(

@@ -15,12 +15,20 @@ use it. Two formats:
   installed (AGPL-3.0, opt-in by the operator); otherwise a clear
   `model_load_failed` naming the extra and the `.pt2` route.
 
+Names: clients send the extension's names (`face_yolov8n.pt`), so a `.pt2`
+is listed as the `.pt` it was exported from, and a request for `X.pt` takes
+`adetailer/X.pt2` when there is one (it needs no extra package), else
+`X.pt`, else whatever the catalog's naming rules find (`X`, `X [hash]`...).
+A `.pt` that would need ultralytics where it is not installed is refused when
+the request is checked, before any model work.
+
 Boxes above the confidence are kept after non-maximum suppression
 (torchvision's `nms`, IoU 0.7 as ultralytics' default).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdeks.errors import ModelLoadError
+from sdeks.errors import ModelLoadError, ModelNotFoundError
 from sdeks.names import MODELS_DETECTOR_PREFIX
 
 IOU = 0.7
@@ -106,18 +114,45 @@ def load_detector(path: Path, entry: Any) -> Any:
         ) from exc
 
 
+def _ultralytics_missing(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"detector {name} is an ultralytics .pt file: install the optional "
+        "`sdeks[detector-ultralytics]` extra (AGPL-3.0) on the runtime image, or upload it "
+        "as a .pt2 torch.export program (docs/models.md)"
+    )
+
+
 def _load_ultralytics(path: Path, name: str) -> Any:
     try:
         from ultralytics import YOLO  # optional extra: AGPL-3.0
         from ultralytics.utils import SETTINGS
     except ImportError as exc:
-        raise ModelLoadError(
-            f"detector {name} is an ultralytics .pt file: install the optional "
-            "`sdeks[detector-ultralytics]` extra (AGPL-3.0) on the runtime image, or upload it "
-            "as a .pt2 torch.export program (docs/models.md)"
-        ) from exc
+        raise _ultralytics_missing(name) from exc
     SETTINGS.update({"sync": False})  # no telemetry or update checks from the pod
     return UltralyticsDetector(YOLO(str(path)))
+
+
+def display_name(entry: Any) -> str:
+    """What clients call a detector: the extension's `.pt` name, also for its `.pt2` export."""
+    name = str(entry.name)
+    return name[: -len(".pt2")] + ".pt" if name.endswith(".pt2") else name
+
+
+def resolve_detector(models: Any, requested: str) -> Any:
+    """The `adetailer/` entry an `ad_model` means (the module docstring's rules), checked
+    loadable here: a `.pt` without ultralytics installed is a `ModelLoadError` now."""
+    if not isinstance(requested, str) or not requested.strip():
+        raise ModelNotFoundError(f"detector name must be a non-empty string, got {requested!r:.80}")
+    wanted = requested.strip()
+    entry = None
+    if wanted.endswith(".pt"):
+        exported = wanted + "2"
+        entry = next((e for e in models.entries(DETECTOR) if e.name == exported), None)
+    if entry is None:
+        entry = models.resolve_weights(DETECTOR, wanted)
+    if str(entry.name).endswith(".pt") and importlib.util.find_spec("ultralytics") is None:
+        raise _ultralytics_missing(entry.name)
+    return entry
 
 
 def detector_kind() -> Any:
@@ -132,6 +167,7 @@ def detector_kind() -> Any:
         suffixes=(".pt2", ".pt"),
         to_device=lambda obj, device, dtype: obj,
         size=lambda obj: _size(obj),
+        display_name=display_name,
     )
 
 

@@ -13,8 +13,8 @@ as A1111's `StableDiffusionProcessingTxt2Img.sample_hr_pass` does it:
 - the second pass runs `hr_second_pass_steps` (0: `steps`) at
   `denoising_strength` (A1111 runs `int(steps x strength)` of them), with
   `hr_sampler_name`/`hr_scheduler`, `hr_prompt`/`hr_negative_prompt` and
-  `hr_checkpoint_name` when given ("Use same ..." and empty values mean the
-  first pass's), from each image's own seed;
+  `hr_checkpoint_name` when given (None, "", "None" and "Use same ..." mean
+  the first pass's: `runtime.values.is_unset`), from each image's own seed;
 - a target equal to the first pass's size turns the hires fix off, as in A1111.
 
 The infotext gains A1111's fields (`Denoising strength`, `Hires upscale` or
@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime import prompts, samplers, seeds, styles, upscalers
-from runtime.a1111 import Txt2ImgRequest
+from runtime.a1111 import Txt2ImgRequest, is_no_vae
 from runtime.settings import RuntimeSettings
 from runtime.stages import denoise, first_pass
 from runtime.stages.types import Batch, Plan, StageContext
+from runtime.values import is_unset
 from sdeks.errors import InvalidParameterError
 
 #: A1111's `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias).
@@ -48,9 +49,6 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
 }
 #: `hr_upscaler` absent: A1111's default `latent_upscale_default_mode`.
 DEFAULT_UPSCALER = "Latent"
-SAME_CHECKPOINT = frozenset({"", "Use same checkpoint"})
-SAME_SAMPLER = frozenset({"", "Use same sampler"})
-SAME_SCHEDULER = frozenset({"", "Use same scheduler"})
 _OPT_F = 8  # latent downscale factor
 
 
@@ -136,9 +134,8 @@ def plan_hires(plan: Plan, models: Any, settings: RuntimeSettings) -> HiresPlan 
     sampler_name = request.hr_sampler_name
     scheduler = request.hr_scheduler
     choice = None
-    if (sampler_name or "") not in SAME_SAMPLER or (scheduler or "") not in SAME_SCHEDULER:
-        same_sampler = (sampler_name or "") in SAME_SAMPLER
-        same_scheduler = (scheduler or "") in SAME_SCHEDULER
+    same_sampler, same_scheduler = is_unset(sampler_name), is_unset(scheduler)
+    if not same_sampler or not same_scheduler:
         try:
             choice = samplers.resolve(
                 request.sampler if same_sampler else sampler_name,
@@ -151,7 +148,7 @@ def plan_hires(plan: Plan, models: Any, settings: RuntimeSettings) -> HiresPlan 
                 )
             ) from exc
     checkpoint = request.hr_checkpoint_name
-    if (checkpoint or "") in SAME_CHECKPOINT:
+    if is_unset(checkpoint):
         checkpoint = None
     elif checkpoint is not None:
         if models.resolve(checkpoint).key == models.resolve(plan.checkpoint).key:
@@ -340,7 +337,7 @@ def _hires_pipeline(
         assert hires.checkpoint is not None
         lease = stack.enter_context(ctx.models.use(hires.checkpoint, "img2img"))
         source, family = lease.pipeline, lease.family
-        source.vae = ctx.pipe.vae if plan.vae_name not in ("Automatic", "None", "") else source.vae
+        source.vae = ctx.pipe.vae if not is_no_vae(plan.vae_name) else source.vae
     pipe = derive(source, family, "img2img")
     choice = hires.choice or plan.choice
     if hires.choice is not None or not same_weights:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from runtime.a1111 import (
@@ -25,6 +25,7 @@ from runtime.a1111 import (
     ignored_fields,
     parse_request,
 )
+from runtime.control import SupersededError
 from runtime.outputs import OutputError, OutputWriter
 from runtime.render import JobControl, Renderer, RenderResult, encode_png
 from sdeks.callback import Callback, ErrorInfo, Manifest, TaskStatus, Timings
@@ -61,8 +62,13 @@ def run_job(
     options: Mapping[str, Any],
     control: JobControl,
     received_at: float | None = None,
+    may_write: Callable[[], bool] | None = None,
 ) -> Callback:
-    """Render `job`, store its outputs and manifest, and return its (unpublished) callback."""
+    """Render `job`, store its outputs and manifest, and return its (unpublished) callback.
+
+    `may_write` is asked just before anything goes to S3: False (another attempt of
+    the task took it over) raises `SupersededError` with nothing written, so the
+    outputs in S3 are the ones the published callback reports."""
     task = job.task
     received_at = received_at or time.time()
     started = time.time()
@@ -86,12 +92,16 @@ def run_job(
         status, error = TaskStatus.FAILED, ErrorInfo.from_exception(exc)
     if error:
         log.info("task %s %s: %s", task.id, status.value, error.code, extra={"task_id": task.id})
-    ignored = ignored_fields(task.tasktype, task.content)
+    from runtime.stages.prepare import supported_alwayson_scripts
+
+    ignored = ignored_fields(task.tasktype, task.content, supported_alwayson_scripts())
     if ignored:
         log.warning(
             "task %s: ignored unknown fields %s", task.id, ignored, extra={"task_id": task.id}
         )
 
+    if may_write is not None and not may_write():
+        raise SupersededError(task.id)
     upload_start = time.time()
     keys: list[str] = []
     if result is not None:
@@ -137,4 +147,4 @@ def run_job(
     ).fitted()
 
 
-__all__ = ["OutputError", "render_task", "run_job"]
+__all__ = ["OutputError", "SupersededError", "render_task", "run_job"]

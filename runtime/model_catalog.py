@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 #: Weight files we load. Pickled `.ckpt`/`.pt` can run code when loaded: refused.
 WEIGHT_SUFFIXES = (".safetensors",)
 #: Suffixes a file name loses in its `model_name` (other model kinds may list `.pth`
-#: files, loaded with torch's weights-only unpickler; see `runtime.model_store.ModelKind`).
-NAME_SUFFIXES = (".safetensors", ".pth", ".pt", ".onnx")
+#: files, loaded with torch's weights-only unpickler, and `.pt2` torch.export programs;
+#: see `runtime.model_store.ModelKind`).
+NAME_SUFFIXES = (".safetensors", ".pth", ".pt2", ".pt", ".onnx")
 CONFIG_FOLDER_SUFFIX = ".config"
 #: Family-wide configs for single files that ship none: `configs/sd1/`, `configs/sdxl/`...
 MODELS_CONFIG_PREFIX = "configs/"

@@ -8,8 +8,9 @@ scheduler, its state and the latents carry on untouched. The switch happens in
 the last pass: the hires pass when there is one (A1111's default
 `hires_fix_refiner_pass` "second pass"), else the first.
 
-`refiner_switch_at` absent means the refiner from the first step, as in
-A1111; 1 or more means never. The refiner must share the base model's
+`refiner_checkpoint` None, "", "None" or "Use same checkpoint" means no
+refiner (`runtime.values.is_unset`). `refiner_switch_at` absent means the
+refiner from the first step, as in A1111; 1 or more means never. The refiner must share the base model's
 architecture (an SD 1.x refiner for an SD 1.x base, an SDXL base checkpoint
 for an SDXL base); the SDXL *refiner* architecture (its own text encoder and
 conditioning) is refused with an error naming it. The infotext gains
@@ -24,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.stages.types import Batch, Plan, StageContext
+from runtime.values import is_unset
 from sdeks.errors import InvalidParameterError
-
-NO_REFINER = frozenset({"", "None", "none"})
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ def plan_refiner(plan: Plan, models: Any) -> RefinerPlan | None:
     """Stage 1's part: check `refiner_checkpoint`/`refiner_switch_at` (None: no refiner)."""
     request = plan.request
     name = request.refiner_checkpoint
-    if name is None or name.strip() in NO_REFINER:
+    if is_unset(name):
         return None
+    assert name is not None
     switch = request.refiner_switch_at
     if switch is not None and not (math.isfinite(switch) and switch >= 0):
         raise InvalidParameterError(

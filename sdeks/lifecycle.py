@@ -134,8 +134,11 @@ class Reporter:
         chosen = await self.table.remember_seed(task.id, random.randrange(4294967294))
         return task.model_copy(update={"content": {**task.content, "seed": chosen}})
 
-    async def finish(self, callback: Callback) -> bool:
+    async def finish(self, callback: Callback, *, run: str | None = None) -> bool:
         """End the task with `callback` (succeeded, failed or cancelled).
+
+        `run`: the pod's render attempt (`running`); it claims only while it still
+        holds the task, so an attempt another one superseded publishes nothing.
 
         True: this call won and published. False: the task had already ended
         (another pod, dispatcher or a cancel won); nothing was published.
@@ -150,7 +153,7 @@ class Reporter:
         if callback.id is not None:
             self._last_progress.pop(callback.id, None)
         if self.table is not None and callback.id is not None:
-            if not await self.table.claim_terminal(callback):
+            if not await self.table.claim_terminal(callback, run=run):
                 return False
         await self._publish(callback)
         await self._confirm(callback)
@@ -163,11 +166,15 @@ class Reporter:
         pod: str | None = None,
         total_steps: int | None = None,
         timings: Timings | None = None,
+        run: str | None = None,
     ) -> bool:
         """The pod starts rendering `task`. False: it ended or a cancel was requested:
-        do not render and publish nothing (whoever ended it published)."""
+        do not render and publish nothing (whoever ended it published). `run` names
+        this render attempt (`TaskTable.mark_running`)."""
         if self.table is not None:
-            started = await self.table.mark_running(task.id, pod=pod, total_steps=total_steps)
+            started = await self.table.mark_running(
+                task.id, pod=pod, total_steps=total_steps, run=run
+            )
             if not started:
                 log.info("task %s: not starting, it ended or a cancel was requested", task.id)
                 return False
@@ -179,7 +186,16 @@ class Reporter:
                 log.warning("task %s: could not publish the running callback", task.id)
         return True
 
-    async def progress(self, task_id: str, done: int, total: int) -> bool:
+    async def may_write_outputs(self, task_id: str, *, run: str) -> bool:
+        """True while render attempt `run` still holds the task: it may write its
+        outputs. False: another attempt took it over (or it ended): write nothing."""
+        if self.table is None:
+            return True
+        return await self.table.may_write_outputs(task_id, run=run)
+
+    async def progress(
+        self, task_id: str, done: int, total: int, *, run: str | None = None
+    ) -> bool:
         """Record progress at most every `progress_interval_s`. False: stop rendering
         (cancel requested, or the task is no longer running here)."""
         if self.table is None:
@@ -189,7 +205,7 @@ class Reporter:
         if last is not None and now - last < self._progress_interval_s and done < total:
             return True
         self._last_progress[task_id] = now
-        return await self.table.update_progress(task_id, done, total)
+        return await self.table.update_progress(task_id, done, total, run=run)
 
     async def cancel(self, task_id: str) -> CancelOutcome:
         """Cancel a task. Queued: it ends now and this call publishes its `cancelled`

@@ -169,6 +169,9 @@ class TaskRecord(BaseModel):
     expires_at: int | None = None
     #: Which delivery of the task serves it (`Reporter.admit`): the first to arrive.
     delivery: str | None = None
+    #: The render attempt that last marked it running (a token each pod job draws): only
+    #: that attempt may write outputs, record progress or claim the end (`mark_running`).
+    run: str | None = None
 
     @property
     def queued_ms(self) -> int | None:
@@ -334,10 +337,21 @@ class TaskTable:
         return _record(answer["Attributes"])
 
     async def mark_running(
-        self, task_id: str, *, pod: str | None = None, total_steps: int | None = None
+        self,
+        task_id: str,
+        *,
+        pod: str | None = None,
+        total_steps: int | None = None,
+        run: str | None = None,
     ) -> bool:
         """A pod starts rendering. False: the task is finished or cancel was requested,
-        so the pod must not render it (and publishes nothing)."""
+        so the pod must not render it (and publishes nothing).
+
+        `run` names this render attempt. A running task may be started again (its
+        pod or dispatcher died and the message came back); the new attempt's `run`
+        replaces the old one's, which fences the old attempt out: its progress
+        writes, `may_write_outputs` and terminal claim fail from then on, so a
+        straggling pod can neither overwrite the new attempt's outputs nor report."""
         now_ms, now_s = self._now()
         u = _Update()
         u.set("status", TaskStatus.RUNNING.value).set("started_at", now_ms)
@@ -345,6 +359,8 @@ class TaskTable:
         u.set("progress_done", 0).set_if_absent("received_at", now_ms)
         if pod:
             u.set("pod", pod)
+        if run:
+            u.set("run", run)
         if total_steps is not None:
             u.set("progress_total", total_steps)
         # A missing (or partial) item is created: the table write at receipt may have
@@ -356,18 +372,36 @@ class TaskTable:
         )
         return await self._try(task_id, u, condition)
 
-    async def update_progress(self, task_id: str, done: int, total: int) -> bool:
-        """Record steps done. False: stop rendering (cancel requested, or not running)."""
+    async def update_progress(
+        self, task_id: str, done: int, total: int, *, run: str | None = None
+    ) -> bool:
+        """Record steps done. False: stop rendering (cancel requested, not running, or
+        another attempt `run` took the task over)."""
         now_ms, _ = self._now()
         u = _Update().set("progress_done", done).set("progress_total", total)
         u.set("updated_at", now_ms)
         condition = (
             f"{u.name('status')} = {u.value(TaskStatus.RUNNING.value)} AND {_not_cancelled(u)}"
+            f"{_own_run(u, run)}"
         )
         return await self._try(task_id, u, condition)
 
+    async def may_write_outputs(self, task_id: str, *, run: str) -> bool:
+        """Just before a pod writes outputs: True while attempt `run` still holds the
+        running task (a requested cancel still lets it write its `cancelled` manifest).
+        False: another attempt took it over or it ended; write nothing."""
+        now_ms, _ = self._now()
+        u = _Update().set("outputs_at", now_ms)
+        condition = f"{u.name('status')} = {u.value(TaskStatus.RUNNING.value)}{_own_run(u, run)}"
+        return await self._try(task_id, u, condition)
+
     async def claim_terminal(
-        self, callback: Callback, *, new_only: bool = False, delivery: str | None = None
+        self,
+        callback: Callback,
+        *,
+        new_only: bool = False,
+        delivery: str | None = None,
+        run: str | None = None,
     ) -> bool:
         """Move the task to the callback's terminal status, if nobody did yet.
 
@@ -387,7 +421,11 @@ class TaskTable:
         if delivery is not None:
             u.set("delivery", delivery)
         expired = f"{u.name(TTL_ATTRIBUTE)} <= {u.value(now_s)}"
-        live = "" if new_only else f"NOT {u.name('status')} IN ({u.terminal_values()}) OR "
+        live = (
+            ""
+            if new_only
+            else f"(NOT {u.name('status')} IN ({u.terminal_values()}){_own_run(u, run)}) OR "
+        )
         condition = f"attribute_not_exists({u.name('id')}) OR {_partial(u)} OR {live}{expired}"
         won = await self._try(callback.id, u, condition)
         if not won:
@@ -718,6 +756,14 @@ def _whole(u: _Update) -> str:
     """A record exists: the condition of every write that must not create an item.
     On the status, not the key, so a partial item is not given more fields."""
     return f"attribute_exists({u.name('status')})"
+
+
+def _own_run(u: _Update, run: str | None) -> str:
+    """`` AND`` the item is held by render attempt `run` (or by none); empty without one."""
+    if run is None:
+        return ""
+    name = u.name("run")
+    return f" AND (attribute_not_exists({name}) OR {name} = {u.value(run)})"
 
 
 def _not_cancelled(u: _Update) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -20,7 +21,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from runtime.control import JobControl
+from runtime.control import JobControl, SupersededError
 from runtime.outputs import OutputError, OutputWriter
 from runtime.pod import PodDep
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
@@ -55,6 +56,9 @@ async def post_job(job: Job, pod: PodDep) -> Any:
     control = JobControl(job_id=task.id)
     control.limit_time(settings.task_time_limit_s)  # checked between steps: one `timeout`
     received = time.time()
+    # This render attempt: a later attempt of the same task (after a dispatcher or
+    # pod died) fences this one out of outputs, progress and the claim.
+    run = uuid.uuid4().hex
     async with pod.slot(control, wait=False) as held:
         if not held:
             pod.metrics.rejected.inc()
@@ -66,7 +70,7 @@ async def post_job(job: Job, pod: PodDep) -> Any:
         try:
             # 1. Mark it running; False: it ended elsewhere or a cancel came first.
             if not await reporter.running(
-                task, pod=settings.pod_name, total_steps=_total_steps(task.content)
+                task, pod=settings.pod_name, total_steps=_total_steps(task.content), run=run
             ):
                 callback = _cancelled_before_start(job, writer)
                 if await reporter.finish(callback):  # cancel requested: ended here
@@ -81,7 +85,12 @@ async def post_job(job: Job, pod: PodDep) -> Any:
                     status_code=409,
                 )
             # 2. Render and store outputs in a worker thread, reporting progress.
-            control.on_progress = _progress_reporter(reporter, task.id, control)
+            control.on_progress = _progress_reporter(reporter, task.id, control, run)
+            loop = asyncio.get_running_loop()
+
+            def may_write() -> bool:
+                ask = reporter.may_write_outputs(task.id, run=run)
+                return asyncio.run_coroutine_threadsafe(ask, loop).result(timeout=60)
 
             def work() -> Callback:
                 # Looked up at call time, so a test harness can wrap run_job.
@@ -94,11 +103,23 @@ async def post_job(job: Job, pod: PodDep) -> Any:
                     options=dict(pod.options),
                     control=control,
                     received_at=received,
+                    may_write=may_write,
                 )
 
-            callback = await asyncio.to_thread(work)
+            try:
+                callback = await asyncio.to_thread(work)
+            except SupersededError:
+                log.warning(
+                    "task %s: another attempt took it over; this one wrote and published nothing",
+                    task.id,
+                    extra={"task_id": task.id},
+                )
+                return JSONResponse(
+                    {"code": "superseded", "message": f"another attempt runs task {task.id}"},
+                    status_code=409,
+                )
             # 3. Claim the terminal state and publish (exactly once per task id).
-            if not await reporter.finish(callback):
+            if not await reporter.finish(callback, run=run):
                 log.info("task %s had already ended; callback not published", task.id)
         except OutputError as exc:
             log.error("outputs of task %s failed: %s", task.id, exc, extra={"task_id": task.id})
@@ -147,7 +168,7 @@ async def prefetch(body: PrefetchRequest, pod: PodDep) -> Any:
 
 
 def _progress_reporter(
-    reporter: Reporter, task_id: str, control: JobControl
+    reporter: Reporter, task_id: str, control: JobControl, run: str | None = None
 ) -> Callable[[int, int], None]:
     """A step hook for the render thread: records progress on the event loop without
     waiting for it, and cancels the render when the table says stop (`sdeks cancel`)."""
@@ -168,7 +189,9 @@ def _progress_reporter(
                 log.info("task %s: cancel requested, stopping", task_id)
                 control.cancel()
                 return
-        pending = asyncio.run_coroutine_threadsafe(reporter.progress(task_id, done, total), loop)
+        pending = asyncio.run_coroutine_threadsafe(
+            reporter.progress(task_id, done, total, run=run), loop
+        )
 
     return report
 

@@ -8,6 +8,7 @@ is loaded.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -15,8 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from runtime import embeddings, hires, refiner, samplers, seeds, styles
-from runtime.a1111 import NO_VAE, ROUTING_SCRIPT_KEYS, GenerationRequest, Img2ImgRequest
+from runtime import builtin_scripts, embeddings, hires, refiner, samplers, seeds, styles
+from runtime.a1111 import ROUTING_SCRIPT_KEYS, GenerationRequest, Img2ImgRequest, is_no_vae
 from runtime.conditioning import PROVIDERS, build_conditioning
 from runtime.images import decode_image, fill_masked, resize_image
 from runtime.models import Models, PipelineKind
@@ -24,6 +25,8 @@ from runtime.postprocess import POST_STAGES
 from runtime.settings import RuntimeSettings
 from runtime.stages.types import Plan
 from sdeks.errors import InvalidParameterError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
 
 _LORA_RE = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::[^>]*)?>")
 
@@ -38,6 +41,8 @@ def prepare(
     settings: RuntimeSettings,
 ) -> Plan:
     """The checked, resolved request. `model` is the checkpoint the dispatcher scheduled."""
+    # A1111's own scripts (Refiner, Seed, Sampler) first: they set the body's fields.
+    builtin_scripts.apply(request)
     check_generation(request, settings)
     named = request.requested_checkpoint()
     choice = samplers.resolve(request.sampler, request.scheduler)
@@ -69,7 +74,7 @@ def prepare(
     vae_name = str(opts.get("sd_vae") or "Automatic")
     # LoRA and VAE files first: a missing one fails before the checkpoint is loaded.
     lora_files = [(name, models.fetch_lora(name), weight) for name, weight in loras]
-    if vae_name not in NO_VAE:
+    if not is_no_vae(vae_name):
         models.fetch_vae(vae_name)
     kind: PipelineKind = (
         "inpaint" if mask is not None else ("img2img" if init_image is not None else "txt2img")
@@ -151,13 +156,23 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise InvalidParameterError(f"`denoising_strength` must be between 0 and 1, got {strength}")
     claimed = set(supported_alwayson_scripts())
-    unknown = sorted(k for k in request.script_alwayson if k.lower() not in claimed)
+    scripts = request.script_alwayson
+    inert = builtin_scripts.inert_scripts(scripts, claimed)
+    if inert:
+        # Switched off or empty: A1111 runs them as no-ops; `ignored_fields` reports them.
+        log.debug("alwayson_scripts switched off or empty, ignored: %s", inert)
+    unknown = sorted(
+        k
+        for k in scripts
+        if k.lower() not in claimed and k.lower() not in builtin_scripts.BUILTIN and k not in inert
+    )
     if unknown:
         supported = ", ".join(sorted(claimed)) or "none"
         raise InvalidParameterError(
             f"`alwayson_scripts` {unknown}: scripts are not supported by this runtime "
             f"(supported scripts: {supported}; the routing keys "
-            f"{', '.join(sorted(ROUTING_SCRIPT_KEYS))} are accepted)"
+            f"{', '.join(sorted(ROUTING_SCRIPT_KEYS))} are accepted, and any script "
+            'switched off: `{}`, `{"args": []}` or `args[0]` false)'
         )
 
 

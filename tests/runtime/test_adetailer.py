@@ -16,7 +16,7 @@ from runtime.a1111 import Img2ImgRequest
 from runtime.adetailer import parse_args
 from runtime.render import DEFAULT_OPTIONS, Renderer
 from runtime.settings import RuntimeSettings
-from sdeks.errors import InvalidParameterError, ModelNotFoundError
+from sdeks.errors import InvalidParameterError, ModelLoadError, ModelNotFoundError
 
 OPTIONS = dict(DEFAULT_OPTIONS)
 
@@ -30,6 +30,8 @@ def renderer(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("ad-models")
     shutil.copytree(tiny_models_dir, root, dirs_exist_ok=True)
     save_tiny_detector(root / "adetailer" / "red_yolov8n.pt2")
+    # An ultralytics pickle (never unpickled here: ultralytics is not installed).
+    (root / "adetailer" / "hand_yolov8n.pt").write_bytes(b"not loaded")
     cache = tmp_path_factory.mktemp("ad-cache")
     settings = RuntimeSettings(default_model="tiny-sd15", cache_dir=cache)
     return Renderer(ModelStore(LocalSource(root), cache_dir=cache), settings)
@@ -125,6 +127,72 @@ def test_bad_args_fail_naming_them(renderer, arg, error, needle):
     with pytest.raises(error) as info:
         renderer.img2img(request(picture(True), arg), options=OPTIONS)
     assert needle in info.value.message
+
+
+def two_regions() -> Image.Image:
+    """A pure red cell in the corner (sure, but its box is clipped: small) and a dull red
+    cell inside (less sure, full box: large)."""
+    image = Image.new("RGB", (64, 64), (90, 110, 100))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, 7, 7), fill=(255, 0, 0))
+    draw.rectangle((32, 32, 39, 39), fill=(128, 26, 26))
+    return image
+
+
+@pytest.mark.parametrize(("method", "changed"), [("Area", "inside"), ("Confidence", "corner")])
+def test_mask_filter_method_picks_the_largest_or_the_surest(renderer, method, changed):
+    args = {**AD, "ad_dilate_erode": 0, "ad_mask_k": 1, "ad_mask_filter_method": method}
+    before = px(renderer.img2img(request(two_regions()), options=OPTIONS))
+    result = renderer.img2img(request(two_regions(), True, args), options=OPTIONS)
+    after = px(result)
+    regions = {"corner": (slice(0, 12), slice(0, 12)), "inside": (slice(28, 44), slice(28, 44))}
+    kept = regions.pop("corner" if changed == "inside" else "inside")
+    assert np.array_equal(after[kept], before[kept])
+    assert np.abs(after[regions[changed]] - before[regions[changed]]).max() > 10
+    params = result.info["extra_generation_params"]
+    assert params["ADetailer detections"].startswith("image 1: red_yolov8n.pt2: 1 (")
+    assert params["ADetailer method to decide top k masks"] == method
+
+
+def test_prompt_append_is_the_pass_prompt_with_the_tail(renderer):
+    appended = renderer.img2img(
+        request(picture(True), {**AD, "ad_prompt_append": "shiny"}), options=OPTIONS
+    )
+    written = renderer.img2img(
+        request(picture(True), {**AD, "ad_prompt": "a cube, shiny"}), options=OPTIONS
+    )
+    plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+    assert np.array_equal(px(appended), px(written))
+    assert not np.array_equal(px(appended), px(plain))
+    assert infotext.parse(appended.infotexts[0])["ADetailer prompt append"] == "shiny"
+
+
+def test_the_extensions_pt_name_finds_the_exported_pt2(renderer):
+    # GIVEN the name every client sends (the extension lists YOLO files as `.pt`)
+    result = renderer.img2img(
+        request(picture(True), {**AD, "ad_model": "red_yolov8n.pt"}), options=OPTIONS
+    )
+    detections = result.info["extra_generation_params"]["ADetailer detections"]
+    assert detections.startswith("image 1: red_yolov8n.pt: 4 (")
+    for name in ("red_yolov8n", "red_yolov8n.pt2"):
+        renderer.img2img(request(picture(False), {**AD, "ad_model": name}), options=OPTIONS)
+
+
+def test_an_ultralytics_pt_without_ultralytics_fails_at_check_time_saying_so(renderer):
+    with pytest.raises(ModelLoadError) as info:
+        renderer.img2img(
+            request(picture(True), {**AD, "ad_model": "hand_yolov8n.pt"}), options=OPTIONS
+        )
+    assert "ADetailer pass 1" in info.value.message
+    assert "detector-ultralytics" in info.value.message and ".pt2" in info.value.message
+
+
+def test_detectors_are_listed_by_the_names_clients_send(renderer):
+    from runtime.detectors import DETECTOR
+
+    with pytest.raises(ModelNotFoundError) as info:
+        renderer.models.resolve_weights(DETECTOR, "ghost.pt")
+    assert "red_yolov8n.pt" in info.value.message and "red_yolov8n.pt2" not in info.value.message
 
 
 def test_cancel_stops_a_mask_inpaint_between_its_steps(renderer, monkeypatch):

@@ -167,3 +167,15 @@ def test_bad_hires_fields_name_the_field(renderer, fields, needle):
     assert needle in str(info.value)
     if "ghost" not in fields.values():
         assert isinstance(info.value, InvalidParameterError)
+
+
+def test_none_spellings_of_the_hires_fields_mean_the_first_passs(renderer):
+    # GIVEN a client that sends "None" for the hires checkpoint and sampler (the old UI
+    # values) - THEN it renders as a body without them, instead of "model 'None' not found"
+    none = renderer.txt2img(
+        hr(hr_checkpoint_name="None", hr_sampler_name="None", hr_scheduler="none"),
+        options=OPTIONS,
+    )
+    plain = renderer.txt2img(hr(), options=OPTIONS)
+    assert np.array_equal(np.asarray(none.images[0]), np.asarray(plain.images[0]))
+    assert "Hires checkpoint" not in none.infotexts[0]

@@ -326,3 +326,33 @@ def test_two_slots_render_concurrently_and_deterministically(pod, aws):
         first = Image.open(io.BytesIO(read(aws, callback.image_url[0])))
         second = Image.open(io.BytesIO(read(aws, alone.image_url[0])))
         assert first.tobytes() == second.tobytes()
+
+
+@pytest.mark.parametrize("pod", ["table"], indirect=True)
+def test_an_attempt_taken_over_while_rendering_writes_and_reports_nothing(
+    pod, aws, stack, callbacks, monkeypatch
+):
+    # GIVEN a render whose task another attempt starts while it renders (its dispatcher
+    # died, the message came back and another pod marked the task running)
+    import asyncio
+
+    import runtime.jobs
+    from sdeks.tasks import TaskTable
+
+    real_run_job = runtime.jobs.run_job
+
+    def taken_over(job, **kwargs):
+        table = TaskTable(aws.dynamodb, stack.task_table)
+        assert asyncio.run(table.mark_running(job.task.id, pod="pod-b", run="attempt-b"))
+        return real_run_job(job, **kwargs)
+
+    monkeypatch.setattr(runtime.jobs, "run_job", taken_over)
+    # WHEN the first attempt finishes rendering
+    answer = pod.post("/v1/jobs", json=job("fenced-1"))
+    # THEN it wrote nothing to S3, published nothing, and left the task to attempt b
+    assert answer.status_code == 409 and answer.json()["code"] == "superseded"
+    listed = aws.s3.list_objects_v2(Bucket=stack.output_bucket, Prefix="out/pod/fenced-1")
+    assert listed.get("KeyCount", 0) == 0
+    assert callbacks() == []
+    item = aws.dynamodb.get_item(TableName=stack.task_table, Key={"id": {"S": "fenced-1"}})["Item"]
+    assert item["status"]["S"] == "running" and item["run"]["S"] == "attempt-b"

@@ -98,3 +98,18 @@ def test_bad_refiners_name_the_field(renderer):
         )
     with pytest.raises(InvalidParameterError, match="`refiner_checkpoint` 'tiny-sdxl'"):
         renderer.txt2img(t2i(refiner_checkpoint="tiny-sdxl"), options=OPTIONS)
+
+
+def test_a1111_refiner_script_in_alwayson_scripts(renderer):
+    # GIVEN the Refiner entry a UI-state client sends: [enabled, checkpoint, switch_at]
+    script = {"Refiner": {"args": [True, "tiny-refiner", 0.5]}}
+    calls, result = unet_calls(renderer, t2i(alwayson_scripts=script))
+    # THEN it switches as the body's own refiner fields do
+    assert calls == ["tiny-sd15", "tiny-sd15", "tiny-refiner", "tiny-refiner"]
+    assert infotext.parse(result.infotexts[0])["Refiner"] == "tiny-refiner"
+    # switched off, or with "None"/"Use same checkpoint": the base model alone
+    for args in ([False, "tiny-refiner", 0.5], [True, "None", 0.5], [True, "Use same checkpoint"]):
+        calls, _ = unet_calls(renderer, t2i(alwayson_scripts={"Refiner": {"args": args}}))
+        assert calls == ["tiny-sd15"] * 4
+    calls, _ = unet_calls(renderer, t2i(refiner_checkpoint="Use same checkpoint"))
+    assert calls == ["tiny-sd15"] * 4

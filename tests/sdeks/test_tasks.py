@@ -267,6 +267,36 @@ async def test_cancel_while_running_sets_flag_then_pod_claims_cancelled(table):
     assert (await table.get(task.id)).status is TaskStatus.CANCELLED
 
 
+async def test_a_later_attempt_fences_the_earlier_one_out(table):
+    # GIVEN a task attempt a started, then attempt b (a's dispatcher died, the
+    # message came back and another pod started it)
+    task = make_task("fence-1")
+    await table.record_queued(task)
+    assert await table.mark_running(task.id, pod="pod-a", run="a")
+    assert await table.may_write_outputs(task.id, run="a")
+    assert await table.mark_running(task.id, pod="pod-b", run="b")
+    # THEN a may no longer record progress, write outputs or claim the end ...
+    assert not await table.update_progress(task.id, 1, 2, run="a")
+    assert not await table.may_write_outputs(task.id, run="a")
+    assert not await table.claim_terminal(finished(task.id), run="a")
+    # ... b may, and once b ended nobody may write outputs any more
+    assert await table.update_progress(task.id, 1, 2, run="b")
+    assert await table.may_write_outputs(task.id, run="b")
+    assert await table.claim_terminal(finished(task.id), run="b")
+    assert not await table.may_write_outputs(task.id, run="b")
+    record = await table.get(task.id)
+    assert record is not None and record.run == "b" and record.pod == "pod-b"
+
+
+async def test_a_cancel_requested_attempt_still_writes_its_cancelled_outputs(table):
+    task = make_task("fence-2")
+    await table.record_queued(task)
+    assert await table.mark_running(task.id, run="a")
+    await table.request_cancel(task.id)
+    assert await table.may_write_outputs(task.id, run="a")
+    assert await table.claim_terminal(finished(task.id, TaskStatus.CANCELLED), run="a")
+
+
 async def test_cancel_unknown_id_is_not_found(table):
     assert await table.request_cancel("nope") == (CancelOutcome.NOT_FOUND, None)
 
