@@ -72,6 +72,8 @@ def prepare(
     check_pinned(str(checkpoint), models, settings)
     clip_skip = clip_skip_of(opts.get("CLIP_stop_at_last_layers", 1))
     vae_name = str(opts.get("sd_vae") or "Automatic")
+    if is_no_vae(vae_name):
+        vae_name = "Automatic"  # one spelling downstream for "none", "None", "Use same VAE"...
     # LoRA and VAE files first: a missing one fails before the checkpoint is loaded.
     lora_files = [(name, models.fetch_lora(name), weight) for name, weight in loras]
     if not is_no_vae(vae_name):

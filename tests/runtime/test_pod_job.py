@@ -356,3 +356,24 @@ def test_an_attempt_taken_over_while_rendering_writes_and_reports_nothing(
     assert callbacks() == []
     item = aws.dynamodb.get_item(TableName=stack.task_table, Key={"id": {"S": "fenced-1"}})["Item"]
     assert item["status"]["S"] == "running" and item["run"]["S"] == "attempt-b"
+
+
+def test_post_job_with_a_ui_state_clients_alwayson_scripts(pod, aws):
+    # GIVEN what a UI-state client sends on every call: extension entries switched off,
+    # A1111's built-in scripts at their defaults, an extension this pod lacks switched off
+    scripts = {
+        "controlnet": {"args": []},
+        "ADetailer": {"args": [False, False, {"ad_model": "None", "ad_tab_enable": True}]},
+        "Dynamic Prompts v2.17.1": {"args": [False, False, 1]},
+        "Refiner": {"args": [False, "", 0.8]},
+        "Seed": {"args": [-1, False, -1, 0, 0, 0]},
+        "Soft inpainting": {"args": [False, 1, 0.5, 4, 0, 0.5, 2]},
+        "Extra options": {"args": []},
+    }
+    body = job("ui-state-1", alwayson_scripts=scripts, override_settings={"sd_vae": "none"})
+    callback = Callback.model_validate(pod.post("/v1/jobs", json=body).json())
+    # THEN it renders, and the script no stage reads is reported, not refused
+    assert callback.status == "succeeded", callback.error
+    assert callback.seeds == [7]
+    manifest = Manifest.model_validate_json(read(aws, callback.output_url))
+    assert manifest.ignored_fields == ["alwayson_scripts.Dynamic Prompts v2.17.1"]
