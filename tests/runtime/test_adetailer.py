@@ -195,6 +195,40 @@ def test_detectors_are_listed_by_the_names_clients_send(renderer):
     assert "red_yolov8n.pt" in info.value.message and "red_yolov8n.pt2" not in info.value.message
 
 
+def test_separate_inpaint_size(renderer):
+    plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+    sized = renderer.img2img(
+        request(
+            picture(True),
+            {
+                **AD,
+                "ad_use_inpaint_width_height": True,
+                "ad_inpaint_width": 32,
+                "ad_inpaint_height": 32,
+            },
+        ),
+        options=OPTIONS,
+    )
+    assert not np.array_equal(px(sized), px(plain))
+    # only the region changes, at any inpaint size
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:48, 16:48] = False
+    assert np.array_equal(px(sized)[outside], px(plain)[outside])
+    with pytest.raises(InvalidParameterError, match="multiples of 8, got 30x32"):
+        renderer.img2img(
+            request(
+                picture(True),
+                {
+                    **AD,
+                    "ad_use_inpaint_width_height": True,
+                    "ad_inpaint_width": 30,
+                    "ad_inpaint_height": 32,
+                },
+            ),
+            options=OPTIONS,
+        )
+
+
 def test_cancel_stops_a_mask_inpaint_between_its_steps(renderer, monkeypatch):
     """A cancel arriving while a mask is inpainted stops that inpaint at its next step
     (as the task time limit does: both are `JobControl.check`), not after every mask."""
