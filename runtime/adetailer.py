@@ -491,6 +491,12 @@ class ADetailerStage:
         }
         if args.ad_inpaint_only_masked:
             kwargs["padding_mask_crop"] = args.ad_inpaint_only_masked_padding
+
+        def stop_if_asked(_pipe: Any, _step: int, _t: Any, tensors: dict[str, Any]) -> Any:
+            ctx.control.check()  # cancel and the task time limit, between the mask's steps
+            return tensors
+
+        kwargs["callback_on_step_end"] = stop_if_asked
         with torch.inference_mode():
             result = pipe(**kwargs).images[0].convert("RGB").resize(image.size)
         # The original outside the (blurred) mask, bit for bit, as A1111's overlay does.

@@ -229,6 +229,36 @@ def test_separate_inpaint_size(renderer):
         )
 
 
+def test_cancel_stops_a_mask_inpaint_between_its_steps(renderer, monkeypatch):
+    """A cancel arriving while a mask is inpainted stops that inpaint at its next step
+    (as the task time limit does: both are `JobControl.check`), not after every mask."""
+    from runtime import families
+    from runtime.control import JobControl
+    from sdeks.errors import TaskCancelledError
+
+    control = JobControl(job_id="ad-cancel")
+    steps: list[int] = []
+    derive = families.derive
+
+    def cancelling_derive(pipe, family, kind, **overrides):
+        made = derive(pipe, family, kind, **overrides)
+        if kind == "inpaint":
+            step = made.scheduler.step
+
+            def counted(*a, **k):
+                steps.append(1)
+                control.cancel()  # the user cancels during the first mask's first step
+                return step(*a, **k)
+
+            made.scheduler.step = counted
+        return made
+
+    monkeypatch.setattr(families, "derive", cancelling_derive)
+    with pytest.raises(TaskCancelledError):
+        renderer.img2img(request(picture(True), AD), options=OPTIONS, control=control)
+    assert len(steps) == 1  # not the first mask's every step
+
+
 def test_hires_fix_only_passes_skip_a_render_without_hires(renderer):
     from runtime.a1111 import Txt2ImgRequest
 
