@@ -175,13 +175,20 @@ def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
         return []
     if not isinstance(args, list):
         raise InvalidParameterError(f"`{where}` must be a list, got {type(args).__name__}")
-    enabled = args[0] if args and isinstance(args[0], bool) else True
+    # The leading switches (`enable`, then `skip_img2img`): booleans, or the strings and
+    # 0/1 some clients send for them (the extension's lax pydantic reads those too).
+    switches = []
+    for raw in args[:2]:
+        if isinstance(raw, dict) or raw is None:
+            break
+        switches.append(lax_bool(raw, f"{where}[{len(switches)}]"))
+    enabled = switches[0] if switches else True
     passes = []
     for i, raw in enumerate(args):
-        if isinstance(raw, bool):
-            if i > 1:
-                raise InvalidParameterError(f"`{where}[{i}]` must be an object, got {raw}")
+        if i < len(switches):
             continue
+        if isinstance(raw, bool):
+            raise InvalidParameterError(f"`{where}[{i}]` must be an object, got {raw}")
         if raw is None:
             continue
         if not isinstance(raw, dict):

@@ -226,7 +226,15 @@ def parse_unit(raw: dict[str, Any], index: int, where: str) -> ControlNetUnit:
     return unit
 
 
+def _index_text(value: Any) -> Any:
+    """ "0".."9" as the int it spells (the extension's pydantic enums take both)."""
+    if isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) == 1:
+        return int(value.strip())
+    return value
+
+
 def resize_mode_of(value: Any, where: str) -> str:
+    value = _index_text(value)
     if isinstance(value, bool):
         raise InvalidParameterError(f"`{where}.resize_mode` must be a name or 0..2, got {value}")
     if isinstance(value, int):
@@ -245,6 +253,7 @@ def resize_mode_of(value: Any, where: str) -> str:
 
 
 def _choice(value: Any, names: tuple[str, ...], where: str) -> str:
+    value = _index_text(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return names[value]
     if isinstance(value, str) and value in names:
