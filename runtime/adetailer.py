@@ -177,7 +177,7 @@ def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
         raise InvalidParameterError(f"`{where}` must be a list, got {type(args).__name__}")
     # The leading switches (`enable`, then `skip_img2img`): booleans, or the strings and
     # 0/1 some clients send for them (the extension's lax pydantic reads those too).
-    switches = []
+    switches: list[bool] = []
     for raw in args[:2]:
         if isinstance(raw, dict) or raw is None:
             break
