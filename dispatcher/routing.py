@@ -40,8 +40,14 @@ from sdeks.job import Job
 
 log = logging.getLogger(__name__)
 
-_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+# `\Z`, not `$`: `$` also matches before a final newline.
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\Z")
 _EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
+#: Model label values of `sdeks_dispatcher_backlog` per runtime (`Router._update_backlog`).
+MAX_MODEL_LABELS = 32
+MAX_LABEL_CHARS = 128
+#: The label value that stands for every name not shown on its own.
+OTHER_LABEL = "other"
 
 
 def model_key(name: str | None) -> str:
@@ -376,12 +382,34 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     def _update_backlog(self, runtime: str) -> None:
+        """`sdeks_dispatcher_backlog{runtime, model}`, its model labels bounded: model
+        names come from tasks (untrusted), and every label value is a series kept in
+        memory here and in Prometheus. Models a pod of the runtime knows are always
+        named; of the others, the largest backlogs until `MAX_MODEL_LABELS`, the rest
+        under `OTHER_LABEL`. A model whose backlog drained loses its series."""
         gauge = self.metrics.backlog
         counts: dict[str, int] = {}
         for waiter in self.waiting.get(runtime, {}).values():
             counts[waiter.model or "default"] = counts.get(waiter.model or "default", 0) + 1
-        for labels in list(gauge._metrics):  # reset this runtime's models that drained
-            if labels[0] == runtime and labels[1] not in counts:
-                gauge.labels(*labels).set(0)
-        for model, count in counts.items():
+        known = self._known_models(runtime)
+        shown: dict[str, int] = {}
+        for model, count in sorted(counts.items(), key=lambda mc: (mc[0] not in known, -mc[1])):
+            named = model in known or (
+                len(shown) < MAX_MODEL_LABELS - 1 and len(model) <= MAX_LABEL_CHARS
+            )
+            label = model if named else OTHER_LABEL
+            shown[label] = shown.get(label, 0) + count
+        for labels in list(gauge._metrics):  # drop this runtime's models that drained
+            if labels[0] == runtime and labels[1] not in shown:
+                gauge.remove(*labels)
+        for model, count in shown.items():
             gauge.labels(runtime, model).set(count)
+
+    def _known_models(self, runtime: str) -> set[str]:
+        known = {"default"}
+        for pod in self.pods.get(runtime, {}).values():
+            state = pod.state
+            if state is not None:
+                known |= _keys(state.gpu) | _keys(state.ram) | _keys(state.disk)
+                known |= _keys(state.available or ())
+        return known
