@@ -160,6 +160,8 @@ def parse_units(alwayson_scripts: dict[str, Any]) -> list[ControlNetUnit]:
         return []
     if not isinstance(args, list):
         raise InvalidParameterError(f"`{where}` must be a list of units, got {type(args).__name__}")
+    if args and args[0] is False:
+        return []  # A1111's convention for a script switched off: `args[0]` false
     if len(args) > MAX_UNITS:
         raise InvalidParameterError(
             f"`{where}` holds {len(args)} units, over the limit of {MAX_UNITS}"
