@@ -27,6 +27,7 @@ from dispatcher.pods import Pod, PodClient, PodState
 from dispatcher.scheduler import (
     DEFAULT_MODEL,
     Assign,
+    Backlog,
     PendingTask,
     Plan,
     PodView,
@@ -76,6 +77,8 @@ class _Waiter:
     enqueued_at: float
     future: asyncio.Future[Pod]
     received_at: float
+    #: How it sits in its runtime's kept `Backlog` (the model with the default filled in).
+    pending: PendingTask | None = None
 
 
 class Router:
@@ -97,6 +100,9 @@ class Router:
         self.clock = clock
         self.pods: dict[str, dict[str, Pod]] = {}
         self.waiting: dict[str, dict[str, _Waiter]] = {}
+        #: Per runtime, the waiting tasks as the policy reads them, kept up to date as
+        #: tasks come and go (not rebuilt per plan), and the default model they assume.
+        self._backlogs: dict[str, tuple[str, Backlog]] = {}
         self._changed = asyncio.Event()
         self._poll_now = asyncio.Event()
         self._background: set[asyncio.Task[object]] = set()
@@ -251,8 +257,7 @@ class Router:
         key = f"{task_id}#{self._seq}"
         future: asyncio.Future[Pod] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(key, model_key(model), enqueued_at, future, received_at)
-        waiting = self.waiting.setdefault(runtime, {})
-        waiting[key] = waiter
+        self._wait(runtime, waiter)
         self._changed.set()
         try:
             pod = await future
@@ -262,10 +267,36 @@ class Router:
                 self._release(future.result())
             raise
         finally:
-            waiting.pop(key, None)
+            self._unwait(runtime, key)
             self._update_backlog(runtime)
         self.metrics.dispatch_latency.labels(runtime).observe(max(0.0, self.clock() - received_at))
         return pod
+
+    def _wait(self, runtime: str, waiter: _Waiter) -> None:
+        self.waiting.setdefault(runtime, {})[waiter.key] = waiter
+        kept = self._backlogs.get(runtime)
+        if kept is not None:
+            waiter.pending = PendingTask(waiter.key, waiter.model or kept[0], waiter.enqueued_at)
+            kept[1].add(waiter.pending)
+
+    def _unwait(self, runtime: str, key: str) -> _Waiter | None:
+        waiter = self.waiting.get(runtime, {}).pop(key, None)
+        kept = self._backlogs.get(runtime)
+        if waiter is not None and waiter.pending is not None and kept is not None:
+            kept[1].discard(waiter.pending)
+        return waiter
+
+    def _backlog(self, runtime: str, default: str) -> Backlog:
+        """The runtime's kept backlog; built again only when the default model that
+        tasks without a model stand for changed (pods reported another one)."""
+        kept = self._backlogs.get(runtime)
+        if kept is None or kept[0] != default:
+            waiters = self.waiting.get(runtime, {}).values()
+            for w in waiters:
+                w.pending = PendingTask(w.key, w.model or default, w.enqueued_at)
+            kept = (default, Backlog(w.pending for w in waiters if w.pending is not None))
+            self._backlogs[runtime] = kept
+        return kept[1]
 
     def _release(self, pod: Pod) -> None:
         pod.inflight = max(0, pod.inflight - 1)
@@ -314,8 +345,7 @@ class Router:
     def _plan(self, runtime: str) -> Plan | None:
         if self._draining:
             return None
-        waiting = {k: w for k, w in self.waiting.get(runtime, {}).items() if not w.future.done()}
-        if not waiting:
+        if not any(not w.future.done() for w in self.waiting.get(runtime, {}).values()):
             return None
         now = self.clock()
         pods = [
@@ -325,7 +355,9 @@ class Router:
             (model_key(p.state.default_model) for p in pods if p.state and p.state.default_model),
             DEFAULT_MODEL,
         )
-        tasks = [PendingTask(k, w.model or default, w.enqueued_at) for k, w in waiting.items()]
+        # A task whose future is done but not yet removed may still be in it: `_apply`
+        # skips what it assigns to such a task, and the next plan no longer sees it.
+        tasks = self._backlog(runtime, default)
         views = [
             PodView(
                 name=p.url,
@@ -343,11 +375,10 @@ class Router:
         return self.policy.plan(now, tasks, views)
 
     def _apply(self, runtime: str, plan: Plan) -> None:
-        waiting = self.waiting.get(runtime, {})
         pods = self.pods.get(runtime, {})
         for decision in plan.decisions:
             if isinstance(decision, Assign):
-                waiter = waiting.pop(decision.task, None)
+                waiter = self._unwait(runtime, decision.task)
                 pod = pods.get(decision.pod)
                 if waiter is None or pod is None or waiter.future.done():
                     continue
@@ -359,7 +390,7 @@ class Router:
                     pod.last_prefetch = None  # hinted, now used: a later hint is news again
                 waiter.future.set_result(pod)
             elif isinstance(decision, Reject):
-                waiter = waiting.pop(decision.task, None)
+                waiter = self._unwait(runtime, decision.task)
                 if waiter is not None and not waiter.future.done():
                     waiter.future.set_exception(
                         ModelNotFoundError(f"model {decision.model!r}: {decision.reason}")

@@ -130,3 +130,34 @@ async def test_router_backlog_metric_bounds_untrusted_model_labels():
             task.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
         assert _backlog(metrics, "rt") == {}
+
+
+async def test_router_keeps_one_backlog_per_runtime_across_plans():
+    import asyncio
+
+    async with aiohttp.ClientSession() as session:
+        router = Router(
+            FifoPolicy(), PodClient(session, job_timeout_s=5, state_timeout_s=1), metrics=Metrics()
+        )
+        # GIVEN waiting tasks and no pod to take them
+        waiters = [
+            asyncio.create_task(router._acquire("rt", m, f"t{i}", float(i), 0.0))
+            for i, m in enumerate(["a", "b", None, "a"])
+        ]
+        await asyncio.sleep(0)
+        router.schedule()
+        default, backlog = router._backlogs["rt"]
+        assert len(backlog) == 4 and sorted(backlog.by_model) == ["", "a", "b"]
+        # WHEN tasks come and go between plans
+        waiters[0].cancel()
+        await asyncio.gather(waiters[0], return_exceptions=True)
+        late = asyncio.create_task(router._acquire("rt", "c", "late", 9.0, 0.0))
+        await asyncio.sleep(0)
+        router.schedule()
+        # THEN the same backlog follows them (not one rebuilt per plan)
+        assert router._backlogs["rt"][1] is backlog
+        assert [t.key.split("#")[0] for t in backlog] == ["t1", "t2", "t3", "late"]
+        for task in [*waiters[1:], late]:
+            task.cancel()
+        await asyncio.gather(*waiters[1:], late, return_exceptions=True)
+        assert len(backlog) == 0
