@@ -46,7 +46,7 @@ from dispatcher.leases import Lease, LeaseKeeper
 from dispatcher.links import LinkResolver, find_links
 from dispatcher.metrics import Metrics
 from dispatcher.queues import Source, Window
-from dispatcher.routing import Draining, Router
+from dispatcher.routing import OTHER_LABEL, Draining, Router
 from dispatcher.settings import DispatcherSettings
 from sdeks.bounds import check_task
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
@@ -318,6 +318,14 @@ class Dispatcher:
             source, lease, task, receive_count, published_at, received_at, delivery
         )
 
+    def _runtime_label(self, runtime: str | None) -> str:
+        """A metric label for a runtime named by a message: a served one, `catch-all`
+        for none, else `other`. A publisher must not mint label values (each one is a
+        series kept in this process and in Prometheus)."""
+        if runtime is None:
+            return "catch-all"
+        return runtime if runtime in self.settings.queues else OTHER_LABEL
+
     def _fanout_owner(self, note: Notification) -> str | None:
         """The runtime whose queue SNS gave this message to as well, when its `runtime`
         attribute is a ``String.Array``: SNS matches an array by any of its values,
@@ -495,7 +503,7 @@ class Dispatcher:
         if refused:
             self.metrics.failures.labels(error.code).inc()
         await self.leases.delete(lease)
-        self.metrics.completed.labels(runtime or "catch-all", "failed").inc()
+        self.metrics.completed.labels(self._runtime_label(runtime), "failed").inc()
 
     async def _fail(self, lease: Lease, task: Task, error: SdeksError) -> None:
         log.warning("task %s failed: %s", task.id, error.message, extra={"task_id": task.id})

@@ -320,3 +320,19 @@ async def test_dispatch_catch_all_copy_of_an_array_runtime_leaves_the_task_to_it
         (got,) = await callbacks.wait_for(1)
     assert (got["id"], got["status"]) == ("fan-out", "succeeded")
     assert [j.task.id for j in pod.jobs] == ["fan-out"]
+
+
+async def test_dispatch_metrics_label_unknown_runtimes_as_other(aws, stack, make_pod, callbacks):
+    # GIVEN tasks naming runtimes nobody serves, each a new name (a hostile publisher)
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})) as metrics:
+        for i in range(3):
+            name = f"evil-{i}"
+            publish(aws, stack, envelope(f"evil-task-{i}", runtime=name), runtime=name)
+        got = await callbacks.wait_for(3)
+        await eventually(lambda: queue_depth(aws, stack.catch_all_queue_url) == 0)
+        text = metrics.render().decode()
+    # THEN each gets its failed callback, and the metrics mint no label per name
+    assert sorted(c["error"]["code"] for c in got) == ["unknown_runtime"] * 3
+    assert "evil-" not in text
+    assert 'sdeks_dispatcher_jobs_total{outcome="failed",runtime="other"} 3.0' in text

@@ -194,3 +194,23 @@ def test_fitting_empties_ignored_fields_before_the_context():
     assert fitted.sns_size() <= MAX_SNS_MESSAGE_BYTES
     assert fitted.ignored_fields == [] and fitted.ignored_fields_dropped == 50
     assert fitted.context == {"big": "c" * 259_000}  # kept: emptying the names was enough
+
+
+@pytest.mark.parametrize(
+    ("content", "steps", "images"),
+    [
+        ({}, 50, 1),
+        ({"steps": 20, "n_iter": 2, "batch_size": 3}, 40, 6),
+        # read as the pod reads them (`integer_field`): integral floats and digit strings
+        ({"steps": "20", "n_iter": 2.0, "batch_size": "4"}, 40, 8),
+        ({"steps": True}, None, 1),
+        ({"steps": 0, "batch_size": 2.5}, None, None),
+        ({"n_iter": 10**9}, None, None),
+    ],
+)
+def test_planned_steps_and_image_count_read_fields_as_the_bounds_do(content, steps, images):
+    from sdeks.cli import _image_count
+    from sdeks.tasks import planned_steps
+
+    assert planned_steps(content) == steps
+    assert _image_count(content) == images
