@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import io
 import ipaddress
@@ -277,30 +278,67 @@ class MemoryBudget:
     """Bytes of resolved images one dispatcher holds at once (`link_memory_budget_bytes`).
 
     A task reserves its worst case before any download and keeps it until its
-    pod answered; tasks that do not fit wait, first come first served. A task
-    larger than the whole budget waits for the budget to be empty and then
-    takes all of it, so it still runs, alone.
+    pod answered. Tasks that do not fit wait in arrival order: the first waiter
+    is served first, and a later one, however small, does not pass it even if
+    it would fit (else a stream of small tasks could starve a large one for
+    good). A task larger than the whole budget waits for the budget to be empty
+    and then takes all of it, so it still runs, alone.
     """
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.used = 0
         self.peak = 0
-        self._cond = asyncio.Condition()
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(not future.done() for _, future in self._waiters)
 
     @contextlib.asynccontextmanager
     async def hold(self, nbytes: int) -> AsyncIterator[None]:
         want = min(nbytes, self.total)
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used + want <= self.total)
-            self.used += want
-            self.peak = max(self.peak, self.used)
+        await self._acquire(want)
         try:
             yield
         finally:
-            async with self._cond:
-                self.used -= want
-                self._cond.notify_all()
+            self.used -= want
+            self._wake()
+
+    async def _acquire(self, want: int) -> None:
+        if not self._waiters and self.used + want <= self.total:
+            self._take(want)
+            return
+        entry = (want, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            future = entry[1]
+            if future.done() and not future.cancelled():
+                self.used -= want  # granted, then cancelled before it resumed: give it back
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+            self._wake()  # a cancelled head no longer blocks those behind it
+            raise
+
+    def _take(self, want: int) -> None:
+        self.used += want
+        self.peak = max(self.peak, self.used)
+
+    def _wake(self) -> None:
+        """Grant waiters from the head while the head fits; the budget is taken here,
+        on the waiter's behalf, so nobody can slip in before it resumes."""
+        while self._waiters:
+            want, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            if self.used + want > self.total:
+                return
+            self._waiters.popleft()
+            self._take(want)
+            future.set_result(None)
 
 
 def replace_links(content: Any, resolved: dict[str, str], key: str | None = None) -> Any:

@@ -27,6 +27,7 @@ from dispatcher.pods import Pod, PodClient, PodState
 from dispatcher.scheduler import (
     DEFAULT_MODEL,
     Assign,
+    Backlog,
     PendingTask,
     Plan,
     PodView,
@@ -40,8 +41,14 @@ from sdeks.job import Job
 
 log = logging.getLogger(__name__)
 
-_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+# `\Z`, not `$`: `$` also matches before a final newline.
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\Z")
 _EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
+#: Model label values of `sdeks_dispatcher_backlog` per runtime (`Router._update_backlog`).
+MAX_MODEL_LABELS = 32
+MAX_LABEL_CHARS = 128
+#: The label value that stands for every name not shown on its own.
+OTHER_LABEL = "other"
 
 
 def model_key(name: str | None) -> str:
@@ -70,6 +77,8 @@ class _Waiter:
     enqueued_at: float
     future: asyncio.Future[Pod]
     received_at: float
+    #: How it sits in its runtime's kept `Backlog` (the model with the default filled in).
+    pending: PendingTask | None = None
 
 
 class Router:
@@ -91,6 +100,9 @@ class Router:
         self.clock = clock
         self.pods: dict[str, dict[str, Pod]] = {}
         self.waiting: dict[str, dict[str, _Waiter]] = {}
+        #: Per runtime, the waiting tasks as the policy reads them, kept up to date as
+        #: tasks come and go (not rebuilt per plan), and the default model they assume.
+        self._backlogs: dict[str, tuple[str, Backlog]] = {}
         self._changed = asyncio.Event()
         self._poll_now = asyncio.Event()
         self._background: set[asyncio.Task[object]] = set()
@@ -245,8 +257,7 @@ class Router:
         key = f"{task_id}#{self._seq}"
         future: asyncio.Future[Pod] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(key, model_key(model), enqueued_at, future, received_at)
-        waiting = self.waiting.setdefault(runtime, {})
-        waiting[key] = waiter
+        self._wait(runtime, waiter)
         self._changed.set()
         try:
             pod = await future
@@ -256,10 +267,36 @@ class Router:
                 self._release(future.result())
             raise
         finally:
-            waiting.pop(key, None)
+            self._unwait(runtime, key)
             self._update_backlog(runtime)
         self.metrics.dispatch_latency.labels(runtime).observe(max(0.0, self.clock() - received_at))
         return pod
+
+    def _wait(self, runtime: str, waiter: _Waiter) -> None:
+        self.waiting.setdefault(runtime, {})[waiter.key] = waiter
+        kept = self._backlogs.get(runtime)
+        if kept is not None:
+            waiter.pending = PendingTask(waiter.key, waiter.model or kept[0], waiter.enqueued_at)
+            kept[1].add(waiter.pending)
+
+    def _unwait(self, runtime: str, key: str) -> _Waiter | None:
+        waiter = self.waiting.get(runtime, {}).pop(key, None)
+        kept = self._backlogs.get(runtime)
+        if waiter is not None and waiter.pending is not None and kept is not None:
+            kept[1].discard(waiter.pending)
+        return waiter
+
+    def _backlog(self, runtime: str, default: str) -> Backlog:
+        """The runtime's kept backlog; built again only when the default model that
+        tasks without a model stand for changed (pods reported another one)."""
+        kept = self._backlogs.get(runtime)
+        if kept is None or kept[0] != default:
+            waiters = self.waiting.get(runtime, {}).values()
+            for w in waiters:
+                w.pending = PendingTask(w.key, w.model or default, w.enqueued_at)
+            kept = (default, Backlog(w.pending for w in waiters if w.pending is not None))
+            self._backlogs[runtime] = kept
+        return kept[1]
 
     def _release(self, pod: Pod) -> None:
         pod.inflight = max(0, pod.inflight - 1)
@@ -308,8 +345,7 @@ class Router:
     def _plan(self, runtime: str) -> Plan | None:
         if self._draining:
             return None
-        waiting = {k: w for k, w in self.waiting.get(runtime, {}).items() if not w.future.done()}
-        if not waiting:
+        if not any(not w.future.done() for w in self.waiting.get(runtime, {}).values()):
             return None
         now = self.clock()
         pods = [
@@ -319,7 +355,9 @@ class Router:
             (model_key(p.state.default_model) for p in pods if p.state and p.state.default_model),
             DEFAULT_MODEL,
         )
-        tasks = [PendingTask(k, w.model or default, w.enqueued_at) for k, w in waiting.items()]
+        # A task whose future is done but not yet removed may still be in it: `_apply`
+        # skips what it assigns to such a task, and the next plan no longer sees it.
+        tasks = self._backlog(runtime, default)
         views = [
             PodView(
                 name=p.url,
@@ -337,11 +375,10 @@ class Router:
         return self.policy.plan(now, tasks, views)
 
     def _apply(self, runtime: str, plan: Plan) -> None:
-        waiting = self.waiting.get(runtime, {})
         pods = self.pods.get(runtime, {})
         for decision in plan.decisions:
             if isinstance(decision, Assign):
-                waiter = waiting.pop(decision.task, None)
+                waiter = self._unwait(runtime, decision.task)
                 pod = pods.get(decision.pod)
                 if waiter is None or pod is None or waiter.future.done():
                     continue
@@ -353,7 +390,7 @@ class Router:
                     pod.last_prefetch = None  # hinted, now used: a later hint is news again
                 waiter.future.set_result(pod)
             elif isinstance(decision, Reject):
-                waiter = waiting.pop(decision.task, None)
+                waiter = self._unwait(runtime, decision.task)
                 if waiter is not None and not waiter.future.done():
                     waiter.future.set_exception(
                         ModelNotFoundError(f"model {decision.model!r}: {decision.reason}")
@@ -376,12 +413,34 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     def _update_backlog(self, runtime: str) -> None:
+        """`sdeks_dispatcher_backlog{runtime, model}`, its model labels bounded: model
+        names come from tasks (untrusted), and every label value is a series kept in
+        memory here and in Prometheus. Models a pod of the runtime knows are always
+        named; of the others, the largest backlogs until `MAX_MODEL_LABELS`, the rest
+        under `OTHER_LABEL`. A model whose backlog drained loses its series."""
         gauge = self.metrics.backlog
         counts: dict[str, int] = {}
         for waiter in self.waiting.get(runtime, {}).values():
             counts[waiter.model or "default"] = counts.get(waiter.model or "default", 0) + 1
-        for labels in list(gauge._metrics):  # reset this runtime's models that drained
-            if labels[0] == runtime and labels[1] not in counts:
-                gauge.labels(*labels).set(0)
-        for model, count in counts.items():
+        known = self._known_models(runtime)
+        shown: dict[str, int] = {}
+        for model, count in sorted(counts.items(), key=lambda mc: (mc[0] not in known, -mc[1])):
+            named = model in known or (
+                len(shown) < MAX_MODEL_LABELS - 1 and len(model) <= MAX_LABEL_CHARS
+            )
+            label = model if named else OTHER_LABEL
+            shown[label] = shown.get(label, 0) + count
+        for labels in list(gauge._metrics):  # drop this runtime's models that drained
+            if labels[0] == runtime and labels[1] not in shown:
+                gauge.remove(*labels)
+        for model, count in shown.items():
             gauge.labels(runtime, model).set(count)
+
+    def _known_models(self, runtime: str) -> set[str]:
+        known = {"default"}
+        for pod in self.pods.get(runtime, {}).values():
+            state = pod.state
+            if state is not None:
+                known |= _keys(state.gpu) | _keys(state.ram) | _keys(state.disk)
+                known |= _keys(state.available or ())
+        return known

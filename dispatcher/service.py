@@ -46,11 +46,19 @@ from dispatcher.leases import Lease, LeaseKeeper
 from dispatcher.links import LinkResolver, find_links
 from dispatcher.metrics import Metrics
 from dispatcher.queues import Source, Window
-from dispatcher.routing import Draining, Router
+from dispatcher.routing import OTHER_LABEL, Draining, Router
 from dispatcher.settings import DispatcherSettings
 from sdeks.bounds import check_task
 from sdeks.callback import Callback, ErrorInfo, TaskStatus
-from sdeks.envelope import Notification, Task, parse_task, unwrap_sns
+from sdeks.envelope import (
+    MessageAttribute,
+    Notification,
+    Task,
+    parse_task,
+    read_attributes,
+    string_attributes,
+    unwrap_sns,
+)
 from sdeks.errors import (
     InvalidEnvelopeError,
     InvalidParameterError,
@@ -241,13 +249,28 @@ class Dispatcher:
     async def _process(self, source: Source, message: dict[str, Any], lease: Lease) -> None:
         received_at = time.time()
         note = unwrap_sns(message.get("Body", ""))
-        attributes = _message_attributes(message)
+        typed = _message_attributes(message)
+        attributes = string_attributes(typed)
         hint = note.runtime or attributes.get(RUNTIME_ATTRIBUTE) or source.runtime
+        owner = self._fanout_owner(note)
+        if owner is not None and owner != source.runtime:
+            # SNS put a copy of this message in `owner`'s queue too (a multi-valued
+            # `runtime` attribute): that copy serves it. This one is no task of its
+            # own; refusing it could claim the id and drop the valid copy.
+            log.info(
+                "message %s: a copy for runtime %s is in its own queue; %s copy dropped",
+                note.message_id,
+                owner,
+                source.name,
+            )
+            await self.leases.delete(lease)
+            self.metrics.completed.labels(source.name, "fan-out copy").inc()
+            return
         system = message.get("Attributes") or {}
         receive_count = int(system.get("ApproximateReceiveCount", "1"))
         published_at = (
             note.published_at
-            or _float(attributes.get(PUBLISHED_AT_ATTRIBUTE))
+            or _float(_value(typed, PUBLISHED_AT_ATTRIBUTE, ("Number", "String")))
             or (_float(system.get("SentTimestamp")) or 0) / 1000
             or received_at
         )
@@ -294,6 +317,32 @@ class Dispatcher:
         await self._dispatch(
             source, lease, task, receive_count, published_at, received_at, delivery
         )
+
+    def _runtime_label(self, runtime: str | None) -> str:
+        """A metric label for a runtime named by a message: a served one, `catch-all`
+        for none, else `other`. A publisher must not mint label values (each one is a
+        series kept in this process and in Prometheus)."""
+        if runtime is None:
+            return "catch-all"
+        return runtime if runtime in self.settings.queues else OTHER_LABEL
+
+    def _fanout_owner(self, note: Notification) -> str | None:
+        """The runtime whose queue SNS gave this message to as well, when its `runtime`
+        attribute is a ``String.Array``: SNS matches an array by any of its values,
+        so each runtime named has a copy in its queue (and the catch-all one if a
+        value is unknown). The first value naming a runtime with a queue serves;
+        None when no value does (this copy is then the only one). Other types
+        (Number, Binary) match no runtime queue's filter: one copy, no owner."""
+        raw = note.typed_attributes.get(RUNTIME_ATTRIBUTE)
+        if note.message_id is None or raw is None or raw.type != "String.Array":
+            return None
+        try:
+            values = json.loads(raw.value)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(values, list):
+            return None
+        return next((v for v in values if isinstance(v, str) and v in self.settings.queues), None)
 
     async def _dispatch(
         self,
@@ -454,7 +503,7 @@ class Dispatcher:
         if refused:
             self.metrics.failures.labels(error.code).inc()
         await self.leases.delete(lease)
-        self.metrics.completed.labels(runtime or "catch-all", "failed").inc()
+        self.metrics.completed.labels(self._runtime_label(runtime), "failed").inc()
 
     async def _fail(self, lease: Lease, task: Task, error: SdeksError) -> None:
         log.warning("task %s failed: %s", task.id, error.message, extra={"task_id": task.id})
@@ -476,7 +525,10 @@ class Dispatcher:
             "error": error.to_error(),
             "task_id": error.task_id,
             "message_id": note.message_id or message.get("MessageId"),
-            "attributes": note.attributes or _message_attributes(message),
+            "attributes": {
+                name: {"type": a.type, "value": a.value}
+                for name, a in (note.typed_attributes or _message_attributes(message)).items()
+            },
             "published_at": note.published_at,
             "body": note.body,
         }
@@ -495,18 +547,21 @@ def _failed(task: Task, error: SdeksError) -> Callback:
     return Callback.for_task(task, TaskStatus.FAILED, error=ErrorInfo.from_exception(error))
 
 
-def _message_attributes(message: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for name, attr in (message.get("MessageAttributes") or {}).items():
-        # Only plain String attributes count: a Number, Binary or custom type named
-        # `runtime` is no routing hint (SNS matched it by other rules).
-        if (
-            isinstance(attr, dict)
-            and attr.get("DataType") == "String"
-            and isinstance(attr.get("StringValue"), str)
-        ):
-            out[name] = attr["StringValue"]
-    return out
+def _message_attributes(message: dict[str, Any]) -> dict[str, MessageAttribute]:
+    """The SQS message's attributes, String, Number and Binary (bounded, see
+    `read_attributes`): a forwarded task's `published_at` is a Number."""
+    return read_attributes(
+        message.get("MessageAttributes"),
+        type_key="DataType",
+        value_keys=("StringValue", "BinaryValue"),
+    )
+
+
+def _value(
+    attributes: dict[str, MessageAttribute], name: str, types: tuple[str, ...]
+) -> str | None:
+    attribute = attributes.get(name)
+    return attribute.value if attribute is not None and attribute.type in types else None
 
 
 def _float(value: Any) -> float | None:

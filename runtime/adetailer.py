@@ -16,10 +16,11 @@ and each pass: detect with `ad_model` (from `adetailer/` in the bucket,
 (`ad_mask_merge_invert` merges or inverts them), and inpaint each mask in
 turn with the render's own checkpoint: seed + j, `ad_denoising_strength`,
 `ad_mask_blur`, `ad_inpaint_only_masked` (+ padding), `ad_inpaint_masked_content`,
-`ad_prompt` (+ `ad_prompt_append`), separate steps / CFG / CLIP skip when
-`ad_use_steps` / `ad_use_cfg_scale` / `ad_use_clip_skip`. A setting this stage
-cannot honour is refused naming it, unless its value is the neutral one
-("Use same checkpoint", a noise multiplier of 1...). Pixels outside the
+`ad_prompt` (+ `ad_prompt_append`), separate size / steps / CFG / CLIP skip
+when `ad_use_inpaint_width_height` / `ad_use_steps` / `ad_use_cfg_scale` /
+`ad_use_clip_skip`. A setting this stage cannot honour is refused naming it,
+unless its value is the neutral one ("Use same checkpoint", a noise
+multiplier of 1...). Pixels outside the
 blurred mask are the original's, exactly. What was found goes into the
 infotext and `info.extra_generation_params` (`ADetailer detections`).
 """
@@ -174,13 +175,20 @@ def parse_args(alwayson_scripts: dict[str, Any]) -> list[ADetailerArgs]:
         return []
     if not isinstance(args, list):
         raise InvalidParameterError(f"`{where}` must be a list, got {type(args).__name__}")
-    enabled = args[0] if args and isinstance(args[0], bool) else True
+    # The leading switches (`enable`, then `skip_img2img`): booleans, or the strings and
+    # 0/1 some clients send for them (the extension's lax pydantic reads those too).
+    switches: list[bool] = []
+    for raw in args[:2]:
+        if isinstance(raw, dict) or raw is None:
+            break
+        switches.append(lax_bool(raw, f"{where}[{len(switches)}]"))
+    enabled = switches[0] if switches else True
     passes = []
     for i, raw in enumerate(args):
-        if isinstance(raw, bool):
-            if i > 1:
-                raise InvalidParameterError(f"`{where}[{i}]` must be an object, got {raw}")
+        if i < len(switches):
             continue
+        if isinstance(raw, bool):
+            raise InvalidParameterError(f"`{where}[{i}]` must be an object, got {raw}")
         if raw is None:
             continue
         if not isinstance(raw, dict):
@@ -241,7 +249,8 @@ def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
             sent = values.get(name)
             if sent is not None and lax_number(sent, f"{where}.{name}") != number:
                 raise InvalidParameterError(
-                    f"`{where}.{name}` ({sent!r:.40}) disagrees with `ad_controlnet_guidance_start_end`"
+                    f"`{where}.{name}` ({sent!r:.40}) disagrees with "
+                    "`ad_controlnet_guidance_start_end`"
                 )
             values[name] = number
     return values
@@ -378,6 +387,8 @@ class ADetailerStage:
         from runtime.detectors import resolve_detector
 
         for n, args in enumerate(passes_of(plan)):
+            if args.ad_use_inpaint_width_height:
+                _check_inpaint_size(args, n, settings)
             try:
                 resolve_detector(models, args.ad_model)
             except (ModelNotFoundError, ModelLoadError) as exc:
@@ -478,15 +489,37 @@ class ADetailerStage:
             "num_inference_steps": max(steps, math.ceil(1 / max(args.ad_denoising_strength, 1e-3))),
             "guidance_scale": args.ad_cfg_scale if args.ad_use_cfg_scale else request.cfg_scale,
             "generator": seeds.generator(seed),
-            "width": image.width,
-            "height": image.height,
+            # The extension renders the pass at `ad_inpaint_width` x `_height` when asked
+            # (the masked crop, or the whole image, scaled to it), else at the image's size.
+            "width": args.ad_inpaint_width if args.ad_use_inpaint_width_height else image.width,
+            "height": (
+                args.ad_inpaint_height if args.ad_use_inpaint_width_height else image.height
+            ),
         }
         if args.ad_inpaint_only_masked:
             kwargs["padding_mask_crop"] = args.ad_inpaint_only_masked_padding
+
+        def stop_if_asked(_pipe: Any, _step: int, _t: Any, tensors: dict[str, Any]) -> Any:
+            ctx.control.check()  # cancel and the task time limit, between the mask's steps
+            return tensors
+
+        kwargs["callback_on_step_end"] = stop_if_asked
         with torch.inference_mode():
             result = pipe(**kwargs).images[0].convert("RGB").resize(image.size)
         # The original outside the (blurred) mask, bit for bit, as A1111's overlay does.
         return Image.composite(result, image.convert("RGB"), blurred)
+
+
+def _check_inpaint_size(args: ADetailerArgs, n: int, settings: Any) -> None:
+    width, height = args.ad_inpaint_width, args.ad_inpaint_height
+    where = f"ADetailer pass {n + 1} `ad_inpaint_width` x `ad_inpaint_height`"
+    if width % 8 or height % 8:
+        raise InvalidParameterError(f"{where} must be multiples of 8, got {width}x{height}")
+    if width * height > settings.max_pixels:
+        raise InvalidParameterError(
+            f"{where} is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{settings.max_pixels}"
+        )
 
 
 def passes_of(plan: Any) -> list[ADetailerArgs]:

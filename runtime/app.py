@@ -4,6 +4,7 @@
     routes.jobs    POST /v1/jobs, /v1/jobs/{id}/cancel, /v1/prefetch (the dispatcher's job API)
     routes.sdapi   /sdapi/v1/... (the A1111 API: txt2img, img2img, extra-single-image, ...)
     routes.controlnet  /controlnet/... (the sd-webui-controlnet extension's API)
+    routes.adetailer   /adetailer/v1/... (the ADetailer extension's API)
 
 Rendering runs in worker threads (`asyncio.to_thread`) so the event loop keeps
 answering `/v1/state`, `/progress` and cancels while a job renders. `slots`
@@ -28,7 +29,7 @@ from runtime.models import Models
 from runtime.outputs import OutputWriter
 from runtime.pod import Pod
 from runtime.render import Renderer
-from runtime.routes import controlnet, jobs, ops, sdapi
+from runtime.routes import adetailer, controlnet, jobs, ops, sdapi
 from runtime.settings import RuntimeSettings
 from sdeks.errors import SdeksError
 from sdeks.lifecycle import Reporter
@@ -36,7 +37,7 @@ from sdeks.lifecycle import Reporter
 log = logging.getLogger(__name__)
 
 #: The routers, in the order the OpenAPI page lists them.
-ROUTERS = (ops.router, jobs.router, sdapi.router, controlnet.router)
+ROUTERS = (ops.router, jobs.router, sdapi.router, controlnet.router, adetailer.router)
 
 
 def create_app(

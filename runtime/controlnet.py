@@ -100,22 +100,24 @@ def _single_file_config(path: Path, config_dir: Path | None, work: Path) -> Path
 def load_controlnet(
     path: Path, *, name: str, dtype: Any, device: str, config_dir: Path | None, work: Path
 ) -> Any:
-    """A `ControlNetModel` from a diffusers folder or a single `.safetensors`, offline."""
+    """A `ControlNetModel` from a diffusers folder or a single `.safetensors`, offline.
+
+    The store calls it (the kind's `load`) under its diffusers construction lock
+    (`ModelStore._load_kind_to_ram`), so it takes no lock of its own."""
     import torch
     from diffusers import ControlNetModel
 
-    from runtime.model_store import _FROM_PRETRAINED_LOCK, dtype_kwargs
+    from runtime.model_store import dtype_kwargs
 
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs.update(dtype_kwargs(dtype))
     try:
-        with _FROM_PRETRAINED_LOCK:  # see ModelStore._load_to_ram
-            if path.is_dir():
-                model = ControlNetModel.from_pretrained(str(path), **kwargs)
-            else:
-                config = _single_file_config(path, config_dir, work)
-                model = ControlNetModel.from_single_file(str(path), config=str(config), **kwargs)
+        if path.is_dir():
+            model = ControlNetModel.from_pretrained(str(path), **kwargs)
+        else:
+            config = _single_file_config(path, config_dir, work)
+            model = ControlNetModel.from_single_file(str(path), config=str(config), **kwargs)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         from sdeks.errors import OutOfMemoryError
 
@@ -135,12 +137,22 @@ def controlnet_kind(models: Any, work_dir: Path) -> Any:
     `<name>.config/` folder (fetched through the store), else a built-in one."""
     from runtime.model_store import ModelKind
 
-    def load(path: Path, entry: Any) -> Any:
-        config_dir = None
+    def config_of(entry: Any) -> Path | None:
         if entry.kind == "file" and entry.config_key:
-            config_dir = models.fetch_file(entry.config_key + "config.json").parent
+            return models.fetch_file(entry.config_key + "config.json").parent
+        return None
+
+    def prepare(entry: Any) -> None:
+        config_of(entry)  # the download, before the store takes its construction lock
+
+    def load(path: Path, entry: Any) -> Any:
         return load_controlnet(
-            path, name=entry.name, dtype=None, device="cpu", config_dir=config_dir, work=work_dir
+            path,
+            name=entry.name,
+            dtype=None,
+            device="cpu",
+            config_dir=config_of(entry),
+            work=work_dir,
         )
 
     def to_device(model: Any, device: str, dtype: Any) -> Any:
@@ -154,6 +166,7 @@ def controlnet_kind(models: Any, work_dir: Path) -> Any:
         load=load,
         to_device=to_device,
         display_name=controlnet_title,
+        prepare=prepare,
     )
 
 

@@ -160,6 +160,8 @@ def parse_units(alwayson_scripts: dict[str, Any]) -> list[ControlNetUnit]:
         return []
     if not isinstance(args, list):
         raise InvalidParameterError(f"`{where}` must be a list of units, got {type(args).__name__}")
+    if args and args[0] is False:
+        return []  # A1111's convention for a script switched off: `args[0]` false
     if len(args) > MAX_UNITS:
         raise InvalidParameterError(
             f"`{where}` holds {len(args)} units, over the limit of {MAX_UNITS}"
@@ -224,7 +226,15 @@ def parse_unit(raw: dict[str, Any], index: int, where: str) -> ControlNetUnit:
     return unit
 
 
+def _index_text(value: Any) -> Any:
+    """ "0".."9" as the int it spells (the extension's pydantic enums take both)."""
+    if isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) == 1:
+        return int(value.strip())
+    return value
+
+
 def resize_mode_of(value: Any, where: str) -> str:
+    value = _index_text(value)
     if isinstance(value, bool):
         raise InvalidParameterError(f"`{where}.resize_mode` must be a name or 0..2, got {value}")
     if isinstance(value, int):
@@ -243,6 +253,7 @@ def resize_mode_of(value: Any, where: str) -> str:
 
 
 def _choice(value: Any, names: tuple[str, ...], where: str) -> str:
+    value = _index_text(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return names[value]
     if isinstance(value, str) and value in names:

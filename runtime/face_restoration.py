@@ -22,6 +22,7 @@ what exists.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -77,7 +78,12 @@ class Restorer:
         return self.model(faces)[0]
 
 
+@functools.cache
 def _install_extra_arches() -> bool:
+    """Register spandrel-extra-arches (CodeFormer) once per process; whether it is there.
+
+    Cached: it is asked on every restore request, and a missing package would
+    otherwise be searched for on `sys.path` each time."""
     try:
         import spandrel_extra_arches
     except ImportError:

@@ -249,7 +249,15 @@ def run(
         else:
             assert batch.images is not None
             images = [
-                upscalers.upscale_image(ctx.models, image, hires.upscaler, target_w, target_h)
+                upscalers.upscale_image(
+                    ctx.models,
+                    image,
+                    hires.upscaler,
+                    target_w,
+                    target_h,
+                    check=control.check,  # between tiles: cancel and the time limit
+                    field_name="hr_upscaler",
+                )
                 for image in batch.images
             ]
             latents = denoise.encode_latents(pipe, images, ctx.device)

@@ -213,6 +213,22 @@ def first_checkpoint(models: Any) -> str | None:
     return name
 
 
+def find_entry(entries: list[ModelEntry], requested: str) -> ModelEntry | None:
+    """The entry A1111 naming means: any of its aliases (name, file name, stem), else
+    the name less a trailing ` [hash]`; the first entry wins."""
+    wanted = requested.strip()
+    for entry in entries:
+        if wanted in entry.aliases():
+            return entry
+    match = _HASH_SUFFIX.search(wanted)
+    if match:
+        bare = wanted[: match.start()]
+        for entry in entries:
+            if bare in (entry.name, entry.model_name):
+                return entry
+    return None
+
+
 class Catalog:
     """Checkpoints, LoRAs and VAEs of one listing, with A1111 name resolution."""
 
@@ -245,17 +261,7 @@ class Catalog:
 
     def find(self, requested: str, kind: str = "checkpoint") -> ModelEntry | None:
         entries = {"checkpoint": self.checkpoints, "lora": self.loras, "vae": self.vaes}[kind]
-        wanted = requested.strip()
-        for entry in entries:
-            if wanted in entry.aliases():
-                return entry
-        match = _HASH_SUFFIX.search(wanted)
-        if match:
-            bare = wanted[: match.start()]
-            for entry in entries:
-                if bare in (entry.name, entry.model_name):
-                    return entry
-        return None
+        return find_entry(entries, requested)
 
     def resolve(self, requested: str, kind: str = "checkpoint") -> ModelEntry:
         entry = self.find(requested, kind)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -69,13 +68,19 @@ from .families import (
     safetensors_header_length,
     tensor_shapes,
 )
-from .model_catalog import MODELS_CONFIG_PREFIX, Catalog, ModelEntry, folder_sha256
+from .model_catalog import (
+    MODELS_CONFIG_PREFIX,
+    Catalog,
+    ModelEntry,
+    find_entry,
+    folder_sha256,
+)
 from .model_disk import DiskCache, file_sha256
 from .model_source import ModelSource
 
-#: Serializes diffusers model construction (see `ModelStore._load_to_ram`). Reentrant:
-#: a kind's loader (ControlNet) runs under it and takes it again for its own
-#: `from_pretrained`, which a plain Lock would deadlock on.
+#: Serializes diffusers model construction (see `ModelStore._load_to_ram`); a kind's
+#: `load` runs under it, so loaders never take it themselves. Reentrant only as a
+#: safety net: a loader that did would deadlock on a plain Lock.
 _FROM_PRETRAINED_LOCK = threading.RLock()
 log = logging.getLogger(__name__)
 
@@ -163,6 +168,10 @@ class ModelKind:
     #: The name a model of this kind is listed and asked for by, besides its file
     #: names (A1111's "R-ESRGAN 4x+" for `RealESRGAN_x4plus.pth`).
     display_name: Callable[[ModelEntry], str] = lambda entry: entry.name
+    #: entry -> None, run before `load` and outside the construction lock: fetches what
+    #: `load` reads besides the entry's own files (a ControlNet's config folder), so
+    #: no download happens while every other model load waits on that lock.
+    prepare: Callable[[ModelEntry], None] | None = None
 
 
 @dataclass
@@ -619,6 +628,8 @@ class ModelStore:
         timings.download_ms += download_ms
         started = time.perf_counter()
         try:
+            if kind.prepare is not None:
+                kind.prepare(entry)
             # Under the diffusers lock: a checkpoint loading meanwhile patches torch's
             # module construction process-wide (`init_empty_weights`), which would
             # build this model's parameters on the `meta` device.
@@ -961,21 +972,13 @@ class ModelStore:
 
 
 def _find(kind: ModelKind, entries: list[ModelEntry], requested: str) -> ModelEntry | None:
-    """The kind's display name, then checkpoint naming rules (`Catalog.find`); the first
+    """The kind's display name, then checkpoint naming rules (`find_entry`); the first
     entry wins when two folders hold the same name."""
     wanted = requested.strip()
     for entry in entries:
         if wanted == kind.display_name(entry):
             return entry
-    for entry in entries:
-        if wanted in entry.aliases():
-            return entry
-    bare = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$", "", wanted)
-    if bare != wanted:
-        for entry in entries:
-            if bare in (entry.name, entry.model_name):
-                return entry
-    return None
+    return find_entry(entries, requested)
 
 
 def _version(entry: ModelEntry) -> tuple[str, tuple[str | None, ...]]:

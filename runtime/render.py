@@ -187,16 +187,14 @@ class Renderer:
             # LoRAs and tiling change the shared weights: such a render runs alone.
             with self._weights.exclusive() if plan.changes_weights else self._weights.shared():
                 # 2. The job's own pipeline: scheduler, VAE, LoRAs, extra conditioning.
-                ctx = self._pipelines.build(
+                # Undone when the block ends, however it ends (also a failed build).
+                with self._pipelines.job(
                     lease.pipeline, loaded, plan, control, getattr(lease, "family", None)
-                )
-                try:
+                ) as ctx:
                     # 3.-5. First pass, hires pass, refiner, one n_iter batch at a time.
                     images = self._denoise(plan, ctx)
                     # 6. Post-process (face restoration, ADetailer).
                     images = run_post_stages(images, plan, ctx)
-                finally:
-                    self._pipelines.release(ctx, plan)
 
         # 7. Encode: infotexts and the A1111 `info`.
         return encode.result(plan, loaded, images, ctx.lora_note)

@@ -78,11 +78,14 @@ def split_grid(image: Image.Image, tile_w: int, tile_h: int, overlap: int) -> Gr
     dx = (w - tile_w) / (cols - 1) if cols > 1 else 0
     dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
     grid = Grid([], tile_w, tile_h, w, h, overlap)
+    # An image smaller than a tile is one tile at 0, padded past the image's edge (and
+    # cut back to the image by `combine_grid`): a negative offset would blend it with
+    # the black of a left/upper neighbour that does not exist.
     for row in range(rows):
-        y = min(int(row * dy), h - tile_h)
+        y = max(0, min(int(row * dy), h - tile_h))
         tiles = []
         for col in range(cols):
-            x = min(int(col * dx), w - tile_w)
+            x = max(0, min(int(col * dx), w - tile_w))
             tiles.append(Tile(x, y, image.crop((x, y, x + tile_w, y + tile_h))))
         grid.rows.append((y, tiles))
     return grid

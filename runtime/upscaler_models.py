@@ -32,6 +32,7 @@ from PIL import Image
 
 from runtime.model_catalog import ModelEntry
 from runtime.model_store import ModelKind
+from sdeks.bounds import MAX_PIXELS
 from sdeks.errors import InvalidParameterError, ModelLoadError, SdeksError
 
 if TYPE_CHECKING:
@@ -287,6 +288,42 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, "RGB")
 
 
+def pass_sizes(
+    width: int, height: int, scale: int, target_w: int, target_h: int
+) -> list[tuple[int, int]]:
+    """The output size of each model pass `upscale_with` makes from `width` x `height`
+    towards `target_w` x `target_h`, counted without running anything."""
+    sizes: list[tuple[int, int]] = []
+    for _ in range(MAX_PASSES):
+        if width >= target_w and height >= target_h:
+            break
+        width, height = width * scale, height * scale
+        sizes.append((width, height))
+    return sizes
+
+
+def check_passes(
+    image: Image.Image,
+    scale: int,
+    width: int,
+    height: int,
+    *,
+    field_name: str,
+    name: str,
+    max_pixels: int = MAX_PIXELS,
+) -> None:
+    """Refuse an upscale whose model passes would make an image over `max_pixels`:
+    the model runs at its own scale, so a 4x model asked for 1.1x still makes a 4x
+    image (16 times the pixels) before the resize, and that is what gets allocated."""
+    for w, h in pass_sizes(image.width, image.height, scale, width, height):
+        if w * h > max_pixels:
+            raise InvalidParameterError(
+                f"`{field_name}` {name!r} is a {scale}x model: upscaling {image.width}x"
+                f"{image.height} towards {width}x{height} makes a {w}x{h} image, over the "
+                f"limit of {max_pixels} pixels"
+            )
+
+
 def upscale_with(
     descriptor: Any,
     image: Image.Image,
@@ -296,10 +333,13 @@ def upscale_with(
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     check: Any = None,
+    field_name: str = "upscaler",
+    name: str = "upscaler",
 ) -> Image.Image:
     """`image` upscaled by the model to exactly `width` x `height`, as A1111 does it:
     run the model (up to 3 times) until the image is at least that large, then a
-    Lanczos resize to the exact size."""
+    Lanczos resize to the exact size. Every pass's size is checked first (`check_passes`)."""
+    check_passes(image, int(descriptor.scale), width, height, field_name=field_name, name=name)
     current = image.convert("RGB")
     for _ in range(MAX_PASSES):
         if current.width >= width and current.height >= height:

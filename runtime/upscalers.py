@@ -97,7 +97,15 @@ def upscale_image(
     )
     with models.use_weights(um.UPSCALER, entry) as lease:
         result = um.upscale_with(
-            lease.model, image, out_w, out_h, tile=tile, overlap=overlap, check=check
+            lease.model,
+            image,
+            out_w,
+            out_h,
+            tile=tile,
+            overlap=overlap,
+            check=check,
+            field_name=field_name,
+            name=name,
         )
     if crop and result.size != (width, height):
         result = ImageOps.fit(result, (width, height), Image.Resampling.LANCZOS)

@@ -209,26 +209,17 @@ def _values(axis: Axis, text: Any, dropdown: Any, csv_mode: bool, name: str) -> 
         raw = _csv_list(str(text or ""))
     values: list[Any] = []
     for val in raw:
-        if axis.type is int and (m := _RANGE.fullmatch(val)):
-            step = int(m.group(3)) if m.group(3) else 1
-            values.extend(range(int(m.group(1)), int(m.group(2)) + 1, step or 1))
-        elif axis.type is int and (mc := _COUNT.fullmatch(val)):
-            num = int(mc.group(3)) if mc.group(3) else 1
-            values.extend(_linspace(int(mc.group(1)), int(mc.group(2)), num, int))
-        elif axis.type is float and (m := _RANGE_F.fullmatch(val)):
-            start, end = float(m.group(1)), float(m.group(2))
-            fstep = float(m.group(3)) if m.group(3) else 1.0
-            count = int(math.floor((end - start) / fstep + 1e-9)) + 1 if fstep > 0 else 1
-            values.extend(start + i * fstep for i in range(max(1, min(count, MAX_AXIS_VALUES + 1))))
-        elif axis.type is float and (mc := _COUNT_F.fullmatch(val)):
-            num = int(float(mc.group(3))) if mc.group(3) else 1
-            values.extend(_linspace(float(mc.group(1)), float(mc.group(2)), num, float))
-        else:
-            values.append(val)
-        if len(values) > MAX_AXIS_VALUES:
+        try:
+            count, make = _expand(axis, val)
+        except (ValueError, OverflowError) as exc:  # past int()'s digit limit, inf, huge len
+            raise InvalidParameterError(
+                f"`script_args` {name} value {val!r:.80} is not a usable range"
+            ) from exc
+        if len(values) + count > MAX_AXIS_VALUES:
             raise InvalidParameterError(
                 f"`script_args` {name} has more than {MAX_AXIS_VALUES} values"
             )
+        values.extend(make())
     try:
         typed = [axis.type(v) for v in values]
     except (TypeError, ValueError) as exc:
@@ -241,11 +232,45 @@ def _values(axis: Axis, text: Any, dropdown: Any, csv_mode: bool, name: str) -> 
     return typed
 
 
-def _linspace(start: float, stop: float, num: int, cast: type) -> list[Any]:
-    num = max(1, min(num, MAX_AXIS_VALUES + 1))
-    if num == 1:
-        return [cast(start)]
-    return [cast(start + (stop - start) * i / (num - 1)) for i in range(num)]
+def _int(text: str) -> int:
+    return int(text.replace(" ", ""))  # the patterns allow `- 5`
+
+
+def _float(text: str) -> float:
+    return float(text.replace(" ", ""))
+
+
+def _expand(axis: Axis, val: str) -> tuple[int, Callable[[], list[Any]]]:
+    """One comma-separated item as A1111 expands it (`a-b`, `a-b (+step)`, `a-b [count]`):
+    how many values it makes, counted arithmetically, and how to make them, so an
+    item like `1-1000000000` is refused before any list exists."""
+    if axis.type is int and (m := _RANGE.fullmatch(val)):
+        step = _int(m.group(3)) if m.group(3) else 1
+        span = range(_int(m.group(1)), _int(m.group(2)) + 1, step or 1)
+        return len(span), lambda: list(span)  # len() of a range does not build it
+    if axis.type is int and (mc := _COUNT.fullmatch(val)):
+        num = _int(mc.group(3)) if mc.group(3) else 1
+        return _linspace(_int(mc.group(1)), _int(mc.group(2)), num, int)
+    if axis.type is float and (m := _RANGE_F.fullmatch(val)):
+        start, end = _float(m.group(1)), _float(m.group(2))
+        fstep = _float(m.group(3)) if m.group(3) else 1.0
+        count = 1
+        if fstep > 0:
+            count = max(1, math.floor((end - start) / fstep + 1e-9) + 1)  # inf: OverflowError
+        return count, lambda: [start + i * fstep for i in range(count)]
+    if axis.type is float and (mc := _COUNT_F.fullmatch(val)):
+        num = int(_float(mc.group(3))) if mc.group(3) else 1
+        return _linspace(_float(mc.group(1)), _float(mc.group(2)), num, float)
+    return 1, lambda: [val]
+
+
+def _linspace(
+    start: float, stop: float, num: int, cast: type
+) -> tuple[int, Callable[[], list[Any]]]:
+    """A1111's `np.linspace(start, stop, num)` as (count, make)."""
+    if num <= 1:
+        return 1, lambda: [cast(start)]
+    return num, lambda: [cast(start + (stop - start) * i / (num - 1)) for i in range(num)]
 
 
 def _label(axis: Axis, value: Any) -> str:

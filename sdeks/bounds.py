@@ -208,6 +208,20 @@ def integer_field(content: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
+def count_of(content: Mapping[str, Any], fields: Mapping[str, int]) -> int | None:
+    """The product of integer fields (name -> A1111 default when absent), read as
+    `integer_field` reads them; None when one is not a valid integer. For estimates
+    (planned steps, images) that must agree with what the pod will run."""
+    total = 1
+    for name, default in fields.items():
+        try:
+            value = integer_field(content, name)
+        except InvalidParameterError:
+            return None
+        total *= default if value is None else value
+    return total
+
+
 def check_content(content: Mapping[str, Any]) -> None:
     """Integer fields, their products and every number in `content` within bounds."""
     values = {name: integer_field(content, name) for name in INTEGER_FIELDS}

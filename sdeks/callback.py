@@ -7,9 +7,17 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from sdeks.bounds import scrub
+from sdeks.bounds import escape, scrub
 from sdeks.envelope import Task
 from sdeks.errors import SdeksError
 
@@ -24,6 +32,13 @@ MAX_IMAGE_URL_BYTES = 64 * 1024
 BULKY_INFO_KEYS = ("all_prompts", "all_negative_prompts", "infotexts", "prompt", "negative_prompt")
 #: The key of the marker that replaces a `context` too large to echo.
 CONTEXT_MARKER = "sdeks_context_truncated"
+#: `ignored_fields` lists at most this many names (the rest are counted in
+#: `ignored_fields_dropped`), each cut to `MAX_IGNORED_FIELD_CHARS` characters and
+#: escaped: the names come from the task's own keys, so they are hostile input.
+MAX_IGNORED_FIELDS = 50
+MAX_IGNORED_FIELD_CHARS = 64
+#: Optional fields left out of the JSON while unset, so every other callback keeps its shape.
+_OMITTED_WHEN_UNSET = ("image_url_truncated", "ignored_fields_dropped", "named_id")
 
 
 class TaskStatus(StrEnum):
@@ -90,9 +105,41 @@ class Callback(BaseModel):
     #: A1111 `info` (seed, all_seeds, infotexts, ...) on success.
     info: dict[str, Any] | None = None
     #: `content` fields the task type does not know (a misspelled `promt`): not rendered.
+    #: At most `MAX_IGNORED_FIELDS` names, escaped and cut (`_bound_ignored_fields`).
     ignored_fields: list[str] = Field(default_factory=list)
+    #: How many unknown field names `ignored_fields` left out; absent when none.
+    ignored_fields_dropped: int | None = None
     #: The SNS message id, when the message had no usable task id to correlate by.
     message_id: str | None = None
+    #: How many image URLs the task had, when `image_url` lists only the first ones
+    #: (the manifest lists them all); absent when `image_url` is complete.
+    image_url_truncated: int | None = None
+    #: The id a refused message named while another task held it (`id` is then null;
+    #: docs/lifecycle.md, "Refused messages"); absent otherwise.
+    named_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_ignored_fields(cls, data: Any) -> Any:
+        # The names are the task's own keys: a body of 100 000 unknown keys, or keys of
+        # control characters, must still give a callback that fits and prints cleanly.
+        if not isinstance(data, dict) or not isinstance(data.get("ignored_fields"), list):
+            return data
+        names = data["ignored_fields"]
+        kept = [
+            escape(n, MAX_IGNORED_FIELD_CHARS) if isinstance(n, str) else n
+            for n in names[:MAX_IGNORED_FIELDS]
+        ]
+        dropped = len(names) - len(kept) + (data.get("ignored_fields_dropped") or 0)
+        return {**data, "ignored_fields": kept, "ignored_fields_dropped": dropped or None}
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in _OMITTED_WHEN_UNSET:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
     @field_validator("context", "info")
     @classmethod
@@ -128,6 +175,10 @@ class Callback(BaseModel):
     def fitted(self, limit: int = MAX_SNS_MESSAGE_BYTES) -> Callback:
         """This callback, trimmed by one rule until it fits in one SNS message.
 
+        `limit` is what the body and `message_attributes()` may take together; a
+        publisher that adds attributes of its own (the signature, `sdeks.signing`)
+        passes what is left for these.
+
         In order, each step only if still needed (the manifest at `output_url`
         keeps everything a step removes):
 
@@ -135,9 +186,10 @@ class Callback(BaseModel):
            (`image_url_truncated` then says how many there were);
         1. `info` loses the keys that repeat the prompt (`BULKY_INFO_KEYS`);
         2. `info` is dropped;
-        3. `context` is replaced by ``{"sdeks_context_truncated": {"bytes": N,
+        3. `ignored_fields` is emptied (`ignored_fields_dropped` counts the names);
+        4. `context` is replaced by ``{"sdeks_context_truncated": {"bytes": N,
            "manifest": output_url}}``;
-        4. `error.message` is cut to 1000 characters, then `image_url` and
+        5. `error.message` is cut to 1000 characters, then `image_url` and
            `seeds` are emptied.
         """
         out = self._urls_bounded()
@@ -154,6 +206,17 @@ class Callback(BaseModel):
             ),
             lambda c: c._with_info(None),
             lambda c: (
+                c.model_copy(
+                    update={
+                        "ignored_fields": [],
+                        "ignored_fields_dropped": len(c.ignored_fields)
+                        + (c.ignored_fields_dropped or 0),
+                    }
+                )
+                if c.ignored_fields
+                else c
+            ),
+            lambda c: (
                 c.model_copy(update={"context": _context_marker(c.context, c.output_url)})
                 if c.context is not None
                 else c
@@ -166,7 +229,12 @@ class Callback(BaseModel):
                 }
             ),
             lambda c: c.model_copy(
-                update={"image_url": [], "seeds": [], "image_url_truncated": len(c.image_url)}
+                update={
+                    "image_url": [],
+                    "seeds": [],
+                    # How many there were: a count set by step 0 already says so.
+                    "image_url_truncated": c.image_url_truncated or len(c.image_url) or None,
+                }
             ),
         ]
         for step in steps:
@@ -191,9 +259,12 @@ class Callback(BaseModel):
             update={"image_url": self.image_url[:kept], "image_url_truncated": len(self.image_url)}
         )
 
-    def sns_publish_kwargs(self, topic_arn: str) -> dict[str, Any]:
-        """Arguments for `sns.publish` (boto3 and aiobotocore alike), fitted to SNS."""
-        fitted = self.fitted()
+    def sns_publish_kwargs(
+        self, topic_arn: str, *, limit: int = MAX_SNS_MESSAGE_BYTES
+    ) -> dict[str, Any]:
+        """Arguments for `sns.publish` (boto3 and aiobotocore alike), fitted to `limit`
+        (less than SNS's when the caller adds attributes of its own)."""
+        fitted = self.fitted(limit)
         return {
             "TopicArn": topic_arn,
             "Message": fitted.model_dump_json(),

@@ -35,6 +35,8 @@ from typing import Any
 from sdeks.callback import Callback, TaskStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_SETUP = 0, 1, 2, 3, 4
+#: 128 + SIGINT, as shells report a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 class SetupError(Exception):
@@ -121,10 +123,9 @@ def _report(client: Any, callback: Callback, out: Path) -> int:
 
 
 def _image_count(content: dict[str, Any]) -> int | None:
-    batch, n_iter = content.get("batch_size", 1), content.get("n_iter", 1)
-    if type(batch) is int and type(n_iter) is int and batch > 0 and n_iter > 0:
-        return batch * n_iter
-    return None
+    from sdeks.bounds import count_of
+
+    return count_of(content, {"batch_size": 1, "n_iter": 1})
 
 
 def _only_runtime(client: Any) -> str | None:
@@ -707,6 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:
         _print(f"error: {exc}")
         return EXIT_SETUP
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops `wait` or `submit --wait`: one line, not a traceback.
+        # What was published stays published (`sdeks status ID` follows it).
+        _print("interrupted")
+        return EXIT_INTERRUPTED
     except Exception as exc:
         message = setup_problem(exc)
         if message is None:

@@ -22,7 +22,7 @@ from sdeks import aws
 from sdeks.callback import Callback
 from sdeks.envelope import Task, parse_task
 from sdeks.errors import InvalidEnvelopeError
-from sdeks.names import CLI_QUEUE_PREFIX, RUNTIME_ATTRIBUTE, StackNames
+from sdeks.names import CLI_QUEUE_PREFIX, RUNTIME_ATTRIBUTE, StackNames, stack_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,16 @@ class SdeksClient:
         return self.sns.publish(**kwargs)["MessageId"]
 
     def runtimes(self) -> list[str]:
-        """The runtimes the stack serves, from its task queues' names."""
-        prefix, suffix = f"{self._names.prefix}-", "-tasks"
-        urls = self.sqs.list_queues(QueueNamePrefix=prefix).get("QueueUrls", [])
-        names = [url.rsplit("/", 1)[-1] for url in urls]
-        return sorted(
-            n[len(prefix) : -len(suffix)]
-            for n in names
-            if n.endswith(suffix) and not n.startswith(CLI_QUEUE_PREFIX)
-        )
+        """The runtimes the stack serves, from its task queues' names
+        (`sdeks.names.stack_runtimes`: this stack's exactly, not a longer prefix's)."""
+        kwargs: dict[str, Any] = {"QueueNamePrefix": f"{self._names.prefix}-", "MaxResults": 1000}
+        names: list[str] = []
+        while True:
+            answer = self.sqs.list_queues(**kwargs)
+            names += [url.rsplit("/", 1)[-1] for url in answer.get("QueueUrls", [])]
+            if not answer.get("NextToken"):
+                return stack_runtimes(self._names, names)
+            kwargs["NextToken"] = answer["NextToken"]
 
     def listen(self, task_ids: Iterable[str] | None = None) -> CallbackListener:
         return CallbackListener(self.sns, self.sqs, self.callback_topic_arn, task_ids)

@@ -14,11 +14,12 @@ restricted to a safe character set and bounded length.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -382,11 +383,66 @@ def _names(keys: list[Any]) -> str:
 # --- SNS notification unwrapping -------------------------------------------
 
 
+#: Message attributes read from one message: SNS and SQS allow 10; names and values
+#: past these lengths are not ours (ours are short) and are not kept.
+MAX_ATTRIBUTES = 10
+MAX_ATTRIBUTE_NAME_CHARS = 256
+MAX_ATTRIBUTE_VALUE_CHARS = 4096
+#: The attribute types kept: SNS's and SQS's base types (custom subtypes such as
+#: ``Number.float`` or ``String.Array`` keep their full name).
+ATTRIBUTE_TYPES = ("String", "Number", "Binary")
+
+
+class MessageAttribute(NamedTuple):
+    """One message attribute as delivered: its data type and its value as text
+    (a Binary value base64-encoded)."""
+
+    type: str
+    value: str
+
+
+def read_attributes(
+    raw: Any, *, type_key: str, value_keys: tuple[str, ...]
+) -> dict[str, MessageAttribute]:
+    """The message attributes of an SNS notification (``Type``/``Value``) or an SQS
+    message (``DataType``/``StringValue``/``BinaryValue``), bounded: at most
+    `MAX_ATTRIBUTES`, names and values within their lengths, types of
+    `ATTRIBUTE_TYPES` only. Anything else is dropped: attributes are untrusted."""
+    out: dict[str, MessageAttribute] = {}
+    if not isinstance(raw, Mapping):
+        return out
+    for name, attr in raw.items():
+        if len(out) >= MAX_ATTRIBUTES:
+            break
+        if not (isinstance(name, str) and len(name) <= MAX_ATTRIBUTE_NAME_CHARS):
+            continue
+        if not isinstance(attr, Mapping):
+            continue
+        kind = attr.get(type_key)
+        if not isinstance(kind, str) or kind.split(".", 1)[0] not in ATTRIBUTE_TYPES:
+            continue
+        value = next((attr[k] for k in value_keys if attr.get(k) is not None), None)
+        if isinstance(value, bytes | bytearray):
+            value = base64.b64encode(value).decode("ascii")
+        if isinstance(value, str) and len(value) <= MAX_ATTRIBUTE_VALUE_CHARS:
+            out[name] = MessageAttribute(kind, value)
+    return out
+
+
+def string_attributes(attributes: Mapping[str, MessageAttribute]) -> dict[str, str]:
+    """The plain ``String`` ones: only these are routing hints. A ``String.Array``,
+    ``Number`` or ``Binary`` `runtime` is none (docs/dispatcher.md, "Routing")."""
+    return {name: a.value for name, a in attributes.items() if a.type == "String"}
+
+
 class Notification(BaseModel):
     """A message as it arrives in SQS from SNS (or sent to SQS directly)."""
 
     body: str
+    #: The plain String attributes (`string_attributes`).
     attributes: dict[str, str] = Field(default_factory=dict)
+    #: Every attribute kept by `read_attributes`, with its type.
+    typed_attributes: dict[str, MessageAttribute] = Field(default_factory=dict)
     message_id: str | None = None
     published_at: float | None = None  # epoch seconds
 
@@ -405,18 +461,7 @@ def unwrap_sns(sqs_body: str) -> Notification:
         return Notification(body=sqs_body)
     if not (isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc):
         return Notification(body=sqs_body)
-    attributes: dict[str, str] = {}
-    raw_attributes = doc.get("MessageAttributes") or {}
-    if isinstance(raw_attributes, dict):
-        for name, attr in raw_attributes.items():
-            # Only plain String attributes: a String.Array, Number or Binary `runtime`
-            # is no routing hint (docs/dispatcher.md, "Routing").
-            if (
-                isinstance(attr, dict)
-                and attr.get("Type") == "String"
-                and isinstance(attr.get("Value"), str)
-            ):
-                attributes[str(name)] = attr["Value"]
+    typed = read_attributes(doc.get("MessageAttributes"), type_key="Type", value_keys=("Value",))
     published_at = None
     stamp = doc.get("Timestamp")
     if isinstance(stamp, str):
@@ -427,7 +472,8 @@ def unwrap_sns(sqs_body: str) -> Notification:
     message = doc["Message"]
     return Notification(
         body=message if isinstance(message, str) else json.dumps(message),
-        attributes=attributes,
+        attributes=string_attributes(typed),
+        typed_attributes=typed,
         message_id=doc.get("MessageId") if isinstance(doc.get("MessageId"), str) else None,
         published_at=published_at,
     )

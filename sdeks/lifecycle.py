@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from sdeks.callback import Callback, TaskStatus, Timings
 from sdeks.envelope import Task, TaskType
-from sdeks.signing import signature_attributes
+from sdeks.signing import signature_attributes, signed_limit
 from sdeks.tasks import CancelOutcome, TaskRecord, TaskTable, call
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class Reporter:
         self._topic_arn = callback_topic_arn
         #: Signs every callback published (sdeks.signing); None publishes them unsigned.
         self._signing_secret = signing_secret
+        #: What a callback may take of SNS's limit beside the signature attributes.
+        self._limit = signed_limit(signing_secret)
         self.table = table
         self.publish_running = publish_running
         self._progress_interval_s = progress_interval_s
@@ -149,7 +151,7 @@ class Reporter:
             raise ValueError(f"finish needs a terminal status, got {callback.status}")
         # Fitted before the claim: the table stores, and recovery republishes, exactly
         # what fits in one SNS message (docs/reliability.md, "Bounds").
-        callback = callback.fitted()
+        callback = callback.fitted(self._limit)
         if callback.id is not None:
             self._last_progress.pop(callback.id, None)
         if self.table is not None and callback.id is not None:
@@ -271,7 +273,7 @@ class Reporter:
         """
         if callback.status is not TaskStatus.FAILED:
             raise ValueError(f"refuse needs a failed callback, got {callback.status}")
-        callback = callback.model_copy(update={"message_id": message_id}).fitted()
+        callback = callback.model_copy(update={"message_id": message_id}).fitted(self._limit)
         if callback.id is not None and self.table is not None:
             if await self.table.claim_terminal(callback, new_only=True, delivery=delivery):
                 await self._publish(callback)
@@ -304,12 +306,17 @@ class Reporter:
                     return True
                 log.info("task %s: refusal of message %s already out", callback.id, message_id)
                 return False
-            callback = callback.model_copy(update={"id": None, "named_id": callback.id})
+            # Refitted: `named_id` adds to a callback fitted without it.
+            callback = callback.model_copy(update={"id": None, "named_id": callback.id}).fitted(
+                self._limit
+            )
         await self._publish(callback)
         return True
 
     async def _publish(self, callback: Callback) -> None:
-        kwargs = callback.sns_publish_kwargs(self._topic_arn)
+        # Fitted with room for the signature attributes: SNS counts them too, and a
+        # callback that fits only without them would fail every publish for good.
+        kwargs = callback.sns_publish_kwargs(self._topic_arn, limit=self._limit)
         if self._signing_secret:
             kwargs["MessageAttributes"].update(
                 signature_attributes(self._signing_secret, kwargs["Message"])

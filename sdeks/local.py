@@ -117,6 +117,43 @@ def make_moto_faithful() -> None:
     make_moto_dynamodb_atomic()
     make_moto_sqs_deletes_atomic()
     make_moto_sns_skip_deleted_queues()
+    make_moto_sns_size_faithful()
+
+
+def make_moto_sns_size_faithful() -> None:
+    """Make SNS Publish count what AWS counts against its 256 KiB limit: the message and
+    every attribute's name, type and value, in UTF-8 bytes.
+
+    moto 5 compares only the message's length in characters, so a callback that
+    AWS refuses (a multi-byte body, or attributes pushing it over) published fine
+    locally and the bug showed only once deployed. Idempotent; this process only.
+    """
+    from moto.sns.exceptions import InvalidParameterValue
+    from moto.sns.models import MAXIMUM_MESSAGE_LENGTH, SNSBackend
+
+    original = SNSBackend.publish
+    if getattr(original, "_sdeks_sized", False):
+        return
+
+    def publish(self: Any, message: str, *args: Any, **kwargs: Any) -> Any:
+        attributes = kwargs.get("message_attributes")
+        if attributes is None and len(args) >= 4:
+            attributes = args[3]  # (arn, phone_number, subject, message_attributes, ...)
+        size = len(message.encode("utf-8", "surrogatepass"))
+        for name, attr in (attributes or {}).items():
+            size += len(name.encode("utf-8"))
+            if isinstance(attr, dict):
+                size += len(str(attr.get("Type", attr.get("DataType", ""))).encode("utf-8"))
+                size += len(str(attr.get("Value", attr.get("StringValue", ""))).encode("utf-8"))
+        if size > MAXIMUM_MESSAGE_LENGTH:
+            raise InvalidParameterValue(
+                "An error occurred (InvalidParameter) when calling the Publish operation: "
+                "Invalid parameter: Message too long"
+            )
+        return original(self, message, *args, **kwargs)
+
+    publish._sdeks_sized = True  # type: ignore[attr-defined]
+    SNSBackend.publish = publish  # type: ignore[method-assign]
 
 
 def make_moto_sns_skip_deleted_queues() -> None:

@@ -10,6 +10,7 @@ whoever deploys them fills in from these names.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,32 @@ class StackNames:
     @property
     def task_table(self) -> str:
         return f"{self.prefix}-tasks"
+
+
+def stack_runtimes(names: StackNames, queue_names: Iterable[str]) -> list[str]:
+    """The runtimes of stack `names` among `queue_names` (a `ListQueues` answer):
+    exactly ``<prefix>-<runtime>-tasks`` with a valid runtime name, sorted.
+
+    The prefix alone does not tell stacks apart: stack ``t1``'s ``t1-`` also
+    starts stack ``t1-a``'s queues (``t1-a-sdruntime-tasks`` reads as runtime
+    ``a-sdruntime``). Every stack has its catch-all queue, so a queue whose name
+    also fits a longer stack whose catch-all is listed is that stack's.
+    """
+    listed = set(queue_names)
+    head, tail = f"{names.prefix}-", "-tasks"
+    found = []
+    for name in listed:
+        if not (name.startswith(head) and name.endswith(tail)):
+            continue
+        runtime = name[len(head) : -len(tail)]
+        if not is_runtime_name(runtime) or names.task_queue(runtime) != name:
+            continue
+        parts = runtime.split("-")
+        longer = (StackNames(f"{names.prefix}-{'-'.join(parts[:i])}") for i in range(1, len(parts)))
+        if any(other.catch_all_queue in listed for other in longer):
+            continue
+        found.append(runtime)
+    return sorted(found)
 
 
 def runtime_filter_policy(runtime: str) -> dict[str, Any]:

@@ -16,9 +16,11 @@ delivered (SNS's `Message` field, or the SQS body with raw delivery), before par
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from sdeks.callback import MAX_SNS_MESSAGE_BYTES, sns_message_size
 from sdeks.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature_headers, verify_signature
 
 SIGNATURE_ATTRIBUTE = "sdeks_signature"
@@ -34,6 +36,19 @@ def signature_attributes(
         SIGNATURE_ATTRIBUTE: {"DataType": "String", "StringValue": headers[SIGNATURE_HEADER]},
         TIMESTAMP_ATTRIBUTE: {"DataType": "String", "StringValue": headers[TIMESTAMP_HEADER]},
     }
+
+
+def signed_limit(secret: str | bytes | None, limit: int = MAX_SNS_MESSAGE_BYTES) -> int:
+    """What a callback's body and own attributes may take when the signature attributes
+    are added to it: SNS counts them against the same limit (`Callback.fitted`).
+
+    The signature's size does not depend on the message (a fixed-length hex digest);
+    the timestamp's digits are today's, as when it is signed.
+    """
+    if not secret:
+        return limit
+    attributes = signature_attributes(secret, "", timestamp=int(time.time()))
+    return limit - sns_message_size("", attributes)
 
 
 def _value(attribute: Any) -> str:

@@ -49,6 +49,7 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, ValidationError
 
+from sdeks.bounds import count_of
 from sdeks.callback import Callback, ErrorInfo, TaskStatus, Timings
 from sdeks.envelope import Task
 from sdeks.errors import TaskTableError
@@ -794,10 +795,7 @@ def _descriptive_fields(task: Task) -> dict[str, Any]:
 def planned_steps(content: Mapping[str, Any]) -> int | None:
     """Denoising steps a generation task will run (`steps` x `n_iter`, A1111 defaults
     50 and 1), as the pod counts progress; None when the content says otherwise."""
-    steps, n_iter = content.get("steps", 50), content.get("n_iter", 1)
-    if type(steps) is int and type(n_iter) is int and steps > 0 and n_iter > 0:
-        return steps * n_iter
-    return None
+    return count_of(content, {"steps": 50, "n_iter": 1})
 
 
 def _is_new_publish(record: TaskRecord, published_at: float | None) -> bool:

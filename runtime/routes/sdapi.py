@@ -95,16 +95,42 @@ async def img2img(request: a1111.Img2ImgRequest, pod: PodDep) -> Any:
     return await _generate(pod, request, "img2img")
 
 
+async def _extras(
+    pod: Pod, request: a1111.ExtrasSingleImageRequest | a1111.ExtrasBatchImagesRequest, kind: str
+) -> RenderResult | JSONResponse:
+    """Extras queue for a slot like renders (an upscale holds the device as long), and
+    `/interrupt` stops them between tiles."""
+    control = JobControl(job_id=f"a1111-{uuid.uuid4().hex[:12]}")
+    options = dict(pod.options)
+    pod.a1111_ids.add(control.job_id)
+    try:
+        result: RenderResult = await pod.run(
+            control, lambda: pod.renderer.extras(request, options=options, control=control)
+        )
+    except SdeksError as exc:
+        pod.metrics.jobs.labels("a1111", kind, "failed").inc()
+        return a1111_error(exc)
+    finally:
+        pod.a1111_ids.discard(control.job_id)
+    pod.metrics.jobs.labels("a1111", kind, "succeeded").inc()
+    pod.metrics.images.labels(kind).inc(len(result.images))
+    return result
+
+
 @router.post("/extra-single-image", response_model=a1111.ExtrasSingleImageResponse)
 async def extra_single_image(request: a1111.ExtrasSingleImageRequest, pod: PodDep) -> Any:
-    result = await asyncio.to_thread(pod.renderer.extras, request, options=pod.options)
+    result = await _extras(pod, request, "extra-single-image")
+    if isinstance(result, JSONResponse):
+        return result
     image = base64.b64encode(encode_png(result.images[0], result.infotexts[0])).decode()
     return a1111.ExtrasSingleImageResponse(html_info=result.infotexts[0], image=image)
 
 
 @router.post("/extra-batch-images", response_model=a1111.ExtrasBatchImagesResponse)
 async def extra_batch_images(request: a1111.ExtrasBatchImagesRequest, pod: PodDep) -> Any:
-    result = await asyncio.to_thread(pod.renderer.extras, request, options=pod.options)
+    result = await _extras(pod, request, "extra-batch-images")
+    if isinstance(result, JSONResponse):
+        return result
     images = [
         base64.b64encode(encode_png(image, text)).decode()
         for image, text in zip(result.images, result.infotexts, strict=True)

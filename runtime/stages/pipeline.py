@@ -10,6 +10,7 @@ holds the weights lock exclusively while they are in (`SharedWeightsLock`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,21 +71,13 @@ class JobPipelines:
         self._lock = threading.Lock()
         self._compiled_unets: dict[int, tuple[Any, Any]] = {}
 
-    def build(
+    @contextmanager
+    def job(
         self, pipe: Any, loaded: Loaded, plan: Plan, control: JobControl, family: Any = None
-    ) -> StageContext:
-        """The job's pipeline in a `StageContext`; undo with `release` (in a `finally`)."""
-        from runtime.families import diffusers_attr
-
-        choice = plan.choice
-        scheduler_cls = diffusers_attr(choice.scheduler_class)
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
-        pipe.set_progress_bar_config(disable=True)
-        if self.settings.compile and self.device.startswith("cuda"):
-            pipe.unet = self.compiled(pipe.unet)
-        vae = self._vae(pipe, loaded, plan.vae_name)
-        if vae is not None:
-            pipe.vae = vae
+    ) -> Iterator[StageContext]:
+        """The job's pipeline for the `with` block; what it put into the shared weights
+        (LoRAs, embeddings, tiling, the refiner's lease) is undone when the block ends,
+        and also when building it fails half way."""
         ctx = StageContext(
             pipe=pipe,
             loaded=loaded,
@@ -94,6 +87,27 @@ class JobPipelines:
             device=self.device,
             family=family,
         )
+        try:
+            self._build(ctx, plan)
+            yield ctx
+        finally:
+            self.release(ctx, plan)
+
+    def _build(self, ctx: StageContext, plan: Plan) -> None:
+        """Stage 2 on `ctx`. Every change to the shared weights is registered on
+        `ctx.undo` (or undone by `release`) as it is made, so a failure at any point
+        leaves nothing behind."""
+        from runtime.families import diffusers_attr
+
+        pipe, choice = ctx.pipe, plan.choice
+        scheduler_cls = diffusers_attr(choice.scheduler_class)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        if self.settings.compile and self.device.startswith("cuda"):
+            pipe.unet = self.compiled(pipe.unet)
+        vae = self._vae(pipe, ctx.loaded, plan.vae_name)
+        if vae is not None:
+            pipe.vae = vae
         ctx.lora_note = apply_loras(pipe, plan.loras)
         if plan.embeddings:
             from runtime import embeddings
@@ -111,13 +125,17 @@ class JobPipelines:
             from runtime.refiner import attach
 
             attach(plan, ctx, ctx.undo)
-        return ctx
 
     def release(self, ctx: StageContext, plan: Plan) -> None:
-        """Undo what `build` put into the shared weights (tiling, the LoRAs)."""
-        ctx.undo.close()
-        if plan.loras:
-            ctx.pipe.unload_lora_weights()
+        """Undo what stage 2 put into the shared weights (tiling, embeddings, LoRAs);
+        the LoRAs go even when undoing the rest fails."""
+        try:
+            ctx.undo.close()
+        finally:
+            if plan.loras:
+                # Also after a partial `apply_loras`: the adapters loaded before the
+                # failing one are in the shared UNet/text encoder.
+                ctx.pipe.unload_lora_weights()
 
     def compiled(self, unet: Any) -> Any:
         """`torch.compile` of a (shared) UNet, once per UNet: the first render pays the

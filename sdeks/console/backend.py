@@ -38,7 +38,7 @@ from sdeks.console.forms import build_envelope
 from sdeks.envelope import check_task_id
 from sdeks.errors import SdeksError
 from sdeks.lifecycle import Reporter, describe, estimate_eta_s
-from sdeks.names import MODELS_CHECKPOINT_PREFIX, StackNames, check_runtime_name
+from sdeks.names import MODELS_CHECKPOINT_PREFIX, StackNames, check_runtime_name, stack_runtimes
 from sdeks.tasks import TaskRecord, TaskTable
 
 log = logging.getLogger(__name__)
@@ -354,19 +354,12 @@ class Console:
         names = self.config.names
         urls = _list_queues(self.sqs, f"{names.prefix}-")
         by_name = {url.rsplit("/", 1)[-1]: url for url in urls}
-        pairs = []
-        for name, url in sorted(by_name.items()):
-            runtime = name.removeprefix(f"{names.prefix}-").removesuffix("-tasks")
-            if not name.endswith("-tasks") or runtime == name:
-                continue
-            try:
-                check_runtime_name(runtime)
-            except ValueError:
-                continue
-            if names.task_queue(runtime) != name:
-                continue
-            pairs.append(QueuePair(runtime, url, by_name.get(names.task_dlq(runtime))))
-        return pairs
+        return [
+            QueuePair(
+                runtime, by_name[names.task_queue(runtime)], by_name.get(names.task_dlq(runtime))
+            )
+            for runtime in stack_runtimes(names, by_name)
+        ]
 
     def fleet(self) -> dict[str, Any]:
         queues = [self._queue_view(q) for q in self.queue_pairs()]

@@ -452,3 +452,71 @@ def test_replace_links_leaves_text_fields_alone():
         "init_images": ["B64"],
         "styles": [url],
     }
+
+
+async def _holder(budget, name: str, nbytes: int, order: list[str], release: asyncio.Event):
+    async with budget.hold(nbytes):
+        order.append(name)
+        await release.wait()
+
+
+async def _settle() -> None:
+    """Let every ready task run until it blocks (no I/O here: a few loop turns do)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_memory_budget_serves_waiters_first_come_first_served():
+    from dispatcher.links import MemoryBudget
+
+    # GIVEN a budget of 100 with 60 held, and a large request (100) waiting for all of it
+    budget = MemoryBudget(100)
+    order: list[str] = []
+    releases = {name: asyncio.Event() for name in ("held", "large", "small-1", "small-2")}
+    held = asyncio.create_task(_holder(budget, "held", 60, order, releases["held"]))
+    await asyncio.sleep(0)
+    large = asyncio.create_task(_holder(budget, "large", 100, order, releases["large"]))
+    await _settle()
+    assert budget.waiting == 1
+    # WHEN small requests arrive that would fit beside what is held
+    smalls = [
+        asyncio.create_task(_holder(budget, name, 10, order, releases[name]))
+        for name in ("small-1", "small-2")
+    ]
+    await _settle()
+    assert budget.waiting == 3
+    # THEN they queue behind the large one instead of passing it
+    assert order == ["held"] and budget.used == 60
+    releases["held"].set()
+    await held
+    await _settle()
+    assert order == ["held", "large"] and budget.used == 100
+    releases["large"].set()
+    await large
+    releases["small-1"].set()
+    releases["small-2"].set()
+    await asyncio.gather(*smalls)
+    assert order == ["held", "large", "small-1", "small-2"]
+    assert budget.used == 0 and budget.peak == 100
+
+
+async def test_memory_budget_cancelled_head_lets_the_next_waiter_through():
+    from dispatcher.links import MemoryBudget
+
+    budget = MemoryBudget(100)
+    order: list[str] = []
+    release = asyncio.Event()
+    held = asyncio.create_task(_holder(budget, "held", 60, order, release))
+    await asyncio.sleep(0)
+    large = asyncio.create_task(_holder(budget, "large", 100, order, release))
+    await _settle()
+    small = asyncio.create_task(_holder(budget, "small", 10, order, release))
+    await _settle()
+    assert budget.waiting == 2
+    # WHEN the large head waiter is cancelled, THEN the small one fits and goes at once
+    large.cancel()
+    await _settle()
+    assert order == ["held", "small"] and budget.used == 70
+    release.set()
+    await asyncio.gather(held, small)
+    assert large.cancelled() and budget.used == 0 and budget.waiting == 0

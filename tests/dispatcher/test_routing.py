@@ -26,6 +26,16 @@ def test_model_key_matches_a1111_spellings(name, key):
     assert model_key(name) == key
 
 
+def test_model_key_hash_suffix_is_anchored_at_the_very_end():
+    from dispatcher.routing import _HASH_SUFFIX
+
+    # `$` would match before the final newline and strip "[abcdef]" from a name that
+    # does not end with it; model_key strips whitespace first, the pattern must not rely on it
+    assert _HASH_SUFFIX.search("m [abcdef]\n") is None
+    assert model_key("m.safetensors [abcdef]\n") == "m"
+    assert model_key("m [abcdef]\nx") == "m [abcdef]\nx"
+
+
 def test_pod_state_parses_runtime_shape():
     # The shape runtime/app.py answers (models per tier nested, busy as bool)
     doc = {
@@ -82,3 +92,72 @@ async def test_router_membership_keeps_running_pods_until_they_finish():
         assert not pod.listed and not pod.schedulable
         router._release(pod)
         assert router.pods["rt"] == {}
+
+
+def _backlog(metrics: Metrics, runtime: str) -> dict[str, float]:
+    return {
+        s.labels["model"]: s.value
+        for m in metrics.registry.collect()
+        if m.name == "sdeks_dispatcher_backlog"
+        for s in m.samples
+        if s.labels["runtime"] == runtime
+    }
+
+
+async def test_router_backlog_metric_bounds_untrusted_model_labels():
+    import asyncio
+
+    from dispatcher.routing import MAX_MODEL_LABELS, OTHER_LABEL
+
+    async with aiohttp.ClientSession() as session:
+        metrics = Metrics()
+        router = Router(
+            FifoPolicy(), PodClient(session, job_timeout_s=5, state_timeout_s=1), metrics=metrics
+        )
+        # GIVEN 300 waiting tasks, each naming a model of its own (a hostile publisher)
+        waiters = [
+            asyncio.create_task(router._acquire("rt", f"m-{i}", f"t{i}", 0.0, 0.0))
+            for i in range(300)
+        ]
+        await asyncio.sleep(0)
+        router.schedule()
+        # THEN the backlog gauge keeps a bounded number of series, all tasks counted
+        shown = _backlog(metrics, "rt")
+        assert len(shown) <= MAX_MODEL_LABELS and OTHER_LABEL in shown
+        assert sum(shown.values()) == 300
+        # AND once they drained, their series are gone, not left at 0
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert _backlog(metrics, "rt") == {}
+
+
+async def test_router_keeps_one_backlog_per_runtime_across_plans():
+    import asyncio
+
+    async with aiohttp.ClientSession() as session:
+        router = Router(
+            FifoPolicy(), PodClient(session, job_timeout_s=5, state_timeout_s=1), metrics=Metrics()
+        )
+        # GIVEN waiting tasks and no pod to take them
+        waiters = [
+            asyncio.create_task(router._acquire("rt", m, f"t{i}", float(i), 0.0))
+            for i, m in enumerate(["a", "b", None, "a"])
+        ]
+        await asyncio.sleep(0)
+        router.schedule()
+        default, backlog = router._backlogs["rt"]
+        assert len(backlog) == 4 and sorted(backlog.by_model) == ["", "a", "b"]
+        # WHEN tasks come and go between plans
+        waiters[0].cancel()
+        await asyncio.gather(waiters[0], return_exceptions=True)
+        late = asyncio.create_task(router._acquire("rt", "c", "late", 9.0, 0.0))
+        await asyncio.sleep(0)
+        router.schedule()
+        # THEN the same backlog follows them (not one rebuilt per plan)
+        assert router._backlogs["rt"][1] is backlog
+        assert [t.key.split("#")[0] for t in backlog] == ["t1", "t2", "t3", "late"]
+        for task in [*waiters[1:], late]:
+            task.cancel()
+        await asyncio.gather(*waiters[1:], late, return_exceptions=True)
+        assert len(backlog) == 0

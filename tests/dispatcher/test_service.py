@@ -260,3 +260,79 @@ async def test_dispatch_affinity_switches_less_than_fifo_through_real_dispatcher
         counts[policy] = sum(switches(p) for p in pods)
     # THEN affinity loads each model about once per pod; FIFO reloads on most jobs
     assert counts["affinity"] < counts["fifo"], counts
+
+
+async def test_dispatch_keeps_a_number_published_at_attribute(aws, stack, make_pod, callbacks):
+    # GIVEN a task in its runtime queue as the catch-all forwards it: the original
+    # publish time in a Number attribute (and a Binary one beside it)
+    pod = await make_pod()
+    aws.sqs.send_message(
+        QueueUrl=stack.queues["sdruntime"],
+        MessageBody=json.dumps(envelope("stamped")),
+        MessageAttributes={
+            "published_at": {"DataType": "Number", "StringValue": "1700000000.25"},
+            "blob": {"DataType": "Binary", "BinaryValue": b"\x00\x01"},
+        },
+    )
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})):
+        (got,) = await callbacks.wait_for(1)
+    # THEN the job carries that publish time, not the forward's
+    assert got["id"] == "stamped" and got["status"] == "succeeded"
+    assert pod.jobs[0].published_at == 1700000000.25
+
+
+async def test_dispatch_catch_all_copy_of_an_array_runtime_leaves_the_task_to_its_queue(
+    aws, stack, make_pod, callbacks
+):
+    from sdeks.lifecycle import Reporter
+    from sdeks.tasks import TaskTable
+
+    # GIVEN a legacy body (no runtime of its own) published with a String.Array
+    # `runtime`: SNS puts one copy in the sdruntime queue, one in the catch-all
+    legacy = {
+        "alwayson_scripts": {"task": "text-to-image", "id_task": "fan-out", "save_dir": "output"},
+        "prompt": "a cat",
+        "steps": 2,
+    }
+    aws.sns.publish(
+        TopicArn=stack.task_topic_arn,
+        Message=json.dumps(legacy),
+        MessageAttributes={
+            "runtime": {"DataType": "String.Array", "StringValue": '["sdruntime", "other"]'}
+        },
+    )
+    assert queue_depth(aws, stack.queues["sdruntime"]) == 1
+    assert queue_depth(aws, stack.catch_all_queue_url) == 1
+    table = TaskTable(aws.dynamodb, stack.task_table)
+    pod = await make_pod(reporter=Reporter(aws.sns, stack.callback_topic_arn, table=table))
+    # WHEN the catch-all copy is handled first (its runtime queue not consumed yet)
+    idle = aws.sqs.create_queue(QueueName=f"{stack.output_bucket}-idle")["QueueUrl"]
+    first = settings_for(
+        stack, {"sdruntime": [pod.url]}, task_table=stack.task_table, queues={"sdruntime": idle}
+    )
+    async with running(first) as metrics:
+        await eventually(lambda: queue_depth(aws, stack.catch_all_queue_url) == 0)
+    # THEN it was dropped without a refusal: no callback, the id not claimed
+    assert await callbacks.settle(0.3) == []
+    assert b'outcome="fan-out copy"' in metrics.render()
+    # AND the copy in the runtime's queue renders the task
+    async with running(settings_for(stack, {"sdruntime": [pod.url]}, task_table=stack.task_table)):
+        (got,) = await callbacks.wait_for(1)
+    assert (got["id"], got["status"]) == ("fan-out", "succeeded")
+    assert [j.task.id for j in pod.jobs] == ["fan-out"]
+
+
+async def test_dispatch_metrics_label_unknown_runtimes_as_other(aws, stack, make_pod, callbacks):
+    # GIVEN tasks naming runtimes nobody serves, each a new name (a hostile publisher)
+    pod = await make_pod()
+    async with running(settings_for(stack, {"sdruntime": [pod.url]})) as metrics:
+        for i in range(3):
+            name = f"evil-{i}"
+            publish(aws, stack, envelope(f"evil-task-{i}", runtime=name), runtime=name)
+        got = await callbacks.wait_for(3)
+        await eventually(lambda: queue_depth(aws, stack.catch_all_queue_url) == 0)
+        text = metrics.render().decode()
+    # THEN each gets its failed callback, and the metrics mint no label per name
+    assert sorted(c["error"]["code"] for c in got) == ["unknown_runtime"] * 3
+    assert "evil-" not in text
+    assert 'sdeks_dispatcher_jobs_total{outcome="failed",runtime="other"} 3.0' in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,6 +245,14 @@ class Harness:
             self.kinds["invalid_envelope"] += 1
             self.rejected += 1
             return Expected(None, frozenset({("failed", "invalid_envelope")}))
+        raw = note.typed_attributes.get("runtime")
+        if raw is not None and raw.type == "String.Array" and note.message_id:
+            named = json.loads(raw.value)
+            owner = next((r for r in named if r in self.stack.queues), None)
+            if owner is not None and owner != source.runtime:
+                # SNS's copy in `owner`'s queue serves it; this one is dropped unparsed.
+                self.kinds["fan-out copy"] += 1
+                return Expected(None, None)
         attributes = {
             k: v["StringValue"]
             for k, v in (message.get("MessageAttributes") or {}).items()

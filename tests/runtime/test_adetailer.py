@@ -193,3 +193,96 @@ def test_detectors_are_listed_by_the_names_clients_send(renderer):
     with pytest.raises(ModelNotFoundError) as info:
         renderer.models.resolve_weights(DETECTOR, "ghost.pt")
     assert "red_yolov8n.pt" in info.value.message and "red_yolov8n.pt2" not in info.value.message
+
+
+def test_separate_inpaint_size(renderer):
+    plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+    sized = renderer.img2img(
+        request(
+            picture(True),
+            {
+                **AD,
+                "ad_use_inpaint_width_height": True,
+                "ad_inpaint_width": 32,
+                "ad_inpaint_height": 32,
+            },
+        ),
+        options=OPTIONS,
+    )
+    assert not np.array_equal(px(sized), px(plain))
+    # only the region changes, at any inpaint size
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:48, 16:48] = False
+    assert np.array_equal(px(sized)[outside], px(plain)[outside])
+    with pytest.raises(InvalidParameterError, match="multiples of 8, got 30x32"):
+        renderer.img2img(
+            request(
+                picture(True),
+                {
+                    **AD,
+                    "ad_use_inpaint_width_height": True,
+                    "ad_inpaint_width": 30,
+                    "ad_inpaint_height": 32,
+                },
+            ),
+            options=OPTIONS,
+        )
+
+
+def test_cancel_stops_a_mask_inpaint_between_its_steps(renderer, monkeypatch):
+    """A cancel arriving while a mask is inpainted stops that inpaint at its next step
+    (as the task time limit does: both are `JobControl.check`), not after every mask."""
+    from runtime import families
+    from runtime.control import JobControl
+    from sdeks.errors import TaskCancelledError
+
+    control = JobControl(job_id="ad-cancel")
+    steps: list[int] = []
+    derive = families.derive
+
+    def cancelling_derive(pipe, family, kind, **overrides):
+        made = derive(pipe, family, kind, **overrides)
+        if kind == "inpaint":
+            step = made.scheduler.step
+
+            def counted(*a, **k):
+                steps.append(1)
+                control.cancel()  # the user cancels during the first mask's first step
+                return step(*a, **k)
+
+            made.scheduler.step = counted
+        return made
+
+    monkeypatch.setattr(families, "derive", cancelling_derive)
+    with pytest.raises(TaskCancelledError):
+        renderer.img2img(request(picture(True), AD), options=OPTIONS, control=control)
+    assert len(steps) == 1  # not the first mask's every step
+
+
+def test_hires_fix_only_passes_skip_a_render_without_hires(renderer):
+    from runtime.a1111 import Txt2ImgRequest
+
+    only_hires = {**AD, "ad_hires_fix_only": True}
+    t2i = Txt2ImgRequest(
+        prompt="a cube",
+        steps=2,
+        width=64,
+        height=64,
+        seed=3,
+        alwayson_scripts={"ADetailer": {"args": [True, only_hires]}},
+    )
+    assert "ADetailer" not in renderer.txt2img(t2i, options=OPTIONS).infotexts[0]
+    # img2img has no hires fix: the pass runs
+    result = renderer.img2img(request(picture(True), only_hires), options=OPTIONS)
+    assert "ADetailer detections" in result.info["extra_generation_params"]
+
+
+def test_masked_content_and_clip_skip_change_the_pass(renderer):
+    plain = px(renderer.img2img(request(picture(True), AD), options=OPTIONS))
+    for extra, param in [
+        ({"ad_inpaint_masked_content": "latent nothing"}, "ADetailer inpaint masked content"),
+        ({"ad_use_clip_skip": True, "ad_clip_skip": 2}, "ADetailer CLIP skip"),
+    ]:
+        result = renderer.img2img(request(picture(True), {**AD, **extra}), options=OPTIONS)
+        assert not np.array_equal(px(result), plain), extra
+        assert param in result.info["extra_generation_params"]

@@ -360,3 +360,26 @@ def test_sampler_script_and_enabled_unsupported_builtins():
         )
     with pytest.raises(InvalidParameterError, match="must be a list"):
         builtin_scripts.apply(Txt2ImgRequest(alwayson_scripts={"Seed": {"args": 5}}))
+
+
+@pytest.mark.parametrize("switch", ["false", "False", 0, False])
+def test_adetailer_switch_sent_as_text_or_number_turns_it_off(switch):
+    passes = parse_args({"ADetailer": {"args": [switch, "false", {"ad_model": "face_yolov8n.pt"}]}})
+    assert passes == []
+
+
+def test_adetailer_switch_sent_as_text_turns_it_on():
+    (one,) = parse_args({"ADetailer": {"args": ["true", {"ad_model": "face_yolov8n.pt"}]}})
+    assert one.ad_model == "face_yolov8n.pt"
+    with pytest.raises(InvalidParameterError, match=r"args\[0\]"):
+        parse_args({"ADetailer": {"args": ["maybe", {"ad_model": "face_yolov8n.pt"}]}})
+
+
+def test_controlnet_modes_sent_as_digit_strings():
+    (unit,) = parse_units(
+        {"controlnet": {"args": [{"module": "canny", "resize_mode": "0", "control_mode": "2"}]}}
+    )
+    assert unit.resize_mode == "Just Resize"
+    assert unit.control_mode == "ControlNet is more important"
+    with pytest.raises(InvalidParameterError, match="control_mode"):
+        parse_units({"controlnet": {"args": [{"control_mode": "7"}]}})

@@ -122,3 +122,31 @@ def test_scripts_lists_controlnet_and_adetailer(client):
     scripts = client.get("/sdapi/v1/scripts").json()
     for kind in ("txt2img", "img2img"):
         assert {"controlnet", "adetailer"} <= set(scripts[kind])
+
+
+def test_adetailer_api_lists_the_detectors_by_the_names_clients_send(
+    tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    from runtime.app import create_app
+    from runtime.detectors import save_tiny_detector
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+    from runtime.settings import RuntimeSettings
+
+    root = tmp_path_factory.mktemp("ad-api-models")
+    shutil.copytree(tiny_models_dir, root, dirs_exist_ok=True)
+    save_tiny_detector(root / "adetailer" / "face_yolov8n.pt2")
+    (root / "adetailer" / "hand_yolov8s.pt").write_bytes(b"an ultralytics pickle")
+    cache = tmp_path_factory.mktemp("ad-api-cache")
+    settings = RuntimeSettings(default_model="tiny-sd15", models=str(root), cache_dir=cache)
+    app = create_app(settings, models=ModelStore(LocalSource(root), cache_dir=cache))
+    with TestClient(app) as client:
+        assert client.get("/adetailer/v1/version").json()["version"]
+        listed = client.get("/adetailer/v1/ad_model").json()["ad_model"]
+        schema = client.get("/adetailer/v1/schema").json()
+    # The .pt2 export is offered under the .pt name the extension's users know.
+    assert sorted(listed) == ["face_yolov8n.pt", "hand_yolov8s.pt"]
+    fields = schema["properties"]
+    assert fields["ad_tab_enable"] == {"title": "Ad Tab Enable", "default": True, "type": "boolean"}
+    assert fields["ad_confidence"]["type"] == "number" and fields["ad_confidence"]["default"] == 0.3
+    assert "ad_mask_k" in fields and "ad_tap_enable" not in fields

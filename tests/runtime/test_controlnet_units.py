@@ -149,3 +149,7 @@ def test_model_based_preprocessor_with_bucket_weights(tmp_path):
     )
     assert asked == ["ControlNet/annotators/table5_pidinet.pth"]
     assert out.image.size[0] >= 64
+
+
+def test_a_switched_off_script_is_a_no_op():
+    assert units(False) == [] and units(False, {"enabled": True}) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,87 @@ def test_make_tiny_cli_writes_other_kinds(tmp_path: Path) -> None:
     assert (tmp_path / "RealESRGAN/RealESRGAN_x4plus.safetensors").is_file()
     assert main(["models", "make-tiny", str(tmp_path), "--kind", "faces"]) == 0
     assert (tmp_path / "GFPGAN/GFPGANv1.4.safetensors").is_file()
+
+
+def test_extras_hold_a_slot_and_queue_behind_each_other(client) -> None:
+    """Extras take the pod's slot as renders do: while one runs the pod reports it busy,
+    and with one slot a second extras request waits for the first to end."""
+    import threading
+
+    pod = client.app.state.pod
+    assert pod.settings.slots == 1
+    extras = pod.renderer.extras
+    first_in, release = threading.Event(), threading.Event()
+    active, peak = [0], [0]
+    guard = threading.Lock()
+
+    def holding(*args, **kwargs):
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        first_in.set()
+        try:
+            release.wait(30)
+            return extras(*args, **kwargs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    body = {"image": _b64(_image(16)), "upscaler_1": "Nearest", "upscaling_resize": 2}
+    answers: list = []
+    pod.renderer.extras = holding
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    client.post("/sdapi/v1/extra-single-image", json=body)
+                )
+            )
+            for _ in range(2)
+        ]
+        threads[0].start()
+        assert first_in.wait(30)
+        state = client.get("/v1/state").json()
+        assert state["busy"] is True and state["free_slots"] == 0
+        threads[1].start()
+        time.sleep(0.5)  # room for the second request to (wrongly) start beside the first
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        pod.renderer.extras = extras
+    assert [a.status_code for a in answers] == [200, 200]
+    assert peak[0] == 1
+    assert client.get("/v1/state").json()["busy"] is False
+
+
+def test_a_model_pass_over_the_pixel_limit_is_refused_before_it_runs(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A 4x model asked for 1.01x on a 4100 px image would make a 16400 px image (over
+    sdeks.bounds.MAX_PIXELS) before the resize: refused, naming the field, unrun."""
+    from runtime import upscaler_models as um
+    from runtime.app import create_app
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+    from runtime.settings import RuntimeSettings
+
+    def never(*_a, **_k):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(um, "run_tiled", never)
+    settings = RuntimeSettings(
+        default_model="tiny-sd15", models=str(tiny_models_dir), max_upscale_pixels=20_000_000
+    )
+    store = ModelStore(LocalSource(tiny_models_dir), cache_dir=tmp_path / "cache")
+    body = {
+        "image": _b64(Image.new("RGB", (4100, 4100), (40, 90, 160))),
+        "upscaler_1": "R-ESRGAN 4x+",
+        "upscaling_resize": 1.01,
+    }
+    with TestClient(create_app(settings, models=store)) as client:
+        r = client.post("/sdapi/v1/extra-single-image", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "`upscaler_1` 'R-ESRGAN 4x+' is a 4x model" in detail
+    assert "16400x16400" in detail and "268435456 pixels" in detail

@@ -114,3 +114,29 @@ def test_detector_reads_published_key_layout(tmp_path: Path) -> None:
     loaded = fd.load_face_detector(path, entry)
     faces = fd.detect(loaded, _image(64))
     assert faces and all(f.score > 0.9 for f in faces)
+
+
+def test_extra_arches_are_looked_up_once_per_process() -> None:
+    import importlib.abc
+    import sys
+
+    from runtime.face_restoration import _install_extra_arches
+
+    lookups: list[str] = []
+
+    class Recorder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "spandrel_extra_arches":
+                lookups.append(name)
+            return None  # the real finders decide
+
+    _install_extra_arches.cache_clear()
+    recorder = Recorder()
+    sys.meta_path.insert(0, recorder)
+    try:
+        first = [_install_extra_arches() for _ in range(3)]
+    finally:
+        sys.meta_path.remove(recorder)
+    installed = "spandrel_extra_arches" in sys.modules
+    assert first == [installed] * 3
+    assert len(lookups) <= 1  # at most the first call searches

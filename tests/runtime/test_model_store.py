@@ -680,3 +680,26 @@ def test_prefix_hasher_fails_rather_than_waits_when_bytes_are_missing(tmp_path: 
         assert not thread.is_alive()
     finally:
         os.close(fd)
+
+
+def test_checkpoints_and_other_kinds_resolve_names_by_one_rule(tmp_path: Path) -> None:
+    """`Catalog.find` (checkpoints, LoRAs, VAEs) and the store's lookup of other kinds
+    apply the same A1111 naming (`find_entry`); other kinds also take their display name."""
+    from runtime.model_catalog import find_entry
+    from runtime.model_store import ModelKind
+
+    objects = [_obj("Stable-diffusion/sub/foo.safetensors"), _obj("Lora/sub/foo.safetensors")]
+    catalog = Catalog(objects)
+    for name in ("sub/foo.safetensors", "sub/foo", " sub/foo [0123abcd] "):
+        assert catalog.find(name) is find_entry(catalog.checkpoints, name) is not None
+    assert find_entry(catalog.checkpoints, "bar [0123abcd]") is None
+
+    root = tmp_path / "models"
+    (root / "Lora" / "sub").mkdir(parents=True)
+    (root / "Lora" / "sub" / "foo.safetensors").write_bytes(b"x")
+    store = ModelStore(LocalSource(root), cache_dir=tmp_path / "cache")
+    kind = ModelKind(
+        "lora-like", folders=("Lora/",), load=lambda p, e: p, display_name=lambda e: "Shown"
+    )
+    for name in ("Shown", "sub/foo", "sub/foo.safetensors", "sub/foo [0123abcd]"):
+        assert store.resolve_weights(kind, name).key == "Lora/sub/foo.safetensors"

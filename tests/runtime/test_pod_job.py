@@ -148,6 +148,12 @@ BAD_TASKS = [
         "invalid_parameter",
         "`alwayson_scripts.sd_model_checkpoint` must be a string",
     ),
+    # counted, not expanded: a range of a billion seeds must not become a list first
+    (
+        {"script_name": "X/Y/Z plot", "script_args": [1, "1-1000000000", []]},
+        "invalid_parameter",
+        "`script_args` x_values has more than 64 values",
+    ),
 ]
 
 

@@ -53,6 +53,10 @@ def models_root(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         root / "Lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet)
     )
     (root / "Lora" / "pytorch_lora_weights.safetensors").rename(root / "Lora" / "tiny.safetensors")
+    (root / "Lora" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    from runtime.tiny_embeddings import make_tiny_embedding
+
+    make_tiny_embedding(root / "embeddings" / "shiny-style", family="sd15", seed=1)
     vae_state = {k: v * 1.5 for k, v in pipe.vae.state_dict().items()}
     save_file(vae_state, str(root / "VAE" / "bright.safetensors"))
     save_file(
@@ -256,6 +260,51 @@ def test_prompt_lora_changes_pixels_and_is_unloaded(renderer):
     assert np.array_equal(pixels(plain.images[0]), pixels(after.images[0]))
     assert "<lora:tiny:0.8>" in infotext.parse(with_lora.infotexts[0])["Prompt"]
     assert 'Lora hashes: "tiny: 0.8"' in with_lora.infotexts[0]
+
+
+def _shared_weights_state(renderer: Renderer) -> dict:
+    """What a render may change in the shared tiny-sd15 weights, as plain values."""
+    from runtime.tiling import conv_layers
+
+    with renderer.models.use("tiny-sd15") as lease:
+        pipe = lease.pipeline
+        return {
+            "padding": sorted({layer.padding_mode for layer in conv_layers(pipe)}),
+            "adapters": sorted(getattr(pipe.unet, "peft_config", None) or {}),
+            "vocab": len(pipe.tokenizer.get_vocab()),
+            "embedding_rows": pipe.text_encoder.get_input_embeddings().weight.shape[0],
+            "unet_sum": float(sum(p.double().sum() for p in pipe.unet.parameters())),
+        }
+
+
+@pytest.mark.parametrize(
+    ("prompt", "fields", "needle"),
+    [
+        # the refiner is refused in the last step of stage 2, after LoRA, embedding and tiling
+        (
+            "a red cube shiny-style <lora:tiny:0.8>",
+            {"tiling": True, "refiner_checkpoint": "tiny-sdxl"},
+            "`refiner_checkpoint` 'tiny-sdxl' has another architecture",
+        ),
+        # the second LoRA fails to load after the first is in the shared UNet
+        ("a red cube <lora:tiny:0.8> <lora:broken:1>", {}, "`prompt` LoRA 'broken'"),
+    ],
+)
+def test_a_render_failing_in_stage_2_leaves_the_shared_weights_as_they_were(
+    renderer, prompt, fields, needle
+):
+    plain = renderer.txt2img(t2i(), options=OPTIONS)
+    before = _shared_weights_state(renderer)
+    pinned_before = renderer.models.state()["in_use"]
+
+    with pytest.raises(InvalidParameterError) as info:
+        renderer.txt2img(t2i(prompt=prompt, **fields), options=OPTIONS)
+    assert needle in info.value.message
+
+    assert _shared_weights_state(renderer) == before
+    assert renderer.models.state()["in_use"] == pinned_before  # the refiner's lease is gone
+    after = renderer.txt2img(t2i(), options=OPTIONS)
+    assert np.array_equal(pixels(plain.images[0]), pixels(after.images[0]))
 
 
 def test_missing_lora_and_model_are_clear(renderer):

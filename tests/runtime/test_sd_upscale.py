@@ -111,3 +111,18 @@ def test_sd_upscale_bad_arguments_are_refused_naming_them(renderer):
             Txt2ImgRequest(prompt="p", steps=2, width=64, height=64, script_name="SD upscale"),
             options=OPTIONS,
         )
+
+
+@pytest.mark.parametrize(("w", "h"), [(48, 40), (40, 100), (100, 20)])
+def test_an_image_smaller_than_the_tile_splits_at_zero_and_combines_back(w, h):
+    image = _gradient(w, h)
+    grid = split_grid(image, 64, 64, 24)
+    assert all(t.x >= 0 and t.y >= 0 for t in grid.tiles)
+    assert np.array_equal(np.asarray(combine_grid(grid)), np.asarray(image))
+
+
+def test_sd_upscale_to_less_than_one_tile_keeps_the_upscaled_size(renderer):
+    # GIVEN a 24 px image upscaled x2 (48 px), smaller than the 64 px tile
+    request = sd_upscale("", 32, 1, 2.0, width=64, height=64, init_images=[_b64(_gradient(24, 24))])
+    result = renderer.img2img(request, options=OPTIONS)
+    assert len(result.images) == 1 and result.images[0].size == (48, 48)

@@ -178,3 +178,15 @@ def test_tile_options_are_validated() -> None:
     ):
         with pytest.raises(InvalidParameterError, match="ESRGAN_tile"):
             um.tile_options(bad)
+
+
+def test_pass_sizes_are_counted_before_running() -> None:
+    # a 4x model asked for 1.1x still makes the whole 4x image first
+    assert um.pass_sizes(24, 24, 4, 26, 26) == [(96, 96)]
+    # a 2x model runs up to MAX_PASSES times, the rest is a resize
+    assert um.pass_sizes(10, 10, 2, 100, 100) == [(20, 20), (40, 40), (80, 80)]
+    assert um.pass_sizes(64, 64, 4, 64, 64) == []
+    with pytest.raises(InvalidParameterError, match=r"`upscaler_2` 'x' is a 4x model.*96x96"):
+        um.check_passes(
+            _image(24), 4, 26, 26, field_name="upscaler_2", name="x", max_pixels=95 * 95
+        )

@@ -126,3 +126,44 @@ def test_script_name_empty_is_no_script_and_others_are_refused_by_name(renderer)
         renderer.txt2img(xyz(1, "1-1000", [], 0, "", [], 0, "", []), options=OPTIONS)
     with pytest.raises(InvalidParameterError, match="did not find 'green'"):
         renderer.txt2img(xyz(7, "green,blue", [], 0, "", [], 0, "", []), options=OPTIONS)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        "1-1000000000",
+        "1-1000000000 (+1)",
+        "1-10 [1000000000]",
+        "0-1000000000 (+1)",  # on a float axis below
+        f"1-{'9' * 4000}",  # len() of this range overflows
+        f"1-{'9' * 5000}",  # past int()'s digit limit
+    ],
+)
+def test_huge_ranges_are_refused_before_any_value_is_built(renderer, values):
+    import tracemalloc
+
+    axis = 6 if "(+1)" in values and values.startswith("0") else 1  # CFG Scale or Seed
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidParameterError) as info:
+            renderer.txt2img(xyz(axis, values, [], 0, "", [], 0, "", []), options=OPTIONS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = info.value.message
+    assert "`script_args` x_values" in message
+    assert "more than 64 values" in message or "not a usable range" in message
+    assert peak < 4 * 2**20  # a materialised 3-million item list alone is ~100 MiB
+
+
+def test_ranges_just_under_the_cap_still_expand(renderer):
+    from runtime.xyz_plot import AXES, _values
+
+    seed = next(a for a in AXES if a.label == "Seed")
+    cfg = next(a for a in AXES if a.label == "CFG Scale")
+    assert _values(seed, "1-64", [], False, "x_values") == list(range(1, 65))
+    assert _values(seed, "1-9 (+4), - 3-- 1", [], False, "x_values") == [1, 5, 9, -3, -2, -1]
+    assert _values(seed, "0-10 [3]", [], False, "x_values") == [0, 5, 10]
+    assert _values(cfg, "1-2 (+0.5)", [], False, "x_values") == [1.0, 1.5, 2.0]
+    with pytest.raises(InvalidParameterError, match="more than 64 values"):
+        _values(seed, "1-32, 40-72", [], False, "x_values")

@@ -155,3 +155,62 @@ def test_cli_bad_task_id_prints_one_line(command, task_id, capsys):
     out = capsys.readouterr()
     lines = [line for line in (out.out + out.err).splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_image_url_truncated_keeps_the_total_when_urls_are_emptied():
+    # GIVEN more URLs than `image_url` keeps, and seeds too many for SNS: the last
+    # fitting step empties `image_url` and `seeds`
+    urls = [f"s3://b/{'p' * 200}/t1/t1-{n}.png" for n in range(1, 1001)]
+    fitted = _callback(image_url=urls, seeds=list(range(10**9, 10**9 + 30_000))).fitted()
+    # THEN the count still says how many images there were, not how many step 0 kept
+    assert fitted.image_url == [] and fitted.seeds == []
+    assert fitted.image_url_truncated == 1000
+    assert fitted.sns_size() <= MAX_SNS_MESSAGE_BYTES
+
+
+def test_unset_optional_counts_stay_out_of_the_callback():
+    body = json.loads(_callback(image_url=["s3://b/p/t1/t1-1.png"]).fitted().model_dump_json())
+    assert not {"image_url_truncated", "ignored_fields_dropped", "named_id"} & set(body)
+    assert Callback.model_fields["named_id"].annotation is not None  # declared, not extra
+
+
+def test_ignored_fields_are_capped_escaped_and_counted():
+    from sdeks.callback import MAX_IGNORED_FIELD_CHARS, MAX_IGNORED_FIELDS
+
+    names = ["bad\nname\x00" + "y" * 500] + [f"k{i}" for i in range(100_000)]
+    callback = _callback(ignored_fields=names)
+    assert len(callback.ignored_fields) == MAX_IGNORED_FIELDS
+    assert callback.ignored_fields_dropped == len(names) - MAX_IGNORED_FIELDS
+    first = callback.ignored_fields[0]
+    assert first.startswith("bad\\nname\\x00y") and first.endswith("...")
+    assert len(first) < 2 * MAX_IGNORED_FIELD_CHARS
+    assert all(c.isprintable() for c in first)
+
+
+def test_fitting_empties_ignored_fields_before_the_context():
+    names = [f"{'z' * 60}{i}" for i in range(50)]
+    callback = _callback(ignored_fields=names, context={"big": "c" * 259_000})
+    fitted = callback.fitted()
+    assert fitted.sns_size() <= MAX_SNS_MESSAGE_BYTES
+    assert fitted.ignored_fields == [] and fitted.ignored_fields_dropped == 50
+    assert fitted.context == {"big": "c" * 259_000}  # kept: emptying the names was enough
+
+
+@pytest.mark.parametrize(
+    ("content", "steps", "images"),
+    [
+        ({}, 50, 1),
+        ({"steps": 20, "n_iter": 2, "batch_size": 3}, 40, 6),
+        # read as the pod reads them (`integer_field`): integral floats and digit strings
+        ({"steps": "20", "n_iter": 2.0, "batch_size": "4"}, 40, 8),
+        ({"steps": True}, None, 1),
+        ({"steps": 0, "batch_size": 2.5}, None, None),
+        ({"n_iter": 10**9}, None, None),
+    ],
+)
+def test_planned_steps_and_image_count_read_fields_as_the_bounds_do(content, steps, images):
+    from sdeks.cli import _image_count
+    from sdeks.tasks import planned_steps
+
+    assert planned_steps(content) == steps
+    assert _image_count(content) == images

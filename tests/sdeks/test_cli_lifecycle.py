@@ -101,3 +101,23 @@ def test_wait_times_out_on_a_task_that_never_ends(env, capsys):
     asyncio.run(env.record_queued(a_task("stuck")))
     code = cli.main(["wait", "stuck", "--timeout", "0.3", "--interval", "0.1"])
     assert code == cli.EXIT_TIMEOUT
+
+
+def test_ctrl_c_while_waiting_prints_one_line_and_exits_130(env, capsys):
+    import signal
+    import threading
+
+    # GIVEN `sdeks wait` following a task that stays queued
+    asyncio.run(env.record_queued(a_task("waited-on")))
+    # WHEN the user presses Ctrl-C (SIGINT to this process, handled in the main thread)
+    timer = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
+    timer.start()
+    try:
+        code = cli.main(["wait", "waited-on", "--timeout", "60"])
+    finally:
+        timer.cancel()
+    # THEN one line and 130, no traceback
+    assert code == cli.EXIT_INTERRUPTED == 130
+    captured = capsys.readouterr()
+    assert "interrupted" in captured.out
+    assert "Traceback" not in captured.out + captured.err

@@ -63,3 +63,32 @@ def test_load_task_file_reports_bad_json(tmp_path):
     path.write_text("{nope")
     with pytest.raises(ClientError, match="not valid JSON"):
         load_task_file(path)
+
+
+def test_runtimes_lists_this_stacks_queues_only(aws):
+    import uuid
+
+    from sdeks.names import StackNames
+
+    # GIVEN stack `p` beside stacks whose names start with p's: `p-a` (its queues begin
+    # with "p-" too) and `p0`, plus queues that only look like p's
+    p = f"r{uuid.uuid4().hex[:8]}"
+    for name in (
+        f"{p}-sdruntime-tasks",
+        f"{p}-sdxl-tasks",
+        f"{p}-catch-all",
+        f"{p}-a-sdruntime-tasks",  # stack p-a's runtime sdruntime, not p's "a-sdruntime"
+        f"{p}-a-catch-all",
+        f"{p}0-other-tasks",
+        f"{p}-Bad_Name-tasks",
+        f"{p}-sdruntime-dlq",
+    ):
+        aws.sqs.create_queue(QueueName=name)
+
+    # WHEN each stack's client lists its runtimes, THEN each sees exactly its own
+    def runtimes(prefix: str) -> list[str]:
+        return SdeksClient(sns=aws.sns, sqs=aws.sqs, s3=aws.s3, names=StackNames(prefix)).runtimes()
+
+    assert runtimes(p) == ["sdruntime", "sdxl"]
+    assert runtimes(f"{p}-a") == ["sdruntime"]
+    assert runtimes(f"{p}0") == ["other"]

@@ -363,3 +363,49 @@ def test_learned_times_are_the_mean_and_the_median_step():
     # Two tasks ahead on one worker at the mean, then its own 20 steps.
     eta = estimate_eta_s(record, ahead=2, mean_ms=mean, workers=1, now_ms=2, step_ms=step)
     assert eta == pytest.approx(2 * 5 + 20)
+
+
+async def test_signed_callback_just_under_the_limit_is_fitted_with_its_signature(
+    clients, stack, aws, callbacks_queue
+):
+    # GIVEN a callback that fits SNS on its own, but not with the two signature
+    # attributes added (the window of ~120 bytes below 256 KiB)
+    from sdeks.callback import MAX_SNS_MESSAGE_BYTES
+    from sdeks.signing import verify_callback
+
+    base = Callback(id="near", runtime="sdruntime", status=TaskStatus.SUCCEEDED, context="")
+    pad = MAX_SNS_MESSAGE_BYTES - base.sns_size() - 40
+    callback = base.model_copy(update={"context": "x" * pad})
+    assert MAX_SNS_MESSAGE_BYTES - 120 < callback.sns_size() <= MAX_SNS_MESSAGE_BYTES
+    reporter = Reporter(clients[0], stack.callback_topic_arn, signing_secret="s3cret")
+    # WHEN it is published signed
+    assert await reporter.finish(callback)
+    # THEN SNS took it (body and every attribute within the limit), signed and trimmed
+    answer = aws.sqs.receive_message(
+        QueueUrl=callbacks_queue.queue_url, MessageAttributeNames=["All"], WaitTimeSeconds=1
+    )
+    (message,) = answer["Messages"]
+    assert verify_callback("s3cret", message["Body"], message["MessageAttributes"])
+    size = len(message["Body"].encode()) + sum(
+        len(name) + len(a["DataType"]) + len(a["StringValue"])
+        for name, a in message["MessageAttributes"].items()
+    )
+    assert size <= MAX_SNS_MESSAGE_BYTES
+    got = Callback.model_validate_json(message["Body"])
+    assert got.id == "near" and "sdeks_context_truncated" in got.context
+
+
+async def test_hundred_thousand_unknown_fields_still_end_in_a_callback_that_fits(
+    clients, stack, aws, callbacks_queue
+):
+    # GIVEN a task body of 100 000 unknown keys (the pod lists them as ignored)
+    names = [f"unknown_field_{i}" for i in range(100_000)]
+    callback = Callback(
+        id="many-keys", runtime="sdruntime", status=TaskStatus.SUCCEEDED, ignored_fields=names
+    )
+    reporter = Reporter(clients[0], stack.callback_topic_arn, signing_secret="s3cret")
+    # WHEN it ends, THEN its one callback is published and says how many were left out
+    assert await reporter.finish(callback)
+    (got,) = await asyncio.to_thread(callbacks_queue.poll)
+    assert got.id == "many-keys" and got.status is TaskStatus.SUCCEEDED
+    assert len(got.ignored_fields) + got.ignored_fields_dropped == 100_000

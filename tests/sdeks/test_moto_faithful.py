@@ -29,3 +29,18 @@ def test_publish_survives_a_subscriber_whose_queue_was_deleted(aws) -> None:
     assert answer["MessageId"]
     got = aws.sqs.receive_message(QueueUrl=kept, WaitTimeSeconds=1)["Messages"]
     assert json.loads(json.loads(got[0]["Body"])["Message"]) == {"id": label}
+
+
+def test_publish_counts_attributes_and_utf8_bytes_against_the_limit(aws) -> None:
+    import pytest
+    from botocore.exceptions import ClientError
+
+    topic_arn = aws.sns.create_topic(Name=f"faithful-{uuid.uuid4().hex[:8]}")["TopicArn"]
+    attribute = {"big": {"DataType": "String", "StringValue": "a" * 100}}
+    # fits in characters and bytes alone, not with the attribute (AWS counts both)
+    with pytest.raises(ClientError, match="too long"):
+        aws.sns.publish(TopicArn=topic_arn, Message="x" * 262_100, MessageAttributes=attribute)
+    # fits in characters, not in UTF-8 bytes
+    with pytest.raises(ClientError, match="too long"):
+        aws.sns.publish(TopicArn=topic_arn, Message="\u732b" * 100_000)
+    assert aws.sns.publish(TopicArn=topic_arn, Message="x" * 262_000, MessageAttributes=attribute)
