@@ -41,8 +41,9 @@ typecheck: $(STAMP)
 test: $(STAMP) lint
 	$(MAKE) --no-print-directory -j2 typecheck unit
 
+# Two workers: much of the suite waits on subprocesses (the embedded AWS, pods, dispatchers).
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
 
 # The console screenshots in docs/local.md, made by its browser test.
 screenshots: $(STAMP)

@@ -77,3 +77,13 @@ def stack(aws):
         runtimes=["sdruntime"],
         names=names,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): each test file stays
+    on one worker, so its module fixtures (a stack, a pod) are built once, and the
+    end-to-end package shares one embedded stack (its package fixture)."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "tests/e2e" if path.startswith("tests/e2e/") else path
+        item.add_marker(pytest.mark.xdist_group(group))
