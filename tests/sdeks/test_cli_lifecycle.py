@@ -109,13 +109,17 @@ def test_ctrl_c_while_waiting_prints_one_line_and_exits_130(env, capsys):
 
     # GIVEN `sdeks wait` following a task that stays queued
     asyncio.run(env.record_queued(a_task("waited-on")))
-    # WHEN the user presses Ctrl-C (SIGINT to this process, handled in the main thread)
+    # WHEN the user presses Ctrl-C (SIGINT to this process, handled in the main thread).
+    # Python's own handler, as in a fresh `sdeks` process: a test that ran a server's
+    # main() in this process may have left its SIGINT handler installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
     timer.start()
     try:
-        code = cli.main(["wait", "waited-on", "--timeout", "60"])
+        code = cli.main(["wait", "waited-on", "--timeout", "15"])
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     # THEN one line and 130, no traceback
     assert code == cli.EXIT_INTERRUPTED == 130
     captured = capsys.readouterr()
