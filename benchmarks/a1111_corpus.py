@@ -38,11 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -452,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"the {len(QUICK)} bodies of QUICK")
     parser.add_argument("--only", nargs="+", metavar="FILE", help="corpus files by stem")
     args = parser.parse_args(argv)
+    # Before torch is imported (here, not at import: tests import QUICK from this module).
+    # The tiny models are too small for intra-op threads to pay on a shared CPU.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     only = list(QUICK) if args.quick else args.only
     import torch
 
