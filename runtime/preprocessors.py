@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdeks.errors import InvalidParameterError, ModelNotFoundError
+from sdeks.errors import InvalidParameterError, ModelLoadError, ModelNotFoundError
 from sdeks.names import MODELS_ANNOTATOR_PREFIX
 
 
@@ -392,7 +392,19 @@ class Annotators:
                         f"{key} in the models bucket: {exc.message}"
                     ) from exc
             assert pre.loader is not None
-            annotator = pre.loader(paths)
+            try:
+                annotator = pre.loader(paths)
+            except Exception as exc:
+                # The files are the bucket's, read by third-party code: one of another
+                # layout raises a bare KeyError in controlnet_aux (a missing tensor), a
+                # truncated one whatever torch's unpickler meets (IndexError, EOFError,
+                # UnpicklingError...). Any of them fails the task naming the files; the
+                # pod keeps serving.
+                names = ", ".join(MODELS_ANNOTATOR_PREFIX + n for n in pre.weights)
+                raise ModelLoadError(
+                    f"ControlNet preprocessor {pre.name!r}: its annotator weights ({names}) "
+                    f"did not load: {type(exc).__name__}: {exc}"
+                ) from exc
             if hasattr(annotator, "to"):
                 annotator = annotator.to(self._device)
             with self._lock:

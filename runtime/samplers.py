@@ -41,21 +41,32 @@ BETA = Schedule("beta", "Beta", kwargs={"use_beta_sigmas": True})
 SGM_UNIFORM = Schedule(
     "sgm_uniform", "SGM Uniform", aliases=("SGMUniform",), kwargs={"timestep_spacing": "trailing"}
 )
+# A1111's "Simple" (ComfyUI's simple_scheduler, the Forge default) takes every
+# (1000 / steps)-th sigma of the model's table counting from its end: the timesteps of
+# diffusers' "trailing" spacing (up to int-vs-round at each step).
+SIMPLE = Schedule("simple", "Simple", kwargs={"timestep_spacing": "trailing"})
 
-SCHEDULES: tuple[Schedule, ...] = (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL, SGM_UNIFORM, BETA)
+SCHEDULES: tuple[Schedule, ...] = (
+    AUTOMATIC,
+    UNIFORM,
+    KARRAS,
+    EXPONENTIAL,
+    SGM_UNIFORM,
+    BETA,
+    SIMPLE,
+)
 
 #: A1111 schedule types we know but cannot reproduce with diffusers' options.
 UNSUPPORTED_SCHEDULES = (
     "Polyexponential",
     "KL Optimal",
     "Align Your Steps",
-    "Simple",
     "Normal",
     "DDIM",
 )
 
-_SIGMA_SCHEDULES = frozenset({"uniform", "karras", "exponential", "beta", "sgm_uniform"})
-_SPACING_ONLY = frozenset({"uniform", "sgm_uniform"})
+_SIGMA_SCHEDULES = frozenset({"uniform", "karras", "exponential", "beta", "sgm_uniform", "simple"})
+_SPACING_ONLY = frozenset({"uniform", "sgm_uniform", "simple"})
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from runtime import preprocessors
 from runtime.controlnet_units import parse_units
-from sdeks.errors import InvalidParameterError
+from sdeks.errors import InvalidParameterError, ModelLoadError
 
 
 def units(*args, key="controlnet"):
@@ -149,6 +149,28 @@ def test_model_based_preprocessor_with_bucket_weights(tmp_path):
     )
     assert asked == ["ControlNet/annotators/table5_pidinet.pth"]
     assert out.image.size[0] >= 64
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["other-layout", b"truncated"],
+)
+def test_annotator_weights_that_do_not_load_fail_naming_the_file(tmp_path, content):
+    """A file of another layout (or no checkpoint at all) fails the unit with
+    model_load_failed naming the file, not an unhandled KeyError (HTTP 500)."""
+    import torch
+
+    weights = tmp_path / "ControlNet" / "annotators" / "table5_pidinet.pth"
+    weights.parent.mkdir(parents=True)
+    if isinstance(content, bytes):
+        weights.write_bytes(content)
+    else:
+        torch.save({"state_dict": {"not_a_pidinet_key": torch.zeros(1)}}, weights)
+    annotators = preprocessors.Annotators(lambda key: tmp_path / key)
+    with pytest.raises(ModelLoadError) as caught:
+        preprocessors.detect(_square(), "softedge_pidinet", processor_res=64, annotators=annotators)
+    assert "ControlNet/annotators/table5_pidinet.pth" in caught.value.message
+    assert caught.value.code == "model_load_failed"
 
 
 def test_a_switched_off_script_is_a_no_op():

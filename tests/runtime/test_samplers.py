@@ -24,6 +24,7 @@ from sdeks.errors import InvalidParameterError
         ("Euler a", None, "Euler a", "uniform", "Automatic"),
         ("k_euler_a", None, "Euler a", "uniform", "Automatic"),
         ("euler", "sgm_uniform", "Euler", "sgm_uniform", "SGM Uniform"),
+        ("Euler", "Simple", "Euler", "simple", "Simple"),  # Forge's default schedule type
         ("LMS Karras", None, "LMS", "karras", "Karras"),
         (None, None, "Euler", "uniform", "Automatic"),
     ],
@@ -51,6 +52,13 @@ def test_unsupported_sampler_lists_the_supported(name):
     assert repr(name) in info.value.message
     for supported in samplers.supported_names():
         assert supported in info.value.message
+
+
+def test_simple_schedule_is_trailing_spacing():
+    """A1111's Simple steps through the model's sigma table evenly from its end."""
+    choice = samplers.resolve("Euler a", "Simple")
+    assert choice.scheduler_kwargs == {"timestep_spacing": "trailing"}
+    assert "Simple" in [s.label for s in samplers.SCHEDULES]
 
 
 def test_unsupported_schedule_is_refused():
