@@ -81,9 +81,16 @@ def stack(aws):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): each test file stays
-    on one worker, so its module fixtures (a stack, a pod) are built once, and the
-    end-to-end package shares one embedded stack (its package fixture)."""
+    on one worker, so its module fixtures (a stack, a pod) are built once. The
+    packages whose files share a package fixture (the embedded stack of `tests/e2e`,
+    the hostile stack of `tests/reliability`) stay whole on one worker: a package
+    fixture is torn down whenever its worker turns to another package, and built again
+    when it comes back."""
     for item in items:
         path = item.nodeid.split("::")[0]
-        group = "tests/e2e" if path.startswith("tests/e2e/") else path
+        group = next((p for p in _WHOLE_PACKAGES if path.startswith(p + "/")), path)
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+#: Test packages with package-scoped fixtures: one xdist group each.
+_WHOLE_PACKAGES = ("tests/e2e", "tests/reliability")
