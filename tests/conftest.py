@@ -79,6 +79,8 @@ def stack(aws):
     )
 
 
+# First: xdist's worker plugin turns these marks into nodeid suffixes in its own hook.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): each test file stays
     on one worker, so its module fixtures (a stack, a pod) are built once. The
