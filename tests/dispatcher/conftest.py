@@ -212,7 +212,26 @@ async def running(settings: DispatcherSettings, **kwargs: Any) -> AsyncIterator[
         yield metrics
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        # Draining takes `receive_wait_s` + 5 s and `grace_period_s` at most; the rest
+        # is room for a loaded machine. Past it, say what was still running.
+        done, _ = await asyncio.wait({task}, timeout=90)
+        if not done:
+            stacks = "\n".join(
+                f"{t.get_name()}: {t.get_coro()!r}\n{_frames(t)}"
+                for t in asyncio.all_tasks()
+                if t is not asyncio.current_task()
+            )
+            task.cancel()
+            raise AssertionError(f"the dispatcher did not stop within 90 s; tasks:\n{stacks}")
+        task.result()
+
+
+def _frames(task: asyncio.Task[Any]) -> str:
+    import io
+
+    out = io.StringIO()
+    task.print_stack(limit=8, file=out)
+    return out.getvalue()
 
 
 def publish(aws: Any, stack: Any, envelope: Any, *, runtime: str | None = "sdruntime") -> str:

@@ -155,14 +155,19 @@ def test_console_task_list_loads(console, browser, client):
 
 def test_console_fleet_shows_queues_and_the_models_a_pod_holds(console, browser, local):
     browser.get(console.url + "#/fleet")
-    wait(browser, lambda d: all_css(d, '#fleet-queues tr[data-runtime="sdruntime"]'), what="queue")
-    row = css(browser, '#fleet-queues tr[data-runtime="sdruntime"]')
-    assert row.find_element("css selector", ".dlq").text == "0"
+    # The view re-renders on every poll: each element is read inside `wait`, which
+    # retries when a re-render replaced it between finding and reading.
+    queue_row = '#fleet-queues tr[data-runtime="sdruntime"]'
+    dlq = wait(browser, lambda d: css(d, queue_row).find_element("css selector", ".dlq").text)
+    assert dlq == "0"
     assert all_css(browser, '#fleet-queues tr[data-runtime="(catch-all)"]')
-    wait(browser, lambda d: all_css(d, '.pod[data-runtime="sdruntime"]'), what="pod card")
-    card = css(browser, '.pod[data-runtime="sdruntime"]')
-    assert local.pods["sdruntime"][0].url in card.text
-    assert "tiny-sd15" in card.text  # the default model, warm in RAM
+    card = wait(
+        browser,
+        lambda d: next((e.text for e in all_css(d, '.pod[data-runtime="sdruntime"]')), None),
+        what="pod card",
+    )
+    assert local.pods["sdruntime"][0].url in card
+    assert "tiny-sd15" in card  # the default model, warm in RAM
 
 
 def test_console_submit_shows_progress_then_image(console, browser, local):
