@@ -39,11 +39,6 @@ ROUTING_SCRIPT_KEYS = frozenset(
 )
 
 
-#: `sd_vae` values that mean "the checkpoint's own VAE" (A1111's names for it); `is_no_vae`
-#: also takes every "unset" spelling (`runtime.values.is_unset`).
-NO_VAE = frozenset({"Automatic", "None", ""})
-
-
 def is_no_vae(name: Any) -> bool:
     """Whether an `sd_vae` value means the checkpoint's own VAE ("Automatic", "None", "")."""
     return is_unset(name) or (isinstance(name, str) and name.strip().lower() == "automatic")

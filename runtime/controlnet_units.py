@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.values import lax_bool, lax_number
+from runtime.values import lax_bool, lax_index, lax_number
 from sdeks.errors import InvalidParameterError
 
 #: The `alwayson_scripts` key (lower-cased) the units come under.
@@ -226,15 +226,8 @@ def parse_unit(raw: dict[str, Any], index: int, where: str) -> ControlNetUnit:
     return unit
 
 
-def _index_text(value: Any) -> Any:
-    """ "0".."9" as the int it spells (the extension's pydantic enums take both)."""
-    if isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) == 1:
-        return int(value.strip())
-    return value
-
-
 def resize_mode_of(value: Any, where: str) -> str:
-    value = _index_text(value)
+    value = lax_index(value)
     if isinstance(value, bool):
         raise InvalidParameterError(f"`{where}.resize_mode` must be a name or 0..2, got {value}")
     if isinstance(value, int):
@@ -253,7 +246,7 @@ def resize_mode_of(value: Any, where: str) -> str:
 
 
 def _choice(value: Any, names: tuple[str, ...], where: str) -> str:
-    value = _index_text(value)
+    value = lax_index(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return names[value]
     if isinstance(value, str) and value in names:

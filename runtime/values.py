@@ -85,3 +85,11 @@ def lax_number(
         hi = "inf" if high is None else f"{high:g}"
         raise InvalidParameterError(f"`{where}` must be between {lo} and {hi}, got {value!r:.80}")
     return number
+
+
+def lax_index(value: Any) -> Any:
+    """ "0".."9" as the int it spells, anything else unchanged: the extensions' pydantic
+    enums take an index as a number or as its digit (`resize_mode: "0"`)."""
+    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().isdecimal():
+        return int(value.strip())
+    return value

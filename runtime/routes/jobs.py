@@ -28,6 +28,7 @@ from sdeks.callback import Callback, ErrorInfo, TaskStatus
 from sdeks.errors import ModelNotFoundError
 from sdeks.job import Job
 from sdeks.lifecycle import Reporter
+from sdeks.tasks import planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ async def post_job(job: Job, pod: PodDep) -> Any:
         try:
             # 1. Mark it running; False: it ended elsewhere or a cancel came first.
             if not await reporter.running(
-                task, pod=settings.pod_name, total_steps=_total_steps(task.content), run=run
+                task, pod=settings.pod_name, total_steps=planned_steps(task.content), run=run
             ):
                 callback = _cancelled_before_start(job, writer)
                 if await reporter.finish(callback):  # cancel requested: ended here
@@ -194,13 +195,6 @@ def _progress_reporter(
         )
 
     return report
-
-
-def _total_steps(content: dict[str, Any]) -> int | None:
-    steps, n_iter = content.get("steps", 50), content.get("n_iter", 1)
-    if isinstance(steps, int) and isinstance(n_iter, int):
-        return steps * n_iter
-    return None
 
 
 def _cancelled_before_start(job: Job, writer: OutputWriter) -> Callback:

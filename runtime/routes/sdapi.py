@@ -155,7 +155,7 @@ async def set_options(pod: PodDep, body: dict[str, Any] = Body(...)) -> Any:  # 
         await asyncio.to_thread(pod.models.load, checkpoint)
     if "CLIP_stop_at_last_layers" in body:
         await asyncio.to_thread(_check_clip_layers, pod, body, checkpoint)
-    if body.get("sd_vae") is not None and body["sd_vae"] not in a1111.NO_VAE:
+    if not a1111.is_no_vae(body.get("sd_vae")):
         await asyncio.to_thread(pod.models.fetch_vae, str(body["sd_vae"]))
     pod.options.update(body)
     return None

@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from runtime import infotext
-from runtime.a1111 import NO_VAE, GenerationRequest
+from runtime.a1111 import GenerationRequest, is_no_vae
 from runtime.stages.prepare import mask_blur
 from runtime.stages.types import Loaded, Plan, RenderResult
 
@@ -48,7 +48,7 @@ def infotext_of(plan: Plan, loaded: Loaded, i: int, lora_note: str | None) -> st
         "Size": f"{request.width}x{request.height}",
         "Model hash": loaded.hash,
         "Model": loaded.model_name,
-        "VAE": vae_name if vae_name not in NO_VAE else None,
+        "VAE": None if is_no_vae(vae_name) else vae_name,
         "Variation seed": seed_plan.all_subseeds[i] if varies else None,
         "Variation seed strength": seed_plan.subseed_strength if varies else None,
         "Denoising strength": plan.strength
@@ -95,7 +95,7 @@ def info_of(plan: Plan, loaded: Loaded, infotexts: list[str]) -> dict[str, Any]:
         "face_restoration_model": plan.extra_params.get("Face restoration"),
         "sd_model_name": loaded.model_name,
         "sd_model_hash": loaded.hash,
-        "sd_vae_name": vae_name if vae_name not in NO_VAE else None,
+        "sd_vae_name": None if is_no_vae(vae_name) else vae_name,
         "sd_vae_hash": None,
         "seed_resize_from_w": request.seed_resize_from_w,
         "seed_resize_from_h": request.seed_resize_from_h,

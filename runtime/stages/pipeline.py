@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from runtime.a1111 import NO_VAE
+from runtime.a1111 import is_no_vae
 from runtime.control import JobControl
 from runtime.models import Models
 from runtime.settings import RuntimeSettings
@@ -151,7 +151,7 @@ class JobPipelines:
 
     def _vae(self, pipe: Any, loaded: Loaded, vae_name: str) -> Any:
         """`sd_vae`: "Automatic"/"None" keep the checkpoint's VAE; a name loads `VAE/<name>`."""
-        if vae_name in NO_VAE:
+        if is_no_vae(vae_name):
             return None
         # Keyed by the checkpoint's name: its title gains ` [hash]` once the hash is
         # known, which would load the same VAE again.

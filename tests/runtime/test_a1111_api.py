@@ -297,7 +297,7 @@ def test_png_info_reads_back_the_parameters(client):
     assert info["items"]["parameters"] == info["info"]
 
 
-@pytest.mark.parametrize("value", ["", "None", "Automatic"])
+@pytest.mark.parametrize("value", ["", "None", "none", "Automatic", "automatic", " None "])
 def test_options_accept_every_name_of_the_checkpoints_own_vae(client, value):
     assert client.post("/sdapi/v1/options", json={"sd_vae": value}).status_code == 200
 
