@@ -90,6 +90,7 @@ def lax_number(
 def lax_index(value: Any) -> Any:
     """ "0".."9" as the int it spells, anything else unchanged: the extensions' pydantic
     enums take an index as a number or as its digit (`resize_mode: "0"`)."""
-    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().isdecimal():
-        return int(value.strip())
+    text = value.strip() if isinstance(value, str) else ""
+    if len(text) == 1 and text in "0123456789":  # ASCII only: int("２") is 2 too
+        return int(text)
     return value

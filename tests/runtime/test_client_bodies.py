@@ -381,5 +381,6 @@ def test_controlnet_modes_sent_as_digit_strings():
     )
     assert unit.resize_mode == "Just Resize"
     assert unit.control_mode == "ControlNet is more important"
-    with pytest.raises(InvalidParameterError, match="control_mode"):
-        parse_units({"controlnet": {"args": [{"control_mode": "7"}]}})
+    for other in ("7", "\uff12", "12", " "):  # out of range, a full-width 2, two digits
+        with pytest.raises(InvalidParameterError, match="control_mode"):
+            parse_units({"controlnet": {"args": [{"control_mode": other}]}})
