@@ -75,6 +75,11 @@ class Family:
     refiner: bool = False
 
     @property
+    def config_name(self) -> str:
+        """The shared config folder's name for its single files (`configs/<name>/`)."""
+        return "sdxl_refiner" if self.refiner else self.name
+
+    @property
     def label(self) -> str:
         """What logs and `/sd-models` show: "SD 1.x", "SDXL inpainting", "SDXL refiner"..."""
         base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.name]

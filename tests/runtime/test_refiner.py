@@ -265,3 +265,21 @@ def test_sdxl_refiner_is_refused_where_it_cannot_run(renderer):
         renderer.txt2img(t2i(), options={**OPTIONS, "sd_model_checkpoint": "tiny-sdxl-refiner"})
     # nothing stays pinned by the refused renders
     assert renderer.models.state()["in_use"] == []
+
+
+def test_a_refiner_file_without_its_config_folder_takes_the_shared_refiner_config(tmp_path):
+    """`configs/sdxl_refiner/` serves every single-file SDXL refiner, as `configs/sdxl/`
+    serves the SDXL bases (the image ships both, from stabilityai's repositories)."""
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+    from runtime.tiny import make_tiny, single_file_config_dir
+
+    models = tmp_path / "models"
+    path = make_tiny(
+        models / "Stable-diffusion" / "refiner", family="sdxl-refiner", single_file=True
+    )
+    shutil.move(single_file_config_dir(path), models / "configs" / "sdxl_refiner")
+    store = ModelStore(LocalSource(models), cache_dir=tmp_path / "cache")
+    with store.use("refiner") as lease:
+        assert lease.family.refiner and lease.family.label == "SDXL refiner"
+        assert lease.pipeline.config.requires_aesthetics_score
