@@ -536,6 +536,7 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
             )
         _print(f"upload the contents of {args.dir} to the models bucket's root")
         return EXIT_OK
+    from runtime.tiny import Family as TinyFamily
     from runtime.tiny import make_tiny
 
     if args.kind == "controlnet":
@@ -563,10 +564,14 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
             f"wrote a tiny random {args.family} embedding to {path}: upload it under embeddings/"
         )
         return EXIT_OK
-    # A refiner is a checkpoint of the same family with other weights.
+    # An SD 1.x/2.x refiner is a checkpoint of the same family with other weights; an
+    # SDXL refiner has the SDXL refiner's own architecture (`runtime.tiny`).
     seed = 1 if args.kind == "refiner" else 0
-    path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file, seed=seed)
-    _print(f"wrote a tiny random {args.family} model to {path}")
+    family: TinyFamily = (
+        "sdxl-refiner" if args.kind == "refiner" and args.family == "sdxl" else args.family
+    )
+    path = make_tiny(Path(args.dir), family=family, single_file=args.single_file, seed=seed)
+    _print(f"wrote a tiny random {family} model to {path}")
     if args.single_file:
         from runtime.tiny import single_file_config_dir
 
@@ -697,8 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
         "an ADetailer detector (adetailer/), upscalers (ESRGAN, Compact, SwinIR) or faces "
         "(GFPGAN, CodeFormer when spandrel-extra-arches is installed, and a RetinaFace "
         "detector; for these two DIR is the bucket root), "
-        "a textual-inversion embedding (embeddings/) or a refiner (a checkpoint with other "
-        "weights, Stable-diffusion/)",
+        "a textual-inversion embedding (embeddings/) or a refiner (Stable-diffusion/; with "
+        "--family sdxl the SDXL refiner architecture, else a checkpoint with other weights)",
     )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser
