@@ -141,7 +141,11 @@ class RefinerUNet:
         )
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_base"], name)
+        try:
+            base = self.__dict__["_base"]
+        except KeyError:  # not built yet (copy, pickle): no attribute to delegate
+            raise AttributeError(name) from None
+        return getattr(base, name)
 
     def __call__(self, sample: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.active:

@@ -18,6 +18,10 @@ Layouts written (the models bucket layout of docs/models.md):
 
 The same `seed` gives the same weights in both layouts, so a folder and a
 single file built with one seed render the same pixels.
+
+Families: "sd15", "sd2", "sdxl", and "sdxl-refiner", the architecture of
+the SDXL refiner (OpenCLIP encoder alone, aesthetic-score time ids) for
+`refiner_checkpoint` with a tiny SDXL base.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,13 +18,10 @@ OPTIONS = dict(DEFAULT_OPTIONS)
 
 
 @pytest.fixture(scope="module")
-def renderer(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Renderer:
+def models_root(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny models plus `tiny-refiner`: an SD 1.x model with other weights (seed 1),
     and the SDXL refiner architecture as `tiny-sdxl-refiner` (folder) and
     `tiny-sdxl-refiner-file.safetensors` (single file, written by the CLI), same weights."""
-    from runtime.model_source import LocalSource
-    from runtime.model_store import ModelStore
-    from runtime.settings import RuntimeSettings
     from runtime.tiny import make_tiny
     from sdeks.cli import main
 
@@ -50,7 +48,16 @@ def renderer(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         == 0
     )
     shutil.rmtree(single)  # the folder the first call wrote; the single file stays
-    store = ModelStore(LocalSource(root), cache_dir=tmp_path_factory.mktemp("cache"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def renderer(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Renderer:
+    from runtime.model_source import LocalSource
+    from runtime.model_store import ModelStore
+    from runtime.settings import RuntimeSettings
+
+    store = ModelStore(LocalSource(models_root), cache_dir=tmp_path_factory.mktemp("cache"))
     return Renderer(store, RuntimeSettings(default_model="tiny-sd15"))
 
 
@@ -283,3 +290,33 @@ def test_a_refiner_file_without_its_config_folder_takes_the_shared_refiner_confi
     with store.use("refiner") as lease:
         assert lease.family.refiner and lease.family.label == "SDXL refiner"
         assert lease.pipeline.config.requires_aesthetics_score
+
+
+def test_sdxl_refiner_through_the_a1111_api(renderer, models_root: Path):
+    """What A1111 clients post: an SDXL base and `sd_xl_refiner_1.0`-style names."""
+    from fastapi.testclient import TestClient
+
+    from runtime.app import create_app
+    from runtime.settings import RuntimeSettings
+
+    settings = RuntimeSettings(default_model="tiny-sd15", models=str(models_root))
+    body = {
+        "prompt": "a red cube",
+        "steps": 5,
+        "width": 64,
+        "height": 64,
+        "seed": 9,
+        "override_settings": {"sd_model_checkpoint": "tiny-sdxl"},
+        "refiner_checkpoint": "tiny-sdxl-refiner-file.safetensors",
+        "refiner_switch_at": 0.8,
+    }
+    with TestClient(create_app(settings, models=renderer.models)) as client:
+        response = client.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        params = infotext.parse(json.loads(response.json()["info"])["infotexts"][0])
+        assert params["Model"] == "tiny-sdxl" and params["Refiner switch at"] == "0.8"
+        assert params["Refiner"] == "tiny-sdxl-refiner-file.safetensors"
+        # an SD 1.x base with the SDXL refiner: a clear error naming the field
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {}})
+        assert bad.status_code == 422 and bad.json()["error"] == "invalid_parameter"
+        assert "`refiner_checkpoint`" in bad.json()["detail"]
