@@ -529,6 +529,11 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
         }[args.kind]
         for written in build(Path(args.dir)):
             _print(f"wrote {written}")
+        if args.kind == "faces" and not tiny_kinds.codeformer_available():
+            _print(
+                "no tiny CodeFormer: its architecture needs spandrel-extra-arches "
+                '(non-commercial licence, docs/models.md): pip install "sdeks[restorer-codeformer]"'
+            )
         _print(f"upload the contents of {args.dir} to the models bucket's root")
         return EXIT_OK
     from runtime.tiny import Family as TinyFamily
@@ -695,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="checkpoint",
         help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/), "
         "an ADetailer detector (adetailer/), upscalers (ESRGAN, Compact, SwinIR) or faces "
-        "(a GFPGAN restorer and a RetinaFace detector; for these two DIR is the bucket root), "
+        "(GFPGAN, CodeFormer when spandrel-extra-arches is installed, and a RetinaFace "
+        "detector; for these two DIR is the bucket root), "
         "a textual-inversion embedding (embeddings/) or a refiner (Stable-diffusion/; with "
         "--family sdxl the SDXL refiner architecture, else a checkpoint with other weights)",
     )
