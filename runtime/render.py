@@ -81,6 +81,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "sd_model_checkpoint": None,
     "sd_vae": "Automatic",
     "CLIP_stop_at_last_layers": 1,
+    "sdxl_refiner_high_aesthetic_score": 6.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
 }
 
 __all__ = [
