@@ -10,9 +10,10 @@ face comes back as it was. Restorer weights live in the models bucket in
 A1111's folders, `GFPGAN/` (`GFPGANv1.4.pth`, ...) and `Codeformer/`
 (`codeformer-v0.1.0.pth`, ...), and are loaded with spandrel (CodeFormer's
 architecture is in the `spandrel-extra-arches` package; see docs/models.md
-for its licence). GFPGAN files whose sizes differ from the published 512 px
-model (the tiny test ones) are built with the same spandrel architecture
-class from hyperparameters read off the tensor shapes. Restorers and the
+for its licence). GFPGAN and CodeFormer files whose sizes differ from the
+published 512 px models (the tiny test ones) are built with the same
+architecture classes from hyperparameters read off the tensor shapes
+(CodeFormer's in `runtime.codeformer_arch`). Restorers and the
 detector are `ModelKind`s of the model store: loaded once, LRU, accounted.
 
 Errors: an unknown restorer name, or a bucket without that restorer's file or
@@ -32,6 +33,7 @@ from typing import Any
 
 from PIL import Image
 
+from runtime import codeformer_arch
 from runtime import face_detection as fd
 from runtime.model_catalog import ModelEntry
 from runtime.model_store import ModelKind
@@ -71,7 +73,9 @@ class Restorer:
     def __call__(self, faces: Any, weight: float) -> Any:
         """(1, 3, size, size) in [-1, 1] -> the restored face, same range."""
         if self.arch == "CodeFormer":
-            return self.model(faces, w=weight, adain=True)[0]
+            # The fidelity weight is `weight=` (A1111 passes it so); the forward takes
+            # other keywords silently, so a misspelt one would be ignored, not refused.
+            return self.model(faces, weight=weight)[0]
         if self.arch == "GFPGAN":
             # Fixed noise: the same image restores to the same pixels every time.
             return self.model(faces, return_rgb=False, randomize_noise=False)[0]
@@ -131,11 +135,19 @@ def load_restorer(path: Path, entry: ModelEntry) -> Restorer:
     _install_extra_arches()
     loader = spandrel.ModelLoader(device="cpu")
     state = loader.load_state_dict_from_file(str(path))
+    sized = codeformer_arch.from_state_dict(state)
+    if sized is not None:  # a CodeFormer whose VQGAN is not the published one
+        sized.eval().requires_grad_(False)
+        return Restorer(arch="CodeFormer", model=sized, size=int(sized.resolution))
     try:
         descriptor = loader.load_from_state_dict(state)
         model, arch_id = descriptor.model, descriptor.architecture.id
     except spandrel.UnsupportedModelError as exc:
-        hint = "" if _install_extra_arches() else " (CodeFormer needs spandrel-extra-arches)"
+        hint = (
+            ""
+            if _install_extra_arches()
+            else ' (CodeFormer needs spandrel-extra-arches: pip install "sdeks[restorer-codeformer]")'
+        )
         raise ModelLoadError(
             f"face restorer {entry.name}: spandrel does not recognise its architecture{hint}"
         ) from exc
@@ -146,7 +158,7 @@ def load_restorer(path: Path, entry: ModelEntry) -> Restorer:
     if arch_id == "GFPGAN":
         size = 2**model.log_size
     elif arch_id == "CodeFormer":
-        size = int(math.isqrt(model.position_emb.shape[0])) * 32
+        size = int(model.resolution)  # the VQGAN's face size (512 published)
     elif arch_id == "RestoreFormer":
         size = 512
     else:

@@ -16,6 +16,12 @@ Signals used, strongest first (they mirror how A1111 and
   cross-attention.
 - SD 1.x: the OpenAI CLIP text encoder (`cond_stage_model.transformer.*`).
 - Inpainting variants: 9 UNet input channels (latents + mask + masked image).
+- The SDXL refiner (stabilityai's `sd_xl_refiner_1.0` architecture): SDXL
+  with the OpenCLIP encoder alone (`conditioner.embedders.0.model.*` and no
+  second embedder in a single file; no `text_encoder` but a `text_encoder_2`,
+  or `requires_aesthetics_score`, in a folder). Its pipeline class is
+  `StableDiffusionXLImg2ImgPipeline` for every kind, the class that knows its
+  aesthetic-score time ids; it serves as `refiner_checkpoint` only.
 """
 
 from __future__ import annotations
@@ -65,11 +71,20 @@ class Family:
     name: FamilyName
     #: UNet takes 9 input channels (a dedicated inpainting checkpoint).
     inpainting: bool = False
+    #: The SDXL refiner architecture (OpenCLIP only, aesthetic-score time ids).
+    refiner: bool = False
+
+    @property
+    def config_name(self) -> str:
+        """The shared config folder's name for its single files (`configs/<name>/`)."""
+        return "sdxl_refiner" if self.refiner else self.name
 
     @property
     def label(self) -> str:
-        """What logs and `/sd-models` show: "SD 1.x", "SDXL inpainting"..."""
+        """What logs and `/sd-models` show: "SD 1.x", "SDXL inpainting", "SDXL refiner"..."""
         base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.name]
+        if self.refiner:
+            return f"{base} refiner"
         return f"{base} inpainting" if self.inpainting else base
 
 
@@ -157,9 +172,10 @@ def detect_from_keys(shapes: Mapping[str, Sequence[int]], *, what: str = "checkp
         )
     unet_in = shapes.get(_UNET_IN, ())
     inpainting = len(unet_in) == 4 and unet_in[1] == 9
-    if any(k.startswith("conditioner.embedders.1.") for k in shapes) or any(
-        k.startswith("model.diffusion_model.label_emb.") for k in shapes
-    ):
+    second = any(k.startswith("conditioner.embedders.1.") for k in shapes)
+    if not second and any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+        return Family("sdxl", inpainting, refiner=True)  # OpenCLIP as the only embedder
+    if second or any(k.startswith("model.diffusion_model.label_emb.") for k in shapes):
         return Family("sdxl", inpainting)
     if any(k.startswith("cond_stage_model.model.") for k in shapes):
         return Family("sd2", inpainting)
@@ -192,6 +208,10 @@ def detect_from_configs(
             f"{what}: unsupported pipeline {cls or '(none)'!r} in model_index.json"
         )
     inpainting = int(unet_config.get("in_channels", 4)) == 9
+    if model_index.get("requires_aesthetics_score") is True or (
+        _component(model_index, "text_encoder_2") and not _component(model_index, "text_encoder")
+    ):
+        return Family("sdxl", inpainting, refiner=True)
     if (
         "XL" in cls
         or "text_encoder_2" in model_index
@@ -203,6 +223,12 @@ def detect_from_configs(
     if unet_config.get("cross_attention_dim") == 1024:
         return Family("sd2", inpainting)
     return Family("sd1", inpainting)
+
+
+def _component(model_index: Mapping[str, Any], name: str) -> bool:
+    """Whether `model_index.json` names a module for `name` (`[null, null]`: none)."""
+    value = model_index.get(name)
+    return isinstance(value, list) and bool(value) and value[0] is not None
 
 
 def _read_json(path: Path, *, what: str) -> dict[str, Any]:
@@ -257,10 +283,16 @@ def preload_pipeline_classes() -> None:
             diffusers_attr(name)
 
 
+#: The SDXL refiner's class for every kind: it alone builds aesthetic-score time ids.
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+
+
 def pipeline_class(family: Family | FamilyName, kind: PipelineKind = "txt2img") -> type:
     name = family.name if isinstance(family, Family) else family
     if kind not in PIPELINE_KINDS:
         raise ValueError(f"pipeline kind must be one of {', '.join(PIPELINE_KINDS)}, got {kind!r}")
+    if isinstance(family, Family) and family.refiner:
+        return diffusers_attr(REFINER_PIPELINE)
     return diffusers_attr(PIPELINES[name][kind])
 
 

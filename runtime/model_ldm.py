@@ -196,10 +196,16 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 
 
 def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
-    """One LDM-layout state dict for an SD 1.x / 2.x / XL diffusers pipeline."""
+    """One LDM-layout state dict for an SD 1.x / 2.x / XL (base or refiner) diffusers pipeline."""
     out: dict[str, torch.Tensor] = {}
     out.update(unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
     out.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
+    if pipe.text_encoder is None:
+        # The SDXL refiner: OpenCLIP alone, as the conditioner's first embedder.
+        out.update(
+            open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.0.model.")
+        )
+        return {k: v.detach().contiguous() for k, v in out.items()}
     te = {k: v for k, v in pipe.text_encoder.state_dict().items() if not k.endswith("position_ids")}
     if getattr(pipe, "text_encoder_2", None) is not None:
         out.update(clip_to_ldm(te, "conditioner.embedders.0.transformer."))

@@ -499,7 +499,7 @@ class ModelStore:
     def _config_dir(self, entry: ModelEntry, family: Family) -> Path:
         """Diffusers configs for a single file: its own `.config/`, the bucket's, or the image's."""
         catalog = self.catalog
-        for key in (entry.config_key, f"{MODELS_CONFIG_PREFIX}{family.name}/"):
+        for key in (entry.config_key, f"{MODELS_CONFIG_PREFIX}{family.config_name}/"):
             if not key:
                 continue
             files = catalog.config_folder(key)
@@ -509,14 +509,14 @@ class ModelStore:
                 return path
         if (
             self.shipped_configs
-            and (self.shipped_configs / family.name / "model_index.json").is_file()
+            and (self.shipped_configs / family.config_name / "model_index.json").is_file()
         ):
-            return self.shipped_configs / family.name
+            return self.shipped_configs / family.config_name
         stem = entry.key[: -len(".safetensors")]
         raise ModelLoadError(
             f"{entry.name} is a single-file {family.label} checkpoint with no config: upload a "
             f"diffusers config folder (no weights needed) to {stem}.config/ or "
-            f"{MODELS_CONFIG_PREFIX}{family.name}/"
+            f"{MODELS_CONFIG_PREFIX}{family.config_name}/"
         )
 
     # --- RAM tier ---------------------------------------------------------

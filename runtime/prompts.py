@@ -189,7 +189,9 @@ def encode(
     """
     import torch
 
-    tokenizer = pipe.tokenizer
+    # The SDXL refiner has the second tokenizer and encoder only; the two tokenizers
+    # of an SDXL base split words alike (same BPE), so either gives the chunks.
+    tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
     cond = tokenize(tokenizer, prompt)
     uncond = tokenize(tokenizer, negative_prompt)
     if max_chunks is not None:
@@ -248,11 +250,13 @@ def _encode_xl(
     pipe: Any, chunks: list[tuple[list[int], list[float]]], clip_skip: int | None
 ) -> tuple[Any, Any]:
     """SDXL: both encoders' penultimate (or `clip_skip`) layers side by side; the pooled
-    embedding of the second encoder from the first chunk, as A1111."""
+    embedding of the second encoder from the first chunk, as A1111. The SDXL
+    refiner has the second encoder alone: its layer and pooled embedding."""
     import torch
 
     layer = -(clip_skip + 2) if clip_skip else -2
     pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    pairs = [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
     pooled = None
     parts = []
     for ids, weights in chunks:

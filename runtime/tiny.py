@@ -18,6 +18,10 @@ Layouts written (the models bucket layout of docs/models.md):
 
 The same `seed` gives the same weights in both layouts, so a folder and a
 single file built with one seed render the same pixels.
+
+Families: "sd15", "sd2", "sdxl", and "sdxl-refiner", the architecture of
+the SDXL refiner (OpenCLIP encoder alone, aesthetic-score time ids) for
+`refiner_checkpoint` with a tiny SDXL base.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["sd15", "sd2", "sdxl"]
+Family = Literal["sd15", "sd2", "sdxl", "sdxl-refiner"]
+
+#: The families `build_tiny_pipeline` knows.
+FAMILIES: tuple[Family, ...] = ("sd15", "sd2", "sdxl", "sdxl-refiner")
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +156,10 @@ def _unet(family: Family, cross_attention_dim: int) -> Any:
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=16,
     )
-    if family == "sdxl":
+    if family in ("sdxl", "sdxl-refiner"):
         # SDXL conditions on pooled text embeddings + 6 size/crop numbers
-        # ("text_time"): 32 (text_encoder_2 projection) + 6 * 8 = 80.
+        # ("text_time"): 32 (text_encoder_2 projection) + 6 * 8 = 80. The
+        # refiner's time ids are 5 numbers (size, crop, aesthetic score): 32 + 5 * 8.
         return UNet2DConditionModel(
             **common,
             attention_head_dim=(2, 4),
@@ -159,7 +167,7 @@ def _unet(family: Family, cross_attention_dim: int) -> Any:
             transformer_layers_per_block=(1, 2),
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,
+            projection_class_embeddings_input_dim=80 if family == "sdxl" else 72,
         )
     if family == "sd2":
         return UNet2DConditionModel(**common, attention_head_dim=(2, 4), use_linear_projection=True)
@@ -171,18 +179,28 @@ def _scheduler(family: Family) -> Any:
 
     # The schedules of the real models (SD 1.x/2.x ship PNDM, SDXL Euler).
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    if family == "sdxl":
+    if family in ("sdxl", "sdxl-refiner"):
         return EulerDiscreteScheduler(**common, timestep_spacing="leading")
     return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
 
 
 def build_tiny_pipeline(family: Family = "sd15", *, seed: int = 0) -> Any:
-    """The tiny pipeline in memory, float32 on CPU, deterministic for `seed`."""
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The tiny pipeline in memory, float32 on CPU, deterministic for `seed`.
 
-    if family not in ("sd15", "sd2", "sdxl"):
-        raise ValueError(f"family must be one of sd15, sd2, sdxl, got {family!r}")
+    "sdxl-refiner" is the architecture of stabilityai's SDXL refiner: only the
+    OpenCLIP text encoder (`text_encoder_2`), cross-attention as wide as it,
+    time ids with an aesthetic score (`requires_aesthetics_score`), in a
+    `StableDiffusionXLImg2ImgPipeline` as the refiner's `model_index.json` has.
+    """
+    import torch
+    from diffusers import (
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     tokenizer = make_tokenizer()
     vocab = tokenizer.get_vocab()
     ids = dict(vocab_size=len(vocab), eos=vocab["<|endoftext|>"], bos=vocab["<|startoftext|>"])
@@ -194,7 +212,27 @@ def build_tiny_pipeline(family: Family = "sd15", *, seed: int = 0) -> Any:
         torch.manual_seed(seed * 1000 + offset)
 
     pipe: Any
-    if family == "sdxl":
+    if family == "sdxl-refiner":
+        seeded(2)
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(hidden=64, act="gelu", **ids))
+        seeded(3)
+        unet = _unet(family, cross_attention_dim=64)
+        seeded(4)
+        vae = _vae()
+        vae.register_to_config(scaling_factor=0.13025, force_upcast=False)
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=make_tokenizer(),
+            unet=unet,
+            scheduler=_scheduler(family),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
+    elif family == "sdxl":
         # The two encoders must differ in width: diffusers tells SDXL's CLIP-L
         # and OpenCLIP-G apart in a single file by their embedding sizes.
         seeded(1)

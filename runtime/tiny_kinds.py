@@ -11,11 +11,24 @@ restoration run end to end on a laptop CPU in milliseconds.
     SwinIR/SwinIR_4x.safetensors                    SwinIR, x4            "SwinIR 4x"
 
     GFPGAN/GFPGANv1.4.safetensors                   GFPGAN at 64 px (the published one is 512)
+    Codeformer/codeformer-v0.1.0.safetensors        CodeFormer at 64 px, when spandrel-extra-arches
+                                                    is installed (its licence: docs/models.md)
     facedetection/detection_mobilenet0.25_Final.safetensors   RetinaFace, MobileNet 0.25
 
 The detector's face-class bias is raised so that it finds "faces" in any
 image (random weights otherwise find none), which is what a test of the
 restoration path needs; `faces=False` writes one that finds none.
+
+The tiny CodeFormer is not one spandrel's loader sizes: that loader reads the
+transformer's sizes off the tensors but fixes the VQGAN at the published
+512 px, 64-channel, six-level layout (63.5 M parameters, 255 MB, tens of
+seconds a face on a CPU). Ours keeps the class and its forward, and what that
+forward fixes (a 16 x 16 grid of 256-d codes, 8 attention heads), and shrinks
+the rest: 64 px faces, 32 channels over three levels, one residual block a
+level, a one-layer 16-d transformer, 16 codes, fuse blocks at 64 and 32 px so
+the fidelity weight matters (0.54 M parameters, 2.2 MB). spandrel's detection
+recognises it as CodeFormer; `runtime.codeformer_arch` builds it from its
+shapes.
 
 Random weights do not upscale well: they only prove that the path works and
 that the output is the model's, not a resize.
@@ -149,20 +162,50 @@ def tiny_face_detector(seed: int = 0, *, faces: bool = True) -> Any:
     return model
 
 
+def _codeformer(seed: int) -> Any:
+    """CodeFormer at 64 px (see the module docstring for what is fixed and why)."""
+    from runtime import codeformer_arch
+
+    _seed(seed)
+    return codeformer_arch.build(
+        (64, 32, (1, 1, 1), 1, (16,)),
+        dim_embd=16,
+        n_layers=1,
+        codebook_size=16,
+        connect_list=["64", "32"],
+    )
+
+
+def codeformer_available() -> bool:
+    """Whether the tiny CodeFormer can be built (spandrel-extra-arches is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("spandrel_extra_arches") is not None
+
+
 TINY_FACE_MODELS: dict[str, Callable[[int], Any]] = {
     "GFPGAN/GFPGANv1.4.safetensors": _gfpgan,
+    "Codeformer/codeformer-v0.1.0.safetensors": _codeformer,
     "facedetection/detection_mobilenet0.25_Final.safetensors": tiny_face_detector,
 }
+CODEFORMER_KEY = "Codeformer/codeformer-v0.1.0.safetensors"
 
 
-def make_tiny_face_models(root: Path, *, seed: int = 0, faces: bool = True) -> list[Path]:
-    """Write the tiny restorer and face detector under `root`; return the files."""
+def make_tiny_face_models(
+    root: Path, *, seed: int = 0, faces: bool = True, codeformer: bool | None = None
+) -> list[Path]:
+    """Write the tiny restorers and face detector under `root`; return the files.
+
+    `codeformer`: None writes the tiny CodeFormer when spandrel-extra-arches is
+    installed; True insists (ImportError without it); False leaves it out."""
     written = [write_state_dict(_gfpgan(seed), Path(root) / "GFPGAN/GFPGANv1.4.safetensors")]
+    if codeformer or (codeformer is None and codeformer_available()):
+        written.append(write_state_dict(_codeformer(seed), Path(root) / CODEFORMER_KEY))
     detector = tiny_face_detector(seed, faces=faces)
     written.append(
         write_state_dict(
             detector, Path(root) / "facedetection/detection_mobilenet0.25_Final.safetensors"
         )
     )
-    log.info("wrote a tiny face restorer and detector under %s", root)
+    log.info("wrote %d tiny face restorers and a detector under %s", len(written) - 1, root)
     return written

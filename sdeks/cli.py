@@ -529,8 +529,14 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
         }[args.kind]
         for written in build(Path(args.dir)):
             _print(f"wrote {written}")
+        if args.kind == "faces" and not tiny_kinds.codeformer_available():
+            _print(
+                "no tiny CodeFormer: its architecture needs spandrel-extra-arches "
+                "(non-commercial licence, docs/models.md); pip install spandrel-extra-arches"
+            )
         _print(f"upload the contents of {args.dir} to the models bucket's root")
         return EXIT_OK
+    from runtime.tiny import Family as TinyFamily
     from runtime.tiny import make_tiny
 
     if args.kind == "controlnet":
@@ -558,10 +564,14 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
             f"wrote a tiny random {args.family} embedding to {path}: upload it under embeddings/"
         )
         return EXIT_OK
-    # A refiner is a checkpoint of the same family with other weights.
+    # An SD 1.x/2.x refiner is a checkpoint of the same family with other weights; an
+    # SDXL refiner has the SDXL refiner's own architecture (`runtime.tiny`).
     seed = 1 if args.kind == "refiner" else 0
-    path = make_tiny(Path(args.dir), family=args.family, single_file=args.single_file, seed=seed)
-    _print(f"wrote a tiny random {args.family} model to {path}")
+    family: TinyFamily = (
+        "sdxl-refiner" if args.kind == "refiner" and args.family == "sdxl" else args.family
+    )
+    path = make_tiny(Path(args.dir), family=family, single_file=args.single_file, seed=seed)
+    _print(f"wrote a tiny random {family} model to {path}")
     if args.single_file:
         from runtime.tiny import single_file_config_dir
 
@@ -690,9 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="checkpoint",
         help="what to write: a checkpoint (Stable-diffusion/), a ControlNet (ControlNet/), "
         "an ADetailer detector (adetailer/), upscalers (ESRGAN, Compact, SwinIR) or faces "
-        "(a GFPGAN restorer and a RetinaFace detector; for these two DIR is the bucket root), "
-        "a textual-inversion embedding (embeddings/) or a refiner (a checkpoint with other "
-        "weights, Stable-diffusion/)",
+        "(GFPGAN, CodeFormer when spandrel-extra-arches is installed, and a RetinaFace "
+        "detector; for these two DIR is the bucket root), "
+        "a textual-inversion embedding (embeddings/) or a refiner (Stable-diffusion/; with "
+        "--family sdxl the SDXL refiner architecture, else a checkpoint with other weights)",
     )
     tiny.set_defaults(func=cmd_models_make_tiny)
     return parser

@@ -46,11 +46,11 @@ def call(
         kwargs.update(conditioning.call_kwargs(batch, pass_name, width, height))
     hook = step_hook(ctx.control, offset)
     last_pass = pass_name == "hires" or plan.hires is None
-    if ctx.refiner_unet is not None and last_pass:
-        hook = _with_refiner(hook, pipe, ctx.refiner_unet, plan, kwargs)
-    kwargs["callback_on_step_end"] = hook
-    base_unet = pipe.unet
+    base_unet = pipe.unet  # before the refiner may replace it: put back for the next call
     try:
+        if ctx.refiner_unet is not None and last_pass:
+            hook = _with_refiner(hook, pipe, ctx, plan, kwargs, width, height)
+        kwargs["callback_on_step_end"] = hook
         with (
             torch.inference_mode(),
             vae_tiling(pipe, width * height, ctx.settings.vae_tiling_pixels),
@@ -61,22 +61,41 @@ def call(
 
 
 def _with_refiner(
-    hook: Callable[..., dict[str, Any]], pipe: Any, unet: Any, plan: Plan, kwargs: dict[str, Any]
+    hook: Callable[..., dict[str, Any]],
+    pipe: Any,
+    ctx: StageContext,
+    plan: Plan,
+    kwargs: dict[str, Any],
+    width: int,
+    height: int,
 ) -> Callable[..., dict[str, Any]]:
-    """The step hook, plus A1111's refiner switch: from step `switch` on, the refiner's UNet."""
+    """The step hook, plus A1111's refiner switch: from step `switch` on, the refiner's UNet.
+
+    A refiner of the base's architecture replaces `pipe.unet`; an SDXL refiner
+    runs behind `RefinerUNet`, which swaps in its own conditioning as well.
+    """
     from runtime import refiner
 
     steps = int(kwargs["num_inference_steps"])
     if "strength" in kwargs:  # img2img passes run int(steps * strength) steps
         steps = max(1, int(steps * float(kwargs["strength"])))
     switch = refiner.switch_step(plan, steps)
-    if switch <= 0:
+    unet = ctx.refiner_unet
+    proxy = None
+    if ctx.refiner_conditioning is not None:
+        proxy = refiner.RefinerUNet(pipe.unet, unet, ctx.refiner_conditioning, width, height)
+        pipe.unet = proxy  # `call` puts the base UNet back
+        proxy.active = switch <= 0
+    elif switch <= 0:
         pipe.unet = unet
 
     def on_step_end(p: Any, i: int, t: Any, step_kwargs: dict[str, Any]) -> dict[str, Any]:
         out = hook(p, i, t, step_kwargs)
         if i + 1 >= switch:
-            p.unet = unet
+            if proxy is not None:
+                proxy.active = True
+            else:
+                p.unet = unet
         return out
 
     return on_step_end

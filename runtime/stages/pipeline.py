@@ -98,7 +98,9 @@ class JobPipelines:
         `ctx.undo` (or undone by `release`) as it is made, so a failure at any point
         leaves nothing behind."""
         from runtime.families import diffusers_attr
+        from runtime.refiner import check_base
 
+        check_base(plan, ctx.family)  # an SDXL refiner is no base model
         pipe, choice = ctx.pipe, plan.choice
         scheduler_cls = diffusers_attr(choice.scheduler_class)
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)

@@ -130,6 +130,8 @@ class StageContext:
     lora_note: str | None = None
     #: The refiner's UNet, swapped in by the last pass's step hook (stage 5).
     refiner_unet: Any = None
+    #: An SDXL-architecture refiner's own conditioning (`runtime.refiner`), else None.
+    refiner_conditioning: Any = None
     #: What stage 2 changed in the shared weights, undone when the render ends.
     undo: ExitStack = field(default_factory=ExitStack)
 

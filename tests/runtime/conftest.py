@@ -69,6 +69,7 @@ def tiny_models_dir(
     Stable-diffusion/tiny-sd15-single.safetensors (+ tiny-sd15-single.config/)
     Lora/   VAE/                           (empty)
     RealESRGAN/ ESRGAN/ SwinIR/ GFPGAN/ facedetection/   tiny upscalers, restorer, detector
+                         (GFPGAN only: tests/runtime/test_codeformer.py makes its own bucket)
     """
     from runtime.tiny import single_file_config_dir
     from runtime.tiny_kinds import make_tiny_face_models, make_tiny_upscalers
@@ -84,7 +85,7 @@ def tiny_models_dir(
     (root / "Lora").mkdir()
     (root / "VAE").mkdir()
     make_tiny_upscalers(root)
-    make_tiny_face_models(root)
+    make_tiny_face_models(root, codeformer=False)
     return root
 
 

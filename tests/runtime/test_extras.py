@@ -202,6 +202,10 @@ def test_make_tiny_cli_writes_other_kinds(tmp_path: Path) -> None:
     assert (tmp_path / "RealESRGAN/RealESRGAN_x4plus.safetensors").is_file()
     assert main(["models", "make-tiny", str(tmp_path), "--kind", "faces"]) == 0
     assert (tmp_path / "GFPGAN/GFPGANv1.4.safetensors").is_file()
+    from runtime.tiny_kinds import CODEFORMER_KEY, codeformer_available
+
+    # The tiny CodeFormer comes too where its (opt-in) architecture is installed.
+    assert (tmp_path / CODEFORMER_KEY).is_file() == codeformer_available()
 
 
 def test_extras_hold_a_slot_and_queue_behind_each_other(client) -> None:

@@ -19,7 +19,7 @@ from sdeks.errors import InvalidParameterError, ModelNotFoundError
 @pytest.fixture(scope="module")
 def faces_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("faces")
-    make_tiny_face_models(root)
+    make_tiny_face_models(root, codeformer=False)
     return root
 
 
@@ -89,7 +89,7 @@ def test_restorer_names_fail_clearly(store) -> None:
 
 def test_missing_detector_is_named(tmp_path: Path) -> None:
     root = tmp_path / "m"
-    make_tiny_face_models(root)
+    make_tiny_face_models(root, codeformer=False)
     for p in (root / "facedetection").iterdir():
         p.unlink()
     store = ModelStore(LocalSource(root), cache_dir=tmp_path / "c")

@@ -78,6 +78,33 @@ def test_detect_from_keys_inpainting_and_sdxl():
     assert Family("sdxl", inpainting=True).label == "SDXL inpainting"
 
 
+def test_the_sdxl_refiner_is_told_apart_in_both_layouts():
+    # stabilityai's sd_xl_refiner_1.0 as a single file: OpenCLIP-G as the only embedder
+    shapes = {
+        "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": (1536, 2560),
+        "conditioner.embedders.0.model.text_projection": (1280, 1280),
+    }
+    refiner = Family("sdxl", refiner=True)
+    assert detect_from_keys(shapes) == refiner and refiner.label == "SDXL refiner"
+    # its model_index.json: no first text encoder, aesthetic-score time ids
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "requires_aesthetics_score": True,
+        "text_encoder": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    }
+    unet = {**SDXL_UNET, "cross_attention_dim": 1280}
+    assert detect_from_configs(index, unet, None) == refiner
+    assert detect_from_configs({**index, "requires_aesthetics_score": False}, unet) == refiner
+    # an SDXL *img2img* base folder is no refiner
+    base = {**index, "requires_aesthetics_score": False, "text_encoder": ["transformers", "X"]}
+    assert detect_from_configs(base, SDXL_UNET) == Family("sdxl")
+    # every pipeline kind of a refiner is the refiner-aware img2img class
+    for kind in ("txt2img", "img2img", "inpaint"):
+        assert pipeline_class(refiner, kind).__name__ == "StableDiffusionXLImg2ImgPipeline"
+
+
 def test_detect_from_keys_rejects_non_checkpoints():
     # A LoRA file: tensors, but no UNet in the LDM layout.
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint"):
@@ -86,20 +113,25 @@ def test_detect_from_keys_rejects_non_checkpoints():
         detect_from_keys({"model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3)})
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sdxl-refiner"])
 def test_detect_tiny_models_in_both_layouts(family: str, tmp_path: Path, request):
     from runtime.tiny import make_tiny
 
-    expected = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[family]
+    expected = {
+        "sd15": Family("sd1"),
+        "sd2": Family("sd2"),
+        "sdxl": Family("sdxl"),
+        "sdxl-refiner": Family("sdxl", refiner=True),
+    }[family]
     if family == "sd15":
         folder = request.getfixturevalue("tiny_sd15_dir")
     elif family == "sdxl":
         folder = request.getfixturevalue("tiny_sdxl_dir")
     else:
-        folder = make_tiny(tmp_path / "sd2", family="sd2")
+        folder = make_tiny(tmp_path / family, family=family)  # type: ignore[arg-type]
     single = make_tiny(tmp_path / f"{family}-single", family=family, single_file=True)  # type: ignore[arg-type]
-    assert detect(folder) == Family(expected)
-    assert detect(single) == Family(expected)
+    assert detect(folder) == expected
+    assert detect(single) == expected
 
 
 def _write(path: Path, data: bytes) -> Path:
