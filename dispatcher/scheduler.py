@@ -36,7 +36,7 @@ import bisect
 import heapq
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
@@ -161,6 +161,7 @@ class Policy(Protocol):
         now: float,
         tasks: Sequence[PendingTask] | Backlog,
         pods: Sequence[PodView],
+        others: Mapping[str, int] | None = None,
     ) -> Plan: ...
 
 
@@ -200,6 +201,7 @@ class FifoPolicy:
         now: float,
         tasks: Sequence[PendingTask] | Backlog,
         pods: Sequence[PodView],
+        others: Mapping[str, int] | None = None,
     ) -> Plan:
         queue = iter(Backlog.of(tasks))
         return _fill(pods, lambda _pod: next(queue, None))
@@ -231,6 +233,7 @@ class HolderFirstPolicy:
         now: float,
         tasks: Sequence[PendingTask] | Backlog,
         pods: Sequence[PodView],
+        others: Mapping[str, int] | None = None,
     ) -> Plan:
         backlog = Backlog.of(tasks)
         taken = Counter[str]()  # per model: how many of its oldest are assigned
@@ -278,8 +281,13 @@ class AffinityPolicy:
         now: float,
         tasks: Sequence[PendingTask] | Backlog,
         pods: Sequence[PodView],
+        others: Mapping[str, int] | None = None,
     ) -> Plan:
-        state = _State(now, tasks, pods, self.costs)
+        """`others`: per model, the tasks other dispatcher replicas hold waiting (their
+        reports through the pods). They count in every judgement of a model's backlog
+        (is it worth a load, how many servers it deserves, does a pod's model still
+        have work); only this replica's own `tasks` are assigned."""
+        state = _State(now, tasks, pods, self.costs, others)
         plan = Plan()
 
         # 1. Fail fast: no pod can obtain the model.
@@ -293,20 +301,44 @@ class AffinityPolicy:
                             Reject(task.key, model, "no pod of this runtime can obtain the model")
                         )
 
+        if state.free_pods():
+            self._assign(state, plan)
+
+        # 5. Prefetch for busy pods about to run out of their model.
+        order: list[str] | None = None
+        for pod in state.pods.values():
+            if pod.free_slots > 0 or pod.active_model is None:
+                continue
+            if state.demand(pod.active_model) > 0:
+                continue
+            if order is None:
+                order = self._prefetch_order(state)
+            choice = self._prefetch_choice(state, pod, order)
+            if choice is not None and choice not in pod.ram and not pod.holds(choice):
+                plan.decisions.append(Prefetch(pod.name, choice))
+
+        plan.wake_at = self._wake_at(state)
+        return plan
+
+    def _assign(self, state: _State, plan: Plan) -> None:
+        """Rules 2-4: hand the free pods out."""
+        now = state.now
         # 2. Max wait: overdue tasks of unserved models get the least harmful free pod.
         # Overdue also means older than what pods serve now by half the bound: in
         # a burst every task is as old as the rest, and serving one model first
         # shortens no wait, it only adds switches.
-        served = [state.oldest(m) for m in state.models() if state.servers[m] > 0]
+        models = state.models()
+        oldest = {m: state.oldest(m) for m in models}
+        served = [oldest[m] for m in models if state.servers[m] > 0]
         reference = now - min(served, default=now)
         overdue = [
             m
-            for m in state.models()
+            for m in models
             if state.servers[m] == 0
-            and now - state.oldest(m) >= self.max_wait
-            and now - state.oldest(m) - reference >= self.max_wait / 2
+            and now - oldest[m] >= self.max_wait
+            and now - oldest[m] - reference >= self.max_wait / 2
         ]
-        for model in sorted(overdue, key=lambda m: (state.oldest(m), m)):
+        for model in sorted(overdue, key=lambda m: (oldest[m], m)):
             wait = now - state.oldest(model)
             candidates = [
                 p for p in state.free_pods() if state.may_leave(p, wait, self.max_wait / 2)
@@ -321,13 +353,24 @@ class AffinityPolicy:
                 stay = self._choose(state, state.pods[name])
                 assert stay is not None
                 plan.decisions.append(state.assign(state.pods[name], stay))
+        # A free pod whose model this replica has no task of, but other replicas
+        # have: left free for them (they send at their next plan) rather than
+        # switched away, at most one pod per task they hold.
+        held: Counter[str] = Counter()
+        free = []
+        for pod in state.free_pods():
+            active = pod.active_model
+            if active is not None and held[active] < state.others_of(active):
+                held[active] += 1
+            else:
+                free.append(pod)
         # 4. Switching: one switch at a time, the most pressing model onto the
         #    pod that loads it cheapest, until every free pod is used or waits.
         #    Each free pod ranks the models once (a heap); an assignment changes
         #    the keys of two models only (the one opened, the one left), so a
         #    pod's top entry is checked again when read, and the model left is
         #    offered anew: O(pods x models) per plan, not per switch.
-        ranks = {p.name: self._ranking(state, p) for p in state.free_pods()}
+        ranks = {p.name: self._ranking(state, p) for p in free}
         while True:
             best: tuple[tuple[float, ...], str, str] | None = None
             for name in list(ranks):
@@ -353,19 +396,6 @@ class AffinityPolicy:
                     if key is not None:
                         heapq.heappush(heap, (_neg(key), changed))
 
-        # 5. Prefetch for busy pods about to run out of their model.
-        for pod in state.pods.values():
-            if pod.free_slots > 0 or pod.active_model is None:
-                continue
-            if state.count[pod.active_model] > 0:
-                continue
-            choice = self._target(state, pod)
-            if choice is not None and choice not in pod.ram and not pod.holds(choice):
-                plan.decisions.append(Prefetch(pod.name, choice))
-
-        plan.wake_at = self._wake_at(state)
-        return plan
-
     def _choose(self, state: _State, pod: PodView) -> str | None:
         """The model `pod`'s next free slot serves, or None to leave it free."""
         current = pod.active_model
@@ -374,11 +404,11 @@ class AffinityPolicy:
         # Spread: leave a model others also serve for one no pod serves, when that
         # one's tasks pay for the load and outnumber what stays per server here.
         if state.servers[current] >= 2:
-            mine = state.count[current] / (state.servers[current] - 1)
+            mine = state.demand(current) / (state.servers[current] - 1)
             for model in state.unserved():
-                if state.count[model] <= mine:
-                    break  # sorted by count: none further is worth it
-                if state.servers[model] > 0:
+                if state.demand(model) <= mine:
+                    break  # sorted by demand: none further is worth it
+                if state.servers[model] > 0 or state.count[model] <= 0:
                     continue  # opened meanwhile in this plan
                 if self._key(state, pod, model)[0] >= 1.0:
                     return model
@@ -411,16 +441,29 @@ class AffinityPolicy:
     def _target(self, state: _State, pod: PodView) -> str | None:
         """The model `pod` would switch to: the most expected work per server
         once it joins, among the models whose work pays for the load."""
-        best = self._best(state, pod)
-        return None if best is None else best[1]
-
-    def _best(self, state: _State, pod: PodView) -> tuple[tuple[float, ...], str] | None:
         best: tuple[tuple[float, ...], str] | None = None
         for model in state.models():
             key = self._candidate(state, pod, model)
             if key is not None and (best is None or (key, model) > best):
                 best = (key, model)
-        return best
+        return None if best is None else best[1]
+
+    def _prefetch_order(self, state: _State) -> list[str]:
+        """Models by their switch priority for a pod that holds none of them (one
+        ranking per plan for every busy pod: a hint need not weigh each pod's tiers)."""
+        bar = self.switch_factor * state.costs.remote / state.costs.inference
+        servers, demand = state.servers, state.demand
+        keys = []
+        for model in state.models():
+            d, n = demand(model), servers[model]
+            keys.append((float(n == 0 and d >= bar), d / (n + 1), model))
+        return [k[2] for k in heapq.nlargest(_PREFETCH_TRIES, keys)]
+
+    def _prefetch_choice(self, state: _State, pod: PodView, order: list[str]) -> str | None:
+        for model in order:
+            if self._candidate(state, pod, model) is not None:
+                return model
+        return None
 
     def _candidate(self, state: _State, pod: PodView, model: str) -> tuple[float, ...] | None:
         """`model`'s priority for `pod` to switch to, or None when it should not."""
@@ -439,23 +482,23 @@ class AffinityPolicy:
         """Priority of `model` for `pod`: its expected work per server once the pod joins."""
         joins = 0 if model == pod.active_model else 1
         servers = state.servers[model]
+        demand = state.demand(model)
         # A model no pod serves comes first once its expected work pays for a load.
         if load is None:
             load = state.costs.load(pod, model)
-        opens = servers == 0 and state.count[model] * state.costs.inference >= (
-            self.switch_factor * load
-        )
-        return (float(opens), state.count[model] / (servers + joins), -state.oldest(model))
+        opens = servers == 0 and demand * state.costs.inference >= (self.switch_factor * load)
+        return (float(opens), demand / (servers + joins), -state.oldest(model))
 
     def _wake_at(self, state: _State) -> float | None:
         """The next time a wait bound trips without any event."""
-        times = [
-            state.oldest(m) + self.max_wait
-            for m, n in state.count.items()
-            if n > 0 and state.servers[m] == 0
-        ]
-        future = [t for t in times if t > state.now]
-        return min(future) if future else None
+        servers, oldest = state.servers, state.oldest
+        soonest = min((oldest(m) for m in state.models() if servers[m] == 0), default=math.inf)
+        soonest += self.max_wait
+        return soonest if state.now < soonest < math.inf else None
+
+
+#: Models a busy pod's prefetch hint is chosen among (the top of one ranking).
+_PREFETCH_TRIES = 8
 
 
 def _neg(key: tuple[float, ...]) -> tuple[float, ...]:
@@ -488,13 +531,18 @@ class _State:
         tasks: Sequence[PendingTask] | Backlog,
         pods: Sequence[PodView],
         costs: CostModel,
+        others: Mapping[str, int] | None = None,
     ) -> None:
         self.now = now
         self.costs = costs
         self.backlog = Backlog.of(tasks)
+        #: Other replicas' waiting tasks per model: non-negative ints, bounded by
+        #: whoever built the mapping (the router checks what pods relay).
+        self.others: Mapping[str, int] = others if others is not None else {}
         #: Per model: how many of its oldest tasks this plan has assigned or failed.
         self.taken: Counter[str] = Counter()
         self.count: Counter[str] = Counter({m: len(q) for m, q in self.backlog.by_model.items()})
+        self._models = [m for m, n in self.count.items() if n > 0]
         self.pods = {p.name: p for p in sorted(pods, key=lambda p: p.name)}
         self.servers: Counter[str] = Counter(
             p.active_model for p in self.pods.values() if p.active_model is not None
@@ -504,22 +552,36 @@ class _State:
     def own(self, pod: PodView) -> int:
         return self.count[pod.active_model] if pod.active_model is not None else 0
 
+    def others_of(self, model: str) -> int:
+        """Tasks of `model` other replicas hold waiting (0 when unknown)."""
+        return self.others.get(model, 0)
+
+    def demand(self, model: str) -> int:
+        """Tasks of `model` waiting anywhere: this replica's not yet taken, and the others'."""
+        return self.count[model] + self.others.get(model, 0)
+
     def oldest(self, model: str) -> float:
-        if self.count[model] <= 0:
+        queue = self.backlog.by_model.get(model)
+        if not queue:
             return math.inf
-        return self.backlog.by_model[model][self.taken[model]].enqueued_at
+        taken = self.taken.get(model)
+        if taken is None:
+            return queue[0].enqueued_at
+        return queue[taken].enqueued_at if taken < len(queue) else math.inf
 
     def unserved(self) -> list[str]:
-        """Models with tasks and no pod, most tasks first (computed once per plan)."""
+        """Models with tasks and no pod, most demand first (computed once per plan)."""
         if self._unserved is None:
             self._unserved = sorted(
                 (m for m in self.models() if self.servers[m] == 0),
-                key=lambda m: (-self.count[m], self.oldest(m), m),
+                key=lambda m: (-self.demand(m), self.oldest(m), m),
             )
         return self._unserved
 
     def models(self) -> list[str]:
-        return [m for m, n in self.count.items() if n > 0]
+        """Models with tasks of this replica waiting (at the plan's start; callers
+        that need it check `count`, which assignments lower)."""
+        return self._models
 
     def drop(self, model: str) -> list[PendingTask]:
         tasks = self.backlog.by_model[model][self.taken[model] :]
@@ -545,7 +607,7 @@ class _State:
 
     def harm(self, pod: PodView, model: str) -> tuple[float, ...]:
         current = pod.active_model
-        orphans = current is not None and self.count[current] > 0 and self.servers[current] <= 1
+        orphans = current is not None and self.demand(current) > 0 and self.servers[current] <= 1
         return (float(orphans), self.costs.load(pod, model), -self.servers[current or ""], 0.0)
 
     def assign(self, pod: PodView, model: str) -> Assign:

@@ -32,7 +32,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dispatcher.scheduler import (
@@ -151,6 +151,8 @@ class _Replica:
     backlog: Backlog = field(default_factory=Backlog)
     running: int = 0
     wake: float | None = None
+    #: Received tasks since its last plan.
+    fresh: bool = False
 
     def room(self, window: int | None) -> int:
         if window is None:
@@ -172,6 +174,8 @@ def simulate(
     window: int | None = None,
     replicas: int = 1,
     initial_models: Sequence[str | None] | None = None,
+    shared_view: bool = True,
+    view_interval: float = 0.0,
 ) -> SimResult:
     """Run `tasks` through `policy` on `pods` identical single-slot pods.
 
@@ -181,19 +185,33 @@ def simulate(
     own share onto the same pods, whose state every replica sees (polled).
     At one instant the replicas plan one after the other, each seeing the
     pods the ones before it took.
+
+    `shared_view`: each replica also sees the others' waiting tasks per model
+    (`others` of `Policy.plan`, what the pods relay in the live system), as of
+    the last refresh: every `view_interval` time units (0: always current), so
+    a replica may act on counts up to one poll old.
     """
     fleet = [_SimPod(f"pod-{i}") for i in range(pods)]
     for pod, model in zip(fleet, initial_models or [], strict=False):
         pod.active = model
+    # Each pod's view, rebuilt only when the pod changes (not per plan).
+    views = [_view(p) for p in fleet]
     arrivals = sorted(tasks, key=lambda t: (t.arrival, t.key))
     by_key = {t.key: t for t in arrivals}
     queue: list[SimTask] = []  # arrived, not yet received by any replica (oldest first)
     head = 0
     group = [_Replica(i) for i in range(max(1, replicas))]
+    share = shared_view and len(group) > 1
+    #: Waiting tasks per model over every replica (kept as they come and go).
+    total: dict[str, int] = defaultdict(int)
+    #: Per replica: the others' counts as last refreshed (view_interval > 0).
+    snapshots: list[dict[str, int]] = [{} for _ in group]
+    next_refresh = 0.0
     waits: dict[str, float] = {}
     switches = rejected = prefetches = plan_calls = 0
     plan_seconds = 0.0
-    # Events: (time, order, kind, payload); kind 0 = pod done, 1 = arrival, 2 = wake.
+    # Events: (time, order, kind, payload); kind 0 = pod done, 1 = arrival, 2 = wake,
+    # 3 = the shared view refreshes.
     events: list[tuple[float, int, int, str]] = []
     order = 0
     for task in arrivals:
@@ -202,6 +220,12 @@ def simulate(
     now = 0.0
     last_finish = 0.0
     turn = 0
+    receiver = 0
+
+    def gone(replica: _Replica, job: PendingTask) -> None:
+        replica.waiting.pop(job.key, None)
+        replica.backlog.discard(job)
+        total[job.model] -= 1
 
     while events:
         now = events[0][0]
@@ -212,51 +236,73 @@ def simulate(
             if kind == 1:
                 queue.append(by_key[payload])
             elif kind == 0:
-                pod = fleet[int(payload)]
+                index = int(payload)
+                pod = fleet[index]
                 if pod.owner is not None:
                     group[pod.owner].running -= 1
                     first = pod.owner if first is None else first
                 pod.busy_until = pod.owner = None
+                views[index] = _view(pod)
         # Receive: each replica in turn takes a batch while it has room.
+        # The replica to receive first rotates: SQS hands a new message to any of
+        # the replicas' long polls, not always to the same one.
         moved = True
         while head < len(queue) and moved:
             moved = False
-            for replica in group:
+            for replica in group[receiver:] + group[:receiver]:
                 n = min(_RECEIVE_BATCH, replica.room(window), len(queue) - head)
                 if n > 0:
                     for arrived in queue[head : head + n]:
                         pending = PendingTask(arrived.key, arrived.model, arrived.arrival)
                         replica.waiting[arrived.key] = pending
                         replica.backlog.add(pending)
+                        total[pending.model] += 1
+                    replica.fresh = True
                     head += n
                     moved = True
+                    receiver = (replica.index + 1) % len(group)
+        if share and view_interval > 0 and now >= next_refresh:
+            for replica, snapshot in zip(group, snapshots, strict=True):
+                snapshot.clear()
+                for model, n in total.items():
+                    rest = n - len(replica.backlog.by_model.get(model, ()))
+                    if rest > 0:
+                        snapshot[model] = rest
+            next_refresh = now + view_interval
+            if any(r.waiting for r in group):
+                heapq.heappush(events, (next_refresh, order, 3, ""))
+                order += 1
         # Plan: the replica whose job ended learns first; the others in turn.
         turn += 1
         start = first if first is not None else turn % len(group)
         for replica in group[start:] + group[:start]:
             if not replica.waiting:
                 continue
-            if replica.wake is not None and replica.wake <= now:
+            woken = replica.wake is not None and replica.wake <= now
+            if woken:
                 replica.wake = None
-            views = [
-                PodView(
-                    name=p.name,
-                    free_slots=0 if p.busy_until is not None else 1,
-                    active_model=p.active,
-                    gpu=frozenset({p.active}) if p.active else frozenset(),
+            if not (woken or replica.fresh or any(v.free_slots for v in views)):
+                # No pod is free and nothing of its own changed: a plan could only
+                # repeat its prefetch hints (the dispatcher asks anyway; it is cheap).
+                continue
+            replica.fresh = False
+            others: Mapping[str, int] | None = None
+            if share:
+                others = (
+                    snapshots[replica.index]
+                    if view_interval > 0
+                    else _Others(total, replica.backlog)
                 )
-                for p in fleet
-            ]
             began = time.perf_counter()
-            plan = policy.plan(now, replica.backlog, views)
+            plan = policy.plan(now, replica.backlog, views, others)
             plan_seconds += time.perf_counter() - began
             plan_calls += 1
             for decision in plan.decisions:
                 if isinstance(decision, Assign):
                     index = int(decision.pod.rsplit("-", 1)[1])
                     pod = fleet[index]
-                    job = replica.waiting.pop(decision.task)
-                    replica.backlog.discard(job)
+                    job = replica.waiting[decision.task]
+                    gone(replica, job)
                     if pod.busy_until is not None:
                         raise RuntimeError(f"{policy.name} assigned {job.key} to busy {pod.name}")
                     cost = inference_time
@@ -266,15 +312,16 @@ def simulate(
                     pod.active = job.model
                     pod.busy_until = now + cost
                     pod.owner = replica.index
+                    views[index] = _view(pod)
                     replica.running += 1
                     last_finish = max(last_finish, pod.busy_until)
                     waits[job.key] = now - job.enqueued_at
                     heapq.heappush(events, (pod.busy_until, order, 0, str(index)))
                     order += 1
                 elif isinstance(decision, Reject):
-                    dropped = replica.waiting.pop(decision.task, None)
+                    dropped = replica.waiting.get(decision.task)
                     if dropped is not None:
-                        replica.backlog.discard(dropped)
+                        gone(replica, dropped)
                     rejected += 1
                 elif isinstance(decision, Prefetch):
                     prefetches += 1
@@ -299,6 +346,39 @@ def simulate(
         plan_calls=plan_calls,
         plan_seconds=plan_seconds,
     )
+
+
+def _view(pod: _SimPod) -> PodView:
+    return PodView(
+        name=pod.name,
+        free_slots=0 if pod.busy_until is not None else 1,
+        active_model=pod.active,
+        gpu=frozenset({pod.active}) if pod.active else frozenset(),
+    )
+
+
+class _Others(Mapping[str, int]):
+    """The other replicas' waiting tasks per model, read from the totals as they are."""
+
+    def __init__(self, total: Mapping[str, int], own: Backlog) -> None:
+        self._total = total
+        self._own = own
+
+    def __getitem__(self, model: str) -> int:
+        n = self._total.get(model, 0) - len(self._own.by_model.get(model, ()))
+        if n <= 0:
+            raise KeyError(model)
+        return n
+
+    def get(self, model: str, default: int | None = None) -> int | None:  # type: ignore[override]
+        n = self._total.get(model, 0) - len(self._own.by_model.get(model, ()))
+        return n if n > 0 else default
+
+    def __iter__(self) -> Iterator[str]:
+        return (m for m in self._total if m in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def affinity_for(

@@ -178,9 +178,11 @@ def _codeformer(seed: int) -> Any:
 
 def codeformer_available() -> bool:
     """Whether the tiny CodeFormer can be built (spandrel-extra-arches is installed)."""
-    import importlib.util
-
-    return importlib.util.find_spec("spandrel_extra_arches") is not None
+    try:
+        import spandrel_extra_arches  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 TINY_FACE_MODELS: dict[str, Callable[[int], Any]] = {

@@ -532,7 +532,7 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
         if args.kind == "faces" and not tiny_kinds.codeformer_available():
             _print(
                 "no tiny CodeFormer: its architecture needs spandrel-extra-arches "
-                "(non-commercial licence, docs/models.md); pip install spandrel-extra-arches"
+                '(non-commercial licence, docs/models.md): pip install "sdeks[restorer-codeformer]"'
             )
         _print(f"upload the contents of {args.dir} to the models bucket's root")
         return EXIT_OK

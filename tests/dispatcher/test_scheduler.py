@@ -146,3 +146,45 @@ def test_policies_are_deterministic():
     waiting = tasks(*[(m, float(i % 7)) for i, m in enumerate("abcdabcaaab" * 3)])
     for policy in (AffinityPolicy(costs=COSTS), FifoPolicy()):
         assert policy.plan(3.0, waiting, pods) == policy.plan(3.0, list(reversed(waiting)), pods)
+
+
+def test_affinity_leaves_a_pod_free_for_the_replica_that_has_its_models_tasks():
+    # GIVEN p1 free on "a", this replica holding only "b" tasks, another replica 5 "a" tasks
+    pods = [PodView("p1", 1, "a", gpu=frozenset({"a"}))]
+    waiting = tasks(*[("b", 0.0)] * 40)
+    alone = AffinityPolicy(costs=COSTS).plan(1.0, waiting, pods)
+    assert assigned(alone) == {"t0": "p1"}  # on its own view it would switch p1 to "b"
+    shared = AffinityPolicy(costs=COSTS).plan(1.0, waiting, pods, others={"a": 5})
+    # THEN p1 is left on "a" for the other replica to send its tasks to
+    assert assigned(shared) == {}
+
+
+def test_affinity_holds_at_most_one_pod_per_task_other_replicas_have():
+    pods = [PodView(f"p{i}", 1, "a", gpu=frozenset({"a"})) for i in range(3)]
+    waiting = tasks(*[("b", 0.0)] * 200)  # enough "b" work for every pod
+    assert len(assigned(AffinityPolicy(costs=COSTS).plan(1.0, waiting, pods))) == 3
+    plan = AffinityPolicy(costs=COSTS).plan(1.0, waiting, pods, others={"a": 1})
+    assert len(assigned(plan)) == 2
+
+
+def test_affinity_counts_other_replicas_tasks_when_a_load_pays_off():
+    # GIVEN a free pod on "a" with more "a" work, a second server of "a", and a rare
+    # model "r": 2 tasks here do not pay for a 30 s load, 2 + 40 elsewhere do
+    pods = [
+        PodView("p1", 1, "a", gpu=frozenset({"a"})),
+        PodView("p2", 0, "a", gpu=frozenset({"a"})),
+    ]
+    waiting = tasks(*[("a", 0.0)] * 10, ("r", 0.0), ("r", 0.0))
+    alone = AffinityPolicy(costs=COSTS).plan(1.0, waiting, pods)
+    assert {d.model for d in alone.assignments} == {"a"}
+    shared = AffinityPolicy(costs=COSTS).plan(1.0, waiting, pods, others={"r": 40})
+    # THEN p1 opens "r" (the other replica sends its "r" tasks there next)
+    assert [(d.pod, d.model, d.switch) for d in shared.assignments] == [("p1", "r", True)]
+
+
+def test_policies_take_others_and_assign_only_their_own_tasks():
+    pods = [PodView(f"p{i}", 1, None) for i in range(4)]
+    waiting = tasks(("a", 0.0), ("b", 0.0))
+    for policy in (AffinityPolicy(costs=COSTS), FifoPolicy()):
+        plan = policy.plan(1.0, waiting, pods, others={"a": 100, "c": 50})
+        assert set(assigned(plan)) <= {"t0", "t1"}

@@ -58,3 +58,23 @@ def test_affinity_max_wait_bounds_rare_model_under_steady_stream():
     assert result.waits["rare"] <= 50 + 1 + 10
     # AND switching cost is paid only for it and back
     assert result.switches <= 3
+
+
+def test_replicas_with_the_shared_view_schedule_like_one():
+    # 4 replicas each holding a quarter of a 16-pod burst: on their own view rare
+    # models accumulate 4x slower in each, and freed pods are switched away from
+    # models the other replicas still have tasks of
+    tasks = zipf_workload(n_tasks=3000, n_models=32, exponent=1.1, seed=1)
+    common = {"pods": 16, "inference_time": 1, "switch_cost": 10, "window": 1024}
+    bound = lower_bound(tasks, 16, 1, 10)
+    alone = simulate(affinity_for(1, 10), tasks, replicas=4, shared_view=False, **common)
+    shared = simulate(affinity_for(1, 10), tasks, replicas=4, **common)
+    one = simulate(affinity_for(1, 10), tasks, replicas=1, **common)
+    assert shared.n_tasks == alone.n_tasks == 3000
+    assert shared.makespan < alone.makespan
+    assert shared.switches < alone.switches
+    assert shared.makespan / bound <= max(1.15, one.makespan / bound)
+    # a view one poll old still schedules every task and is deterministic
+    stale = simulate(affinity_for(1, 10), tasks, replicas=4, view_interval=0.5, **common)
+    assert stale.n_tasks == 3000
+    assert stale == simulate(affinity_for(1, 10), tasks, replicas=4, view_interval=0.5, **common)
