@@ -288,13 +288,20 @@ def _wildcard_manager(models: Models, syntax: Syntax) -> Any:
         """Refuses unknown wildcards and wildcards that name themselves, before the
         library recurses into them (it would until Python's recursion limit)."""
 
-        def __init__(self, files: dict[str, Any]) -> None:
-            super().__init__(wildcard_wrap=wrap, root_map={"": [files]} if files else None)
+        def __init__(self) -> None:
+            super().__init__(wildcard_wrap=wrap, root_map={"": [bucket_files(False)]})
             self.refs: dict[str, set[str]] = {}
+            self.relisted = False
 
         def get_values(self, wildcard: str) -> Any:
             values = super().get_values(wildcard)
             name = wildcard.strip()
+            if not values.string_values and not self.relisted:
+                # Perhaps uploaded since the bucket was last listed: list it once more.
+                self.relisted = True
+                self._root_map = {"": [bucket_files(True)]}
+                self.clear_cache()
+                values = super().get_values(wildcard)
             if not values.string_values:
                 raise InvalidParameterError(
                     f"Dynamic Prompts wildcard {wrap}{name}{wrap} not found: no "
@@ -322,11 +329,14 @@ def _wildcard_manager(models: Models, syntax: Syntax) -> Any:
 
             walk(start, [start])
 
-    files: dict[str, Any] = {}
-    for key in models.file_keys(WILDCARDS_PREFIX):
-        if key.endswith(".txt"):
-            files[key[len(WILDCARDS_PREFIX) : -len(".txt")]] = BucketWildcardFile(key)
-    return BucketWildcards(files)
+    def bucket_files(relist: bool) -> dict[str, Any]:
+        return {
+            key[len(WILDCARDS_PREFIX) : -len(".txt")]: BucketWildcardFile(key)
+            for key in models.file_keys(WILDCARDS_PREFIX, relist=relist)
+            if key.endswith(".txt")
+        }
+
+    return BucketWildcards()
 
 
 # expansion -------------------------------------------------------------------------------

@@ -349,3 +349,18 @@ def test_corpus_body_renders_through_the_api_with_expanded_prompts(models_root, 
     assert (
         dynamic_prompts.SCRIPT in listed["txt2img"] and dynamic_prompts.SCRIPT in listed["img2img"]
     )
+
+
+def test_a_wildcard_uploaded_after_the_listing_is_found(tmp_path):
+    from runtime.model_store import StoreLimits
+
+    (tmp_path / "bucket" / "wildcards").mkdir(parents=True)
+    (tmp_path / "bucket" / "wildcards" / "one.txt").write_text("first\n")
+    fresh = ModelStore(
+        LocalSource(tmp_path / "bucket"),
+        cache_dir=tmp_path / "cache",
+        limits=StoreLimits(relist_after_s=0),
+    )
+    assert run(fresh, "__one__", n=1).prompts == ["first"]
+    (tmp_path / "bucket" / "wildcards" / "late.txt").write_text("later\n")
+    assert run(fresh, "__late__", n=1).prompts == ["later"]
