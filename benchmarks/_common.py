@@ -277,16 +277,23 @@ class MotoServer(_Service):
         }
         return aws.client(service, endpoint_url=self.endpoint, credentials=credentials, **config)
 
-    def new_stack(self, runtimes: Sequence[str] = (RUNTIME,)) -> Any:
-        """A freshly named copy of the stack's resources (empty queues)."""
+    def new_stack(
+        self, runtimes: Sequence[str] = (RUNTIME,), *, visibility_timeout_s: int | None = None
+    ) -> Any:
+        """A freshly named copy of the stack's resources (empty queues); the queues'
+        visibility timeout is the stack's unless `visibility_timeout_s` is given."""
         from sdeks.names import StackNames
         from sdeks.resources import create_stack_resources
 
         clients = {s: self.client(s) for s in ("sns", "sqs", "s3", "dynamodb")}
+        extra = (
+            {} if visibility_timeout_s is None else {"visibility_timeout_s": visibility_timeout_s}
+        )
         return create_stack_resources(
             **clients,
             runtimes=list(runtimes),
             names=StackNames(prefix=f"b{uuid.uuid4().hex[:8]}"),
+            **extra,
         )
 
 
@@ -320,6 +327,11 @@ class PodFleet(_Service):
             for record in _get_json(f"{url}/bench/records")["records"]:
                 out.append({**record, "pod": url})
         return out
+
+    def done(self) -> int:
+        """Jobs the pods finished since the last reset: one cheap call (any pod answers for
+        every pod of its process), so asking often costs the pods' event loop little."""
+        return int(_get_json(f"{self.urls[0]}/bench/done")["done"])
 
     def refused(self) -> int:
         """Jobs the pods answered 429 since the last reset."""
@@ -579,12 +591,28 @@ class _PodDouble:
 async def _serve_pods(kind: str, ports: list[int], slots: int) -> None:
     from aiohttp import web
 
+    from sdeks.demand import DemandBoard, DemandError, DemandReport
+
     runners = []
+    pods: list[_PodDouble] = []
     for port in ports:
         pod = _PodDouble(f"pod-{port}", kind, slots)
+        pods.append(pod)
 
         async def state(_: web.Request, pod: _PodDouble = pod) -> web.Response:
             return web.json_response(pod.state())
+
+        board = DemandBoard()
+
+        async def report(request: web.Request, pod: _PodDouble = pod, board=board) -> web.Response:
+            # The runtime's relay of the replicas' waiting work (sdeks.demand), as it is.
+            try:
+                got = DemandReport.parse(await request.json())
+            except (DemandError, ValueError) as exc:
+                return web.json_response({"detail": str(exc)}, status=400)
+            board.report(got)
+            demand, other = board.others(got.replica)
+            return web.json_response({**pod.state(), "demand": demand, "demand_other": other})
 
         async def job(request: web.Request, pod: _PodDouble = pod) -> web.Response:
             status, doc = await pod.job(await request.read())
@@ -597,15 +625,20 @@ async def _serve_pods(kind: str, ports: list[int], slots: int) -> None:
         async def records(_: web.Request, pod: _PodDouble = pod) -> web.Response:
             return web.json_response({"records": pod.records, "refused": pod.refused})
 
+        async def done(_: web.Request) -> web.Response:
+            return web.json_response({"done": sum(len(p.records) for p in pods)})
+
         async def reset(request: web.Request, pod: _PodDouble = pod) -> web.Response:
             pod.reset(await request.json())
             return web.json_response(None)
 
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/v1/state", state)
+        app.router.add_post("/v1/state", report)
         app.router.add_post("/v1/jobs", job)
         app.router.add_post("/v1/prefetch", prefetch)
         app.router.add_get("/bench/records", records)
+        app.router.add_get("/bench/done", done)
         app.router.add_post("/bench/reset", reset)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()

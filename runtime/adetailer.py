@@ -18,9 +18,14 @@ turn with the render's own checkpoint: seed + j, `ad_denoising_strength`,
 `ad_mask_blur`, `ad_inpaint_only_masked` (+ padding), `ad_inpaint_masked_content`,
 `ad_prompt` (+ `ad_prompt_append`), separate size / steps / CFG / CLIP skip
 when `ad_use_inpaint_width_height` / `ad_use_steps` / `ad_use_cfg_scale` /
-`ad_use_clip_skip`. A setting this stage cannot honour is refused naming it,
-unless its value is the neutral one ("Use same checkpoint", a noise
-multiplier of 1...). Pixels outside the
+`ad_use_clip_skip`, and per pass (`PassTools`, built once for the stage):
+another checkpoint (`ad_use_checkpoint`, leased for the stage), VAE
+(`ad_use_vae`), sampler and schedule (`ad_use_sampler`), initial noise
+multiplier (`ad_use_noise_multiplier`), face restoration of the inpainted
+result (`ad_restore_face`), boxes grown before masking
+(`ad_mask_bbox_expansion`). A setting this stage cannot honour (ControlNet
+inside ADetailer, `ad_inpaint_scale`) is refused naming it, unless its value
+is the neutral one. Pixels outside the
 blurred mask are the original's, exactly. What was found goes into the
 infotext and `info.extra_generation_params` (`ADetailer detections`).
 """
@@ -28,6 +33,7 @@ infotext and `info.extra_generation_params` (`ADetailer detections`).
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -290,25 +296,10 @@ def _check_supported(args: ADetailerArgs, where: str) -> None:
     if not args.active:
         return
     refused = {
-        "ad_use_checkpoint": (
-            args.ad_use_checkpoint and not is_unset(args.ad_checkpoint),
-            "a separate checkpoint",
-        ),
-        "ad_use_vae": (args.ad_use_vae and not is_unset(args.ad_vae), "a separate VAE"),
-        "ad_use_sampler": (
-            args.ad_use_sampler and not (is_unset(args.ad_sampler) and is_unset(args.ad_scheduler)),
-            "a separate sampler",
-        ),
-        "ad_use_noise_multiplier": (
-            args.ad_use_noise_multiplier and args.ad_noise_multiplier != 1.0,
-            "a noise multiplier",
-        ),
-        "ad_restore_face": (args.ad_restore_face, "face restoration"),
         "ad_controlnet_model": (
             not is_unset(args.ad_controlnet_model),
             "ControlNet inside ADetailer",
         ),
-        "ad_mask_bbox_expansion": (args.ad_mask_bbox_expansion != 0, "bounding box expansion"),
         "ad_inpaint_scale": (args.ad_inpaint_scale != 1.0, "an inpaint scale other than 1"),
     }
     for name, (bad, what) in refused.items():
@@ -316,6 +307,124 @@ def _check_supported(args: ADetailerArgs, where: str) -> None:
             raise InvalidParameterError(
                 f"`{where}.{name}`: {what} is not supported by ADetailer here"
             )
+
+
+# --- what a pass inpaints with (the `ad_use_*` switches) ---------------------------
+
+
+def pass_sampler(args: ADetailerArgs, request: Any) -> Any:
+    """`ad_use_sampler`: the pass's `samplers.SamplerChoice`, or None for the render's own.
+
+    As the extension: "Use same sampler" / "Use same scheduler" take the request's;
+    a schedule label at the end of `ad_sampler` ("DPM++ 2M Karras") wins, as in A1111."""
+    from runtime import samplers
+
+    if not args.ad_use_sampler or (is_unset(args.ad_sampler) and is_unset(args.ad_scheduler)):
+        return None
+    sampler = request.sampler if is_unset(args.ad_sampler) else args.ad_sampler
+    scheduler = request.scheduler if is_unset(args.ad_scheduler) else args.ad_scheduler
+    try:
+        return samplers.resolve(sampler, scheduler)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(
+            exc.message.replace("`sampler_name`", "`ad_sampler`").replace(
+                "`scheduler`", "`ad_scheduler`"
+            )
+        ) from exc
+
+
+def pass_checkpoint(args: ADetailerArgs, plan: Any, models: Any) -> str | None:
+    """`ad_use_checkpoint`: the checkpoint the pass inpaints with, or None for the render's.
+
+    Unknown: `model_not_found` naming `ad_checkpoint`. Prompt LoRAs are refused with
+    another checkpoint (they are applied to the render's weights only), as hires fix
+    refuses them with `hr_checkpoint_name`."""
+    name = args.ad_checkpoint
+    if not args.ad_use_checkpoint or is_unset(name):
+        return None
+    assert name is not None
+    try:
+        entry = models.resolve(name)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"`ad_checkpoint` {name!r}: {exc.message}") from exc
+    if entry.key == models.resolve(plan.checkpoint).key:
+        return None
+    if plan.loras:
+        raise InvalidParameterError(
+            f"`ad_checkpoint` {name!r}: prompt LoRAs are not supported with a different "
+            "ADetailer checkpoint"
+        )
+    return name
+
+
+def pass_vae(args: ADetailerArgs) -> str | None:
+    """`ad_use_vae`: the `VAE/` file the pass encodes and decodes with, or None."""
+    from runtime.a1111 import is_no_vae
+
+    if not args.ad_use_vae or is_no_vae(args.ad_vae):
+        return None
+    return args.ad_vae
+
+
+def pass_restorer(args: ADetailerArgs, plan: Any, models: Any) -> tuple[str, float] | None:
+    """`ad_restore_face`: (restorer, CodeFormer weight) from the A1111 options in force
+    (`face_restoration_model`, `code_former_weight`), as the extension's inner img2img
+    with `restore_faces` uses them; None when off."""
+    if not args.ad_restore_face:
+        return None
+    from runtime import face_restoration
+
+    return face_restoration._options_of(plan, models)
+
+
+def noise_multiplier(args: ADetailerArgs) -> float:
+    """`ad_use_noise_multiplier`: A1111's `initial_noise_multiplier` for the pass (1: none)."""
+    return args.ad_noise_multiplier if args.ad_use_noise_multiplier else 1.0
+
+
+def scale_initial_noise(pipe: Any, multiplier: float) -> None:
+    """Make this pass's inpaint pipeline start from its noise times `multiplier`.
+
+    A1111's img2img multiplies the sampler's initial noise by
+    `initial_noise_multiplier` before noising the init latents. diffusers' inpaint
+    pipelines noise them with `scheduler.add_noise(latents, noise, t)` (linear in
+    `noise` for every scheduler, so this is scheduler-agnostic) and, at strength 1,
+    start from `noise * init_noise_sigma` without `add_noise`. The pipeline and its
+    scheduler are this pass's own objects (`derive`), so no other render sees this.
+    The same scaled noise re-noises the kept region at each step (4-channel UNets)."""
+    scheduler = pipe.scheduler
+    add_noise = scheduler.add_noise
+
+    def scaled_add_noise(original: Any, noise: Any, timesteps: Any) -> Any:
+        return add_noise(original, noise * multiplier, timesteps)
+
+    scheduler.add_noise = scaled_add_noise
+    prepare = pipe.prepare_latents
+
+    def prepare_latents(*args: Any, **kwargs: Any) -> Any:
+        out = prepare(*args, **kwargs)
+        if kwargs.get("is_strength_max", True):  # pure noise: no `add_noise` was called
+            out = (out[0] * multiplier, *out[1:])
+        return out
+
+    pipe.prepare_latents = prepare_latents
+
+
+@dataclass
+class PassTools:
+    """What one pass inpaints with, built once per pass for the whole stage."""
+
+    #: The pipeline the inpaint pipeline is derived from (the render's, or `ad_checkpoint`'s).
+    source: Any
+    family: Any
+    #: The pass's VAE (`ad_vae`), or None for the source's.
+    vae: Any = None
+    #: The scheduler to set, or None to keep the source's (the render's sampler).
+    choice: Any = None
+    #: The scheduler config `choice` starts from (the checkpoint's own, untouched).
+    scheduler_config: Any = None
+    restorer: tuple[str, float] | None = None
+    noise_multiplier: float = 1.0
 
 
 # --- masks (the extension's mask.py) ----------------------------------------------
@@ -385,33 +494,73 @@ class ADetailerStage:
 
     def check(self, plan: Any, models: Any, settings: Any) -> None:
         from runtime.detectors import resolve_detector
+        from runtime.face_restoration import check_restorer
 
         for n, args in enumerate(passes_of(plan)):
+            where = f"ADetailer pass {n + 1}"
+            vae = None
             if args.ad_use_inpaint_width_height:
                 _check_inpaint_size(args, n, settings)
             try:
                 resolve_detector(models, args.ad_model)
             except (ModelNotFoundError, ModelLoadError) as exc:
-                raise type(exc)(f"ADetailer pass {n + 1} `ad_model`: {exc.message}") from exc
+                raise type(exc)(f"{where} `ad_model`: {exc.message}") from exc
+            try:
+                pass_sampler(args, plan.request)
+                pass_checkpoint(args, plan, models)
+                vae = pass_vae(args)
+                if vae is not None:
+                    models.fetch_vae(vae)
+                restorer = pass_restorer(args, plan, models)
+                if restorer is not None:
+                    check_restorer(models, restorer[0], "ad_restore_face")
+            except (InvalidParameterError, ModelNotFoundError, ModelLoadError) as exc:
+                message = exc.message
+                if vae is not None and "`ad_" not in message:
+                    message = f"`ad_vae` {vae!r}: {message}"
+                raise type(exc)(f"{where}: {message}") from exc
 
     def enabled(self, plan: Any) -> bool:
         return bool(passes_of(plan))
 
     def run(self, images: list[Image.Image], plan: Any, ctx: Any) -> list[Image.Image]:
+        passes = passes_of(plan)
+        # Leases of other checkpoints are held for the whole stage and released at its
+        # end; the render's own lease stays pinned meanwhile (the store never evicts a
+        # pinned model), so nothing is unloaded under the running render.
+        with ExitStack() as stack:
+            tools = [self._tools(args, plan, ctx, stack) for args in passes]
+            out, report = self._detail(images, passes, tools, plan, ctx)
+        params = plan.extra_params
+        for n, args in enumerate(passes):
+            suffix = "" if n == 0 else f" {_ordinal(n + 1)}"
+            params.update({f"{k}{suffix}": v for k, v in _params(args).items()})
+        params["ADetailer detections"] = "; ".join(report)
+        params["ADetailer version"] = VERSION
+        return out
+
+    def _detail(
+        self,
+        images: list[Image.Image],
+        passes: list[ADetailerArgs],
+        tools: list[PassTools],
+        plan: Any,
+        ctx: Any,
+    ) -> tuple[list[Image.Image], list[str]]:
         from runtime.detectors import DETECTOR, resolve_detector
 
-        passes = passes_of(plan)
         report: list[str] = []
         out = []
         for i, image in enumerate(images):
             found = []
-            for args in passes:
+            for args, kit in zip(passes, tools, strict=True):
                 ctx.control.check()
                 entry = resolve_detector(ctx.models, args.ad_model)
                 with ctx.models.use_weights(DETECTOR, entry) as lease:
                     dets = lease.model(image.convert("RGB"), args.ad_confidence)
                 dets = _filter(dets, args, image.size)
-                masks = preprocess_masks(box_masks(image.size, [d.box for d in dets]), args)
+                boxes = [expand_box(d.box, args.ad_mask_bbox_expansion, image.size) for d in dets]
+                masks = preprocess_masks(box_masks(image.size, boxes), args)
                 found.append(
                     f"{args.ad_model}: {len(dets)}"
                     + (f" ({', '.join(f'{d.score:.2f}' for d in dets)})" if dets else "")
@@ -419,46 +568,55 @@ class ADetailerStage:
                 seed = plan.plan.all_seeds[i] if i < len(plan.plan.all_seeds) else plan.plan.seed
                 for j, mask in enumerate(masks):
                     ctx.control.check()
-                    image = self._inpaint(image, mask, args, plan, ctx, seed + j)
+                    image = self._inpaint(image, mask, args, kit, plan, ctx, seed + j)
             report.append(f"image {i + 1}: " + "; ".join(found))
             out.append(image)
-        params = plan.extra_params
-        for n, args in enumerate(passes):
-            suffix = "" if n == 0 else f" {_ordinal(n + 1)}"
-            params[f"ADetailer model{suffix}"] = args.ad_model
-            params[f"ADetailer confidence{suffix}"] = args.ad_confidence
-            params[f"ADetailer dilate erode{suffix}"] = args.ad_dilate_erode
-            params[f"ADetailer mask blur{suffix}"] = args.ad_mask_blur
-            params[f"ADetailer denoising strength{suffix}"] = args.ad_denoising_strength
-            params[f"ADetailer inpaint only masked{suffix}"] = args.ad_inpaint_only_masked
-            if args.ad_inpaint_only_masked:
-                params[f"ADetailer inpaint padding{suffix}"] = args.ad_inpaint_only_masked_padding
-            if args.ad_mask_k:
-                params[f"ADetailer mask only top k{suffix}"] = args.ad_mask_k
-                params[f"ADetailer method to decide top k masks{suffix}"] = (
-                    args.ad_mask_filter_method
+        return out, report
+
+    def _tools(self, args: ADetailerArgs, plan: Any, ctx: Any, stack: ExitStack) -> PassTools:
+        """The pass's pipeline source, VAE, sampler, restorer and noise multiplier."""
+        from runtime.a1111 import is_no_vae
+
+        kit = PassTools(
+            source=ctx.pipe,
+            family=ctx.family,
+            choice=pass_sampler(args, plan.request),
+            restorer=pass_restorer(args, plan, ctx.models),
+            noise_multiplier=noise_multiplier(args),
+        )
+        checkpoint = pass_checkpoint(args, plan, ctx.models)
+        if checkpoint is not None:
+            lease = stack.enter_context(ctx.models.use(checkpoint, "inpaint"))
+            if getattr(lease.family, "refiner", False):
+                raise InvalidParameterError(
+                    f"`ad_checkpoint` {checkpoint!r} is an SDXL refiner; it cannot inpaint "
+                    "on its own: choose a base or inpainting checkpoint"
                 )
-            if args.ad_inpaint_masked_content != "original":
-                params[f"ADetailer inpaint masked content{suffix}"] = args.ad_inpaint_masked_content
-            if args.ad_use_clip_skip:
-                params[f"ADetailer CLIP skip{suffix}"] = args.ad_clip_skip
-            for name, label in (
-                ("ad_prompt", "prompt"),
-                ("ad_prompt_append", "prompt append"),
-                ("ad_negative_prompt", "negative prompt"),
-                ("ad_negative_prompt_append", "negative prompt append"),
-            ):
-                if getattr(args, name):
-                    params[f"ADetailer {label}{suffix}"] = getattr(args, name)
-        params["ADetailer detections"] = "; ".join(report)
-        params["ADetailer version"] = VERSION
-        return out
+            kit.source, kit.family = lease.pipeline, lease.family
+            # Its own scheduler config; the render's sampler unless `ad_sampler` is set.
+            kit.choice = kit.choice or plan.choice
+            kit.scheduler_config = lease.pipeline.scheduler.config
+            same_family = getattr(lease.family, "name", None) == getattr(ctx.family, "name", "")
+            if not is_no_vae(plan.vae_name) and same_family:
+                kit.source.vae = ctx.pipe.vae  # `sd_vae` applies to it, as in A1111
+        elif kit.choice is not None:
+            # The render's pipeline carries its sampler's options (Karras sigmas...): start
+            # from the checkpoint's own scheduler config, from a fresh lease of it.
+            with ctx.models.use(plan.checkpoint, "inpaint") as own:
+                kit.scheduler_config = own.pipeline.scheduler.config
+        vae = pass_vae(args)
+        if vae is not None:
+            from runtime.vae import load_vae
+
+            kit.vae = load_vae(ctx.models.fetch_vae(vae), kit.source.vae, ctx.device)
+        return kit
 
     def _inpaint(
         self,
         image: Image.Image,
         mask: Image.Image,
         args: ADetailerArgs,
+        kit: PassTools,
         plan: Any,
         ctx: Any,
         seed: int,
@@ -466,12 +624,21 @@ class ADetailerStage:
         import torch
 
         from runtime import prompts, seeds
-        from runtime.families import derive
+        from runtime.families import derive, diffusers_attr
         from runtime.images import fill_masked
 
         request = plan.request
-        pipe = derive(ctx.pipe, ctx.family, "inpaint")
+        overrides = {"vae": kit.vae} if kit.vae is not None else {}
+        pipe = derive(kit.source, kit.family, "inpaint", **overrides)
         pipe.set_progress_bar_config(disable=True)
+        if kit.choice is not None:
+            extra = {"noise_sampler_seed": seed} if kit.choice.sampler.brownian else {}
+            scheduler_cls = diffusers_attr(kit.choice.scheduler_class)
+            pipe.scheduler = scheduler_cls.from_config(
+                kit.scheduler_config, **kit.choice.scheduler_kwargs, **extra
+            )
+        if kit.noise_multiplier != 1.0:
+            scale_initial_noise(pipe, kit.noise_multiplier)
         prompt, negative = args.prompts(plan.prompt, plan.negative_prompt)
         # A1111's CLIP skip counts layers from the end (1 = last); diffusers' skips them.
         clip_skip = (args.ad_clip_skip - 1 or None) if args.ad_use_clip_skip else plan.clip_skip
@@ -506,8 +673,87 @@ class ADetailerStage:
         kwargs["callback_on_step_end"] = stop_if_asked
         with torch.inference_mode():
             result = pipe(**kwargs).images[0].convert("RGB").resize(image.size)
+        if kit.restorer is not None:
+            from runtime import face_restoration
+
+            # A1111 restores the inpainted sample before pasting it back over the
+            # original: faces are restored, then only the masked part is kept.
+            name, weight = kit.restorer
+            result = face_restoration.restore(
+                ctx.models,
+                result,
+                name,
+                weight=weight,
+                check=ctx.control.check,
+                field_name="ad_restore_face",
+            )
         # The original outside the (blurred) mask, bit for bit, as A1111's overlay does.
         return Image.composite(result, image.convert("RGB"), blurred)
+
+
+def _params(args: ADetailerArgs) -> dict[str, Any]:
+    """One pass's infotext fields, under the extension's names (`ADetailerArgs.extra_params`)."""
+    params: dict[str, Any] = {
+        "ADetailer model": args.ad_model,
+        "ADetailer confidence": args.ad_confidence,
+        "ADetailer dilate erode": args.ad_dilate_erode,
+    }
+    if args.ad_mask_bbox_expansion:
+        params["ADetailer mask bbox expansion"] = args.ad_mask_bbox_expansion
+    params["ADetailer mask blur"] = args.ad_mask_blur
+    params["ADetailer denoising strength"] = args.ad_denoising_strength
+    params["ADetailer inpaint only masked"] = args.ad_inpaint_only_masked
+    if args.ad_inpaint_only_masked:
+        params["ADetailer inpaint padding"] = args.ad_inpaint_only_masked_padding
+    if args.ad_mask_k:
+        params["ADetailer mask only top k"] = args.ad_mask_k
+        params["ADetailer method to decide top k masks"] = args.ad_mask_filter_method
+    if args.ad_inpaint_masked_content != "original":
+        params["ADetailer inpaint masked content"] = args.ad_inpaint_masked_content
+    if args.ad_use_checkpoint:
+        params["ADetailer use separate checkpoint"] = True
+        params["ADetailer checkpoint"] = args.ad_checkpoint
+    if args.ad_use_vae:
+        params["ADetailer use separate VAE"] = True
+        params["ADetailer VAE"] = args.ad_vae
+    if args.ad_use_sampler:
+        params["ADetailer use separate sampler"] = True
+        params["ADetailer sampler"] = args.ad_sampler
+        if args.ad_scheduler != "Use same scheduler":
+            params["ADetailer scheduler"] = args.ad_scheduler
+    if args.ad_use_noise_multiplier:
+        params["ADetailer use separate noise multiplier"] = True
+        params["ADetailer noise multiplier"] = args.ad_noise_multiplier
+    if args.ad_use_clip_skip:
+        params["ADetailer CLIP skip"] = args.ad_clip_skip
+    if args.ad_restore_face:
+        params["ADetailer restore face"] = True
+    for name, label in (
+        ("ad_prompt", "prompt"),
+        ("ad_prompt_append", "prompt append"),
+        ("ad_negative_prompt", "negative prompt"),
+        ("ad_negative_prompt_append", "negative prompt append"),
+    ):
+        if getattr(args, name):
+            params[f"ADetailer {label}"] = getattr(args, name)
+    return params
+
+
+def expand_box(
+    box: tuple[float, float, float, float], pixels: int, size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """`ad_mask_bbox_expansion`: the detected box grown by `pixels` on every side, inside
+    the image (the fork's "expand the detected bounding box before making the mask")."""
+    if not pixels:
+        return box
+    x1, y1, x2, y2 = box
+    width, height = size
+    return (
+        max(0.0, x1 - pixels),
+        max(0.0, y1 - pixels),
+        min(float(width), x2 + pixels),
+        min(float(height), y2 + pixels),
+    )
 
 
 def _check_inpaint_size(args: ADetailerArgs, n: int, settings: Any) -> None:

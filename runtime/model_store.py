@@ -475,6 +475,13 @@ class ModelStore:
         """A VAE (`sd_vae`) from `VAE/` on local disk: a `.safetensors` file or a diffusers folder."""
         return self._fetch_aux(name, "vae")
 
+    def file_keys(self, prefix: str, *, relist: bool = False) -> list[str]:
+        """Keys of the source's objects under `prefix` (e.g. `wildcards/`), sorted, as last
+        listed; `relist`: list the source again first unless it was just listed."""
+        if relist and time.monotonic() - self._listed_at >= self.limits.relist_after_s:
+            self.refresh()
+        return sorted(k for k in self.catalog.objects if k.startswith(prefix))
+
     def fetch_file(self, key: str) -> Path:
         """One object of the source on local disk (annotator weights), cached like a model."""
         obj = self.catalog.objects.get(key)

@@ -12,12 +12,15 @@ them, but nothing reads them: they are inert.
 
 Options with an effect (docs/runtime.md): `sd_model_checkpoint` (a name the
 model store knows, checked by the route), `sd_vae` (a name, or Automatic/None),
-`CLIP_stop_at_last_layers` (an integer from 1 to the text encoder's depth).
+`CLIP_stop_at_last_layers` (an integer from 1 to the text encoder's depth),
+`sdxl_refiner_high_aesthetic_score` / `sdxl_refiner_low_aesthetic_score` (the
+SDXL refiner's aesthetic scores for prompt and negative prompt: finite numbers).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +29,13 @@ from sdeks.errors import InvalidParameterError
 
 #: A1111's slider range of `CLIP_stop_at_last_layers`.
 MAX_CLIP_LAYERS = 12
+#: The SDXL refiner's aesthetic-score options, with A1111's defaults.
+AESTHETIC_OPTIONS = {
+    "sdxl_refiner_high_aesthetic_score": 6.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
+}
+#: Beyond any score a model was trained on (LAION aesthetic scores are 0..10).
+MAX_AESTHETIC_SCORE = 1000.0
 MAX_NAME_CHARS = 512
 #: One call's body: keys and bytes (A1111 posts its whole options dict, a few hundred keys).
 MAX_OPTION_KEYS = 1_000
@@ -42,7 +52,12 @@ def validate_options(body: Mapping[str, Any], *, layers: int | None = None) -> d
     where = find_unencodable(dict(body), "options")
     if where is not None:
         raise InvalidParameterError(f"`{where[:120]}` holds text that is not valid Unicode")
-    size = len(json.dumps(body, allow_nan=False, default=str).encode())
+    try:
+        size = len(json.dumps(body, allow_nan=False, default=str).encode())
+    except ValueError as exc:  # NaN/Infinity: Python's JSON parser lets them through
+        raise InvalidParameterError(
+            "options: NaN and Infinity are not JSON numbers; send finite numbers"
+        ) from exc
     if size > MAX_OPTIONS_BYTES:
         raise InvalidParameterError(f"options: {size} bytes, over the limit of {MAX_OPTIONS_BYTES}")
     for name in ("sd_model_checkpoint", "sd_vae"):
@@ -53,7 +68,25 @@ def validate_options(body: Mapping[str, Any], *, layers: int | None = None) -> d
             )
     if "CLIP_stop_at_last_layers" in body:
         clip_layers(body["CLIP_stop_at_last_layers"], layers)
+    for name in AESTHETIC_OPTIONS:
+        if name in body:
+            aesthetic_score(name, body[name])
     return dict(body)
+
+
+def aesthetic_score(name: str, value: Any) -> float:
+    """An aesthetic-score option as a float: a finite number within +-MAX_AESTHETIC_SCORE."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or abs(value) > MAX_AESTHETIC_SCORE
+    ):
+        raise InvalidParameterError(
+            f"`{name}` must be a number from {-MAX_AESTHETIC_SCORE:g} to "
+            f"{MAX_AESTHETIC_SCORE:g}, got {excerpt(value)}"
+        )
+    return float(value)
 
 
 def clip_layers(value: Any, layers: int | None) -> int:

@@ -25,8 +25,10 @@ Two kinds of refiner:
   its own: the prompts encoded by its text encoder (penultimate layer, pooled
   output as `text_embeds`, A1111's emphasis and chunks, `clip_skip`) once per
   render when it is attached, and time ids `(height, width, 0, 0, score)` with
-  A1111's scores, 6.0 for the prompt and 2.5 for the negative prompt
-  (`sdxl_refiner_high_aesthetic_score`/`low`). `RefinerUNet` stands in for the
+  A1111's scores, the options `sdxl_refiner_high_aesthetic_score` (6.0) for
+  the prompt and `sdxl_refiner_low_aesthetic_score` (2.5) for the negative
+  prompt (`/sdapi/v1/options` or `override_settings`); an empty negative
+  prompt's conds are zeros, as A1111 makes them for every SDXL model. `RefinerUNet` stands in for the
   pipeline's UNet during the last pass: the base UNet with the pipeline's
   conditioning before the switch, the refiner's UNet with its own after it
   (also from the very first step, where diffusers' time-id check would refuse
@@ -63,6 +65,9 @@ NEGATIVE_AESTHETIC_SCORE = 2.5
 class RefinerPlan:
     checkpoint: str
     switch_at: float
+    #: For an SDXL refiner: A1111's `sdxl_refiner_high/low_aesthetic_score` options.
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
 
 
 @dataclass
@@ -180,7 +185,21 @@ def plan_refiner(plan: Plan, models: Any) -> RefinerPlan | None:
     entry = models.resolve(name)  # unknown: ModelNotFoundError naming it
     if entry.key == models.resolve(plan.checkpoint).key:
         return None  # A1111: the refiner is the model already loaded
-    return RefinerPlan(checkpoint=name, switch_at=float(switch or 0.0))
+    from runtime.options import aesthetic_score
+
+    scores = {
+        key: aesthetic_score(key, plan.opts[key]) if key in plan.opts else default
+        for key, default in (
+            ("sdxl_refiner_high_aesthetic_score", AESTHETIC_SCORE),
+            ("sdxl_refiner_low_aesthetic_score", NEGATIVE_AESTHETIC_SCORE),
+        )
+    }
+    return RefinerPlan(
+        checkpoint=name,
+        switch_at=float(switch or 0.0),
+        aesthetic_score=scores["sdxl_refiner_high_aesthetic_score"],
+        negative_aesthetic_score=scores["sdxl_refiner_low_aesthetic_score"],
+    )
 
 
 def extra_params(refiner: RefinerPlan) -> dict[str, Any]:
@@ -263,11 +282,24 @@ def _xl_refiner_conditioning(
         plan.request.batch_size,
         max_chunks=ctx.settings.max_prompt_chunks,
     )
+    negative, negative_pooled = (
+        embeds["negative_prompt_embeds"],
+        embeds["negative_pooled_prompt_embeds"],
+    )
+    if not plan.negative_prompt:
+        # A1111 zeros an empty negative prompt's conds on every SDXL model; the
+        # refiner's diffusers config (`force_zeros_for_empty_prompt` false) would not.
+        negative, negative_pooled = (
+            negative.new_zeros(negative.shape),
+            negative_pooled.new_zeros(negative_pooled.shape),
+        )
     return RefinerConditioning(
         prompt_embeds=embeds["prompt_embeds"],
-        negative_prompt_embeds=embeds["negative_prompt_embeds"],
+        negative_prompt_embeds=negative,
         pooled=embeds["pooled_prompt_embeds"],
-        negative_pooled=embeds["negative_pooled_prompt_embeds"],
+        negative_pooled=negative_pooled,
+        aesthetic_score=plan.refiner.aesthetic_score,
+        negative_aesthetic_score=plan.refiner.negative_aesthetic_score,
     )
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime import embeddings, hires, prompts, refiner, scripts
+from runtime import dynamic_prompts, embeddings, hires, prompts, refiner, scripts
 from runtime.a1111 import (
     ExtrasBatchImagesRequest,
     ExtrasSingleImageRequest,
@@ -81,6 +81,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "sd_model_checkpoint": None,
     "sd_vae": "Automatic",
     "CLIP_stop_at_last_layers": 1,
+    "sdxl_refiner_high_aesthetic_score": 6.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
 }
 
 __all__ = [
@@ -168,6 +170,13 @@ class Renderer:
         script = scripts.find(request, "img2img" if img is not None else "txt2img")
         if script is not None:
             return script.run(self, request, img, options=options, model=model, control=control)
+        # Dynamic Prompts (an alwayson script) expands the templates, then renders each
+        # group of images with equal prompts through this method again.
+        dynamic = dynamic_prompts.parse_args(request.alwayson_scripts)
+        if dynamic is not None:
+            return dynamic_prompts.run(
+                self, request, img, dynamic, options=options, model=model, control=control
+            )
 
         # 1. Prepare inputs: every field checked and resolved, no model work yet.
         plan = prepare(

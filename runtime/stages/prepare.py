@@ -16,7 +16,16 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from runtime import builtin_scripts, embeddings, hires, refiner, samplers, seeds, styles
+from runtime import (
+    builtin_scripts,
+    dynamic_prompts,
+    embeddings,
+    hires,
+    refiner,
+    samplers,
+    seeds,
+    styles,
+)
 from runtime.a1111 import ROUTING_SCRIPT_KEYS, GenerationRequest, Img2ImgRequest, is_no_vae
 from runtime.conditioning import PROVIDERS, build_conditioning
 from runtime.images import decode_image, fill_masked, resize_image
@@ -121,7 +130,7 @@ def prepare(
 def supported_alwayson_scripts() -> list[str]:
     """The `alwayson_scripts` names some stage reads (what `/sdapi/v1/scripts` lists)."""
     names = {p.script for p in PROVIDERS} | {s.script for s in POST_STAGES if s.script}
-    return sorted(names)
+    return sorted(names | {dynamic_prompts.SCRIPT})
 
 
 def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> None:
@@ -166,7 +175,10 @@ def check_generation(request: GenerationRequest, settings: RuntimeSettings) -> N
     unknown = sorted(
         k
         for k in scripts
-        if k.lower() not in claimed and k.lower() not in builtin_scripts.BUILTIN and k not in inert
+        if k.lower() not in claimed
+        and k.lower() not in builtin_scripts.BUILTIN
+        and k not in inert
+        and not dynamic_prompts.is_key(k)
     )
     if unknown:
         supported = ", ".join(sorted(claimed)) or "none"

@@ -16,6 +16,7 @@ def test_scheduling_live_quick_ends_with_the_headline(benchmark):
         ("affinity", "sim"),
         ("fifo", "live"),
         ("fifo", "sim"),
+        ("holder-first", "sim"),
     ]
     for row in rows:
         throughput, makespan, bound = float(row[3]), float(row[4]), float(row[5])

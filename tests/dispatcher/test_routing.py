@@ -236,3 +236,75 @@ def test_pod_state_demand_from_a_hostile_pod_is_bounded():
     assert len(demand) <= MAX_MODELS
     assert PodState.parse({"demand": ["a"]}).demand == {}
     assert PodState.parse({}).demand is None
+
+
+async def test_router_backlog_metric_follows_tasks_without_walking_them():
+    import asyncio
+    from collections import Counter
+
+    from dispatcher.pods import Pod
+
+    async with aiohttp.ClientSession() as session:
+        metrics = Metrics()
+        router = Router(
+            FifoPolicy(), PodClient(session, job_timeout_s=5, state_timeout_s=1), metrics=metrics
+        )
+        # GIVEN waiting tasks of three models and no free pod
+        pod = Pod(
+            url="http://p:1", runtime="rt", state=PodState(gpu=frozenset({"a"}), free_slots=0)
+        )
+        router.pods["rt"] = {pod.url: pod}
+        models = ["a", "b", None, "a", "b", "a"]
+        waiters = [
+            asyncio.create_task(router._acquire("rt", m, f"t{i}", float(i), 0.0))
+            for i, m in enumerate(models)
+        ]
+        await asyncio.sleep(0)
+        router.schedule()
+        assert _backlog(metrics, "rt") == {"a": 3, "b": 2, "default": 1}
+        # WHEN one is cancelled and a pod frees up and takes the oldest
+        waiters[1].cancel()
+        await asyncio.gather(waiters[1], return_exceptions=True)
+        pod.state = PodState(gpu=frozenset({"a"}), free_slots=1)
+        router.schedule()
+        assert await waiters[0] is pod
+        # THEN the gauge and the kept counts are what is still waiting, per model
+        still = Counter(w.model or "default" for w in router.waiting["rt"].values())
+        assert _backlog(metrics, "rt") == {"a": 2, "b": 1, "default": 1} == dict(still)
+        assert router._counts["rt"] == dict(still)
+        # AND the gauge is updated from those counts, not by walking every waiting task
+        router.waiting["rt"] = _NoWalk(router.waiting["rt"])
+        late = asyncio.create_task(router._acquire("rt", "c", "late", 9.0, 0.0))
+        await asyncio.sleep(0)
+        router._update_backlog("rt")
+        assert _backlog(metrics, "rt") == {"a": 2, "b": 1, "default": 1, "c": 1}
+        # AND once every task is gone, so are their series
+        for task in [*waiters, late]:
+            task.cancel()
+        await asyncio.gather(*waiters, late, return_exceptions=True)
+        assert _backlog(metrics, "rt") == {} and router._counts["rt"] == {}
+
+
+class _NoWalk(dict):
+    """A waiting-task map that refuses to be iterated whole (lookups and updates only)."""
+
+    def values(self):
+        raise AssertionError("walked every waiting task")
+
+    def __iter__(self):
+        raise AssertionError("walked every waiting task")
+
+
+def test_model_keys_of_pod_tiers_are_remembered_and_bounded():
+    from dispatcher import routing
+
+    names = frozenset({"a.safetensors", "b [abcdef12]"})
+    first = routing._keys(names)
+    assert first == {"a", "b"}
+    # the same tier reported again (an equal set from a later poll) gives the same object
+    assert routing._keys(frozenset(set(names))) is first
+    # lists still work, uncached
+    assert routing._keys(["c.ckpt"]) == {"c"}
+    for i in range(routing._KEYS_SEEN_MAX + 10):
+        routing._keys(frozenset({f"m{i}"}))
+    assert len(routing._KEYS_SEEN) <= routing._KEYS_SEEN_MAX

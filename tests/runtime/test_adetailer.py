@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,23 @@ def renderer(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     save_tiny_detector(root / "adetailer" / "red_yolov8n.pt2")
     # An ultralytics pickle (never unpickled here: ultralytics is not installed).
     (root / "adetailer" / "hand_yolov8n.pt").write_bytes(b"not loaded")
+    _write_other_vae(root / "Stable-diffusion" / "tiny-sd15" / "vae", root / "VAE")
     cache = tmp_path_factory.mktemp("ad-cache")
     settings = RuntimeSettings(default_model="tiny-sd15", cache_dir=cache)
     return Renderer(ModelStore(LocalSource(root), cache_dir=cache), settings)
+
+
+def _write_other_vae(like: Path, folder: Path) -> None:
+    """A VAE of the tiny checkpoint's shape with other random weights, in `VAE/`."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(like)))
+    folder.mkdir(exist_ok=True)
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    save_file(state, str(folder / "other-vae.safetensors"))
 
 
 def picture(red: bool) -> Image.Image:
@@ -286,3 +301,212 @@ def test_masked_content_and_clip_skip_change_the_pass(renderer):
         result = renderer.img2img(request(picture(True), {**AD, **extra}), options=OPTIONS)
         assert not np.array_equal(px(result), plain), extra
         assert param in result.info["extra_generation_params"]
+
+
+# --- the `ad_use_*` switches and `ad_restore_face` ---------------------------------
+
+
+@contextmanager
+def unet_inputs(renderer, checkpoint: str):
+    """The first argument (the latents) of every call of `checkpoint`'s shared UNet."""
+    with renderer.models.use(checkpoint) as lease:
+        unet = lease.pipeline.unet
+    seen: list = []
+    handle = unet.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_restore_face_runs_the_restorer_on_the_inpainted_region_only(renderer):
+    from runtime import face_restoration as fr
+
+    entry = fr.restorer_entry(renderer.models, "GFPGAN", "test")
+    with renderer.models.use_weights(fr.RESTORER, entry) as lease:
+        net = lease.model.model
+    calls: list = []
+    handle = net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+        assert calls == []
+        restored = renderer.img2img(
+            request(picture(True), {**AD, "ad_restore_face": True}), options=OPTIONS
+        )
+    finally:
+        handle.remove()
+    assert calls  # the real restorer ran, once per face per mask
+    before = px(renderer.img2img(request(picture(True)), options=OPTIONS))
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:48, 16:48] = False
+    assert np.array_equal(px(restored)[outside], before[outside])
+    assert not np.array_equal(px(restored), px(plain))
+    assert infotext.parse(restored.infotexts[0])["ADetailer restore face"] == "True"
+
+
+def test_restore_face_without_the_restorer_fails_before_rendering(renderer):
+    body = request(picture(True), {**AD, "ad_restore_face": True})
+    body.denoising_strength = 0.5  # the first pass would call the UNet
+    with unet_inputs(renderer, "tiny-sd15") as seen:
+        with pytest.raises(ModelNotFoundError) as info:
+            renderer.img2img(body, options={**OPTIONS, "face_restoration_model": "CodeFormer"})
+    assert seen == []
+    message = info.value.message
+    assert "ADetailer pass 1" in message and "`ad_restore_face`" in message
+    assert "CodeFormer" in message and "GFPGAN" in message  # what is installed
+
+
+def _spy_step(monkeypatch, cls_name: str) -> list:
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    step = cls.step
+    configs: list = []
+
+    def spied(self, *a, **k):
+        configs.append(dict(self.config))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(cls, "step", spied)
+    return configs
+
+
+def test_separate_sampler_is_the_scheduler_the_pass_steps_with(renderer, monkeypatch):
+    ancestral = _spy_step(monkeypatch, "EulerAncestralDiscreteScheduler")
+    plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+    assert ancestral == []
+    args = {**AD, "ad_use_sampler": True, "ad_sampler": "Euler a"}
+    result = renderer.img2img(request(picture(True), args), options=OPTIONS)
+    assert ancestral  # every step of the pass
+    assert not np.array_equal(px(result), px(plain))
+    params = infotext.parse(result.infotexts[0])
+    assert params["ADetailer use separate sampler"] == "True"
+    assert params["ADetailer sampler"] == "Euler a"
+    assert "ADetailer scheduler" not in params  # "Use same scheduler" is not written
+
+
+def test_separate_sampler_starts_from_the_checkpoints_own_scheduler_options(renderer, monkeypatch):
+    # GIVEN a render on DPM++ 2M Karras (its scheduler carries `use_karras_sigmas`)
+    euler = _spy_step(monkeypatch, "EulerDiscreteScheduler")
+    body = request(picture(True), {**AD, "ad_use_sampler": True, "ad_sampler": "Euler"})
+    body.sampler_name = "DPM++ 2M Karras"
+    renderer.img2img(body, options=OPTIONS)
+    assert euler and not euler[0]["use_karras_sigmas"]  # plain Euler, not Euler Karras
+    euler.clear()
+    args = {**AD, "ad_use_sampler": True, "ad_sampler": "Euler", "ad_scheduler": "Karras"}
+    result = renderer.img2img(request(picture(True), args), options=OPTIONS)
+    assert euler and euler[0]["use_karras_sigmas"]
+    assert result.info["extra_generation_params"]["ADetailer scheduler"] == "Karras"
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"ad_sampler": "Warp drive"}, "`ad_sampler` 'Warp drive' is not supported"),
+        ({"ad_sampler": "Euler", "ad_scheduler": "Wobbly"}, "`ad_scheduler` 'Wobbly'"),
+    ],
+)
+def test_unknown_separate_sampler_is_refused_naming_it(renderer, fields, needle):
+    body = request(picture(True), {**AD, "ad_use_sampler": True, **fields})
+    with pytest.raises(InvalidParameterError) as info:
+        renderer.img2img(body, options=OPTIONS)
+    assert "ADetailer pass 1" in info.value.message and needle in info.value.message
+
+
+@pytest.mark.parametrize("other", ["tiny-sd15-single", "tiny-sdxl"])
+def test_separate_checkpoint_inpaints_with_its_own_unet(renderer, other):
+    """Another SD 1.x file, and an SDXL checkpoint for an SD 1.x render: both inpaint the
+    image (any family's inpaint pipeline takes any image); the render's UNet is idle."""
+    plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+    args = {**AD, "ad_use_checkpoint": True, "ad_checkpoint": other}
+    with unet_inputs(renderer, other) as theirs, unet_inputs(renderer, "tiny-sd15") as ours:
+        result = renderer.img2img(request(picture(True), args), options=OPTIONS)
+    assert theirs and ours == []
+    before = px(renderer.img2img(request(picture(True)), options=OPTIONS))
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:48, 16:48] = False
+    assert np.array_equal(px(result)[outside], before[outside])
+    if other == "tiny-sdxl":  # the single file holds the same random weights as tiny-sd15
+        assert not np.array_equal(px(result), px(plain))
+    params = infotext.parse(result.infotexts[0])
+    assert params["ADetailer use separate checkpoint"] == "True"
+    assert params["ADetailer checkpoint"] == other
+    assert result.model is not None and "tiny-sd15" in result.model  # the render's own
+    assert not any(other in name for name in renderer.models.state()["in_use"])  # released
+
+
+def test_unknown_separate_checkpoint_is_model_not_found_naming_it(renderer):
+    args = {**AD, "ad_use_checkpoint": True, "ad_checkpoint": "ghost.safetensors"}
+    with pytest.raises(ModelNotFoundError) as info:
+        renderer.img2img(request(picture(True), args), options=OPTIONS)
+    assert "`ad_checkpoint` 'ghost.safetensors'" in info.value.message
+    # "Use same checkpoint" (and the render's own name) is the render's checkpoint
+    for same in ("Use same checkpoint", "tiny-sd15"):
+        renderer.img2img(
+            request(picture(False), {**AD, "ad_use_checkpoint": True, "ad_checkpoint": same}),
+            options=OPTIONS,
+        )
+
+
+def test_separate_vae_encodes_and_decodes_the_pass(renderer, monkeypatch):
+    from runtime import vae as vae_module
+
+    decoded: list = []
+    load_vae = vae_module.load_vae
+
+    def spied_load(path, like, device):
+        loaded = load_vae(path, like, device)
+        loaded.decoder.register_forward_hook(lambda *_: decoded.append(path.name))
+        return loaded
+
+    monkeypatch.setattr(vae_module, "load_vae", spied_load)
+    plain = renderer.img2img(request(picture(True), AD), options=OPTIONS)
+    args = {**AD, "ad_use_vae": True, "ad_vae": "other-vae.safetensors"}
+    result = renderer.img2img(request(picture(True), args), options=OPTIONS)
+    assert decoded and set(decoded) == {"other-vae.safetensors"}
+    assert not np.array_equal(px(result), px(plain))
+    params = infotext.parse(result.infotexts[0])
+    assert params["ADetailer use separate VAE"] == "True"
+    assert params["ADetailer VAE"] == "other-vae.safetensors"
+    with pytest.raises(ModelNotFoundError) as info:
+        renderer.img2img(
+            request(picture(True), {**AD, "ad_use_vae": True, "ad_vae": "ghost.pt"}),
+            options=OPTIONS,
+        )
+    assert "ADetailer pass 1" in info.value.message and "`ad_vae` 'ghost.pt'" in info.value.message
+
+
+def test_noise_multiplier_scales_the_initial_noise(renderer):
+    """The pass's first UNet input is init latents + sigma * m * noise: linear in m."""
+    first: dict[float, object] = {}
+    for m in (0.5, 1.0, 1.5):
+        args = {**AD, "ad_mask_k": 1, "ad_use_noise_multiplier": m != 1.0}
+        if m != 1.0:
+            args["ad_noise_multiplier"] = m
+        with unet_inputs(renderer, "tiny-sd15") as seen:
+            result = renderer.img2img(request(picture(True), args), options=OPTIONS)
+        first[m] = seen[0]
+    up, down = first[1.5] - first[1.0], first[1.0] - first[0.5]
+    assert float(up.abs().max()) > 1e-3
+    assert float((up - down).abs().max()) < 1e-4
+    params = result.info["extra_generation_params"]
+    assert params["ADetailer use separate noise multiplier"] is True
+    assert params["ADetailer noise multiplier"] == 1.5
+
+
+def test_mask_bbox_expansion_grows_each_box_before_the_mask(renderer):
+    args = {**AD, "ad_mask_k": 1, "ad_dilate_erode": 0}
+    before = px(renderer.img2img(request(picture(True)), options=OPTIONS))
+    plain = px(renderer.img2img(request(picture(True), args), options=OPTIONS))
+    grown = renderer.img2img(
+        request(picture(True), {**args, "ad_mask_bbox_expansion": 8}), options=OPTIONS
+    )
+    ring = np.zeros((64, 64), dtype=bool)
+    ring[8:56, 8:56] = True
+    ring[20:44, 20:44] = False  # inside every detected box
+    assert np.array_equal(plain[ring], before[ring])  # unexpanded: the ring is kept
+    assert (px(grown)[ring] != before[ring]).any()  # expanded: it is inpainted too
+    outside = np.ones((64, 64), dtype=bool)
+    outside[4:60, 4:60] = False
+    assert np.array_equal(px(grown)[outside], before[outside])
+    assert grown.info["extra_generation_params"]["ADetailer mask bbox expansion"] == 8

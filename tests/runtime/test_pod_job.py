@@ -383,3 +383,21 @@ def test_post_job_with_a_ui_state_clients_alwayson_scripts(pod, aws):
     assert callback.seeds == [7]
     manifest = Manifest.model_validate_json(read(aws, callback.output_url))
     assert manifest.ignored_fields == ["alwayson_scripts.Dynamic Prompts v2.17.1"]
+
+
+def test_dynamic_prompts_corpus_body_renders_each_images_prompt(pod, aws):
+    """benchmarks/corpus/58: sd-dynamic-prompts switched on, as a client sends it."""
+    corpus = Path(__file__).parents[2] / "benchmarks" / "corpus" / "58_dynamic_prompts_on.json"
+    body = json.loads(corpus.read_text())["body"]
+    body.update(steps=2, width=64, height=64, seed=7, batch_size=3)
+    callback = Callback.model_validate(pod.post("/v1/jobs", json=job("dp-1", **body)).json())
+
+    assert callback.status == "succeeded", callback.error
+    prompts = callback.info["all_prompts"]
+    assert len(prompts) == 3 and set(prompts) <= {"a red car", "a green car", "a blue car"}
+    assert callback.info["prompt"] == "a {red|green|blue} car"
+    for n, url in enumerate(callback.image_url):
+        parsed = infotext.parse(Image.open(io.BytesIO(read(aws, url))).info["parameters"])
+        assert parsed["Prompt"] == prompts[n] and parsed["Seed"] == str(7 + n)
+    manifest = Manifest.model_validate_json(read(aws, callback.output_url))
+    assert not [f for f in manifest.ignored_fields if "Dynamic" in f]

@@ -48,6 +48,9 @@ def models_root(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         == 0
     )
     shutil.rmtree(single)  # the folder the first call wrote; the single file stays
+    from runtime.tiny_controlnet import make_tiny_controlnet
+
+    make_tiny_controlnet(root / "ControlNet" / "tiny-cn-sdxl", family="sdxl")
     return root
 
 
@@ -155,7 +158,8 @@ def xl(**fields) -> Txt2ImgRequest:
 
 
 def xl_calls(renderer: Renderer, request: Txt2ImgRequest, refiner: str = "tiny-sdxl-refiner"):
-    """Which UNet ran each call, and what the refiner's UNet was given."""
+    """Which UNet ran each call ("base", "base+cn", "refiner"), and what the refiner's
+    UNet was given."""
     calls: list[str] = []
     seen: list[dict] = []
     with renderer.models.use("tiny-sdxl") as lease:
@@ -173,11 +177,17 @@ def xl_calls(renderer: Renderer, request: Txt2ImgRequest, refiner: str = "tiny-s
                 "rows": hidden.shape[0],
                 "time_ids": added["time_ids"].tolist(),
                 "text_embeds": added["text_embeds"].shape[-1],
+                "negative_zero": bool((hidden[0] == 0).all()),
+                "residuals": "down_block_additional_residuals" in kwargs,
             }
         )
 
+    def on_base(_m, _args, kwargs):
+        # "base+cn": the base UNet took ControlNet residuals
+        calls.append("base+cn" if "down_block_additional_residuals" in kwargs else "base")
+
     hooks = [
-        base.register_forward_hook(lambda *_a: calls.append("base")),
+        base.register_forward_pre_hook(on_base, with_kwargs=True),
         ref.register_forward_pre_hook(on_refiner, with_kwargs=True),
     ]
     try:
@@ -202,6 +212,8 @@ def test_sdxl_refiner_denoises_from_the_switch_with_its_own_conditioning(rendere
             "rows": 2,
             "time_ids": [[64.0, 64.0, 0.0, 0.0, 2.5], [64.0, 64.0, 0.0, 0.0, 6.0]],
             "text_embeds": 32,
+            "negative_zero": False,
+            "residuals": False,
         }
     ]
     params = infotext.parse(result.infotexts[0])
@@ -215,6 +227,26 @@ def test_sdxl_refiner_denoises_from_the_switch_with_its_own_conditioning(rendere
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
     calls, _, _ = xl_calls(renderer, xl())
     assert calls == ["base"] * 5
+
+
+def test_sdxl_refiner_aesthetic_scores_follow_a1111_options(renderer):
+    # GIVEN A1111's refiner options in override_settings, and an empty negative prompt
+    scores = {"sdxl_refiner_high_aesthetic_score": 7.5, "sdxl_refiner_low_aesthetic_score": 1}
+    request = xl(
+        negative_prompt="",
+        refiner_checkpoint="tiny-sdxl-refiner",
+        refiner_switch_at=0.8,
+        override_settings=scores,
+    )
+    _, seen, _ = xl_calls(renderer, request)
+    assert seen[0]["time_ids"] == [[64.0, 64.0, 0.0, 0.0, 1.0], [64.0, 64.0, 0.0, 0.0, 7.5]]
+    assert seen[0]["negative_zero"]  # A1111 zeros an empty negative prompt's conds
+    # a score that is no finite number is refused, naming the option
+    bad = {"sdxl_refiner_low_aesthetic_score": "high"}
+    with pytest.raises(InvalidParameterError, match="`sdxl_refiner_low_aesthetic_score`"):
+        renderer.txt2img(
+            xl(refiner_checkpoint="tiny-sdxl-refiner", override_settings=bad), options=OPTIONS
+        )
 
 
 def test_sdxl_refiner_from_the_first_step_and_in_the_hires_pass(renderer):
@@ -320,3 +352,51 @@ def test_sdxl_refiner_through_the_a1111_api(renderer, models_root: Path):
         bad = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {}})
         assert bad.status_code == 422 and bad.json()["error"] == "invalid_parameter"
         assert "`refiner_checkpoint`" in bad.json()["detail"]
+        # the refiner's options persist through /options, checked before they are kept
+        name = "sdxl_refiner_high_aesthetic_score"
+        assert client.get("/sdapi/v1/options").json()[name] == 6.0
+        refused = client.post("/sdapi/v1/options", json={name: "x"})
+        assert refused.status_code == 422 and f"`{name}`" in refused.json()["detail"]
+        assert client.get("/sdapi/v1/options").json()[name] == 6.0
+
+
+def test_aesthetic_score_options_are_finite_numbers():
+    from runtime.options import validate_options
+
+    name = "sdxl_refiner_low_aesthetic_score"
+    assert validate_options({name: 3})[name] == 3
+    for value in (True, "2.5", 1e6, -1e4, None, [1]):
+        with pytest.raises(InvalidParameterError, match=f"`{name}`"):
+            validate_options({name: value})
+    # NaN and Infinity (Python's JSON parser reads them) are refused as data, not a crash
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(InvalidParameterError, match="NaN and Infinity"):
+            validate_options({name: value})
+
+
+def test_a_controlnet_unit_drives_the_base_steps_only(renderer):
+    """The base model's ControlNet residuals are sized for the base UNet: the SDXL
+    refiner's steps run without them, as A1111's ControlNet leaves the refiner alone."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(image).rectangle((16, 16, 48, 48), fill=(255, 255, 255))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    unit = {
+        "module": "none",
+        "model": "tiny-cn-sdxl",
+        "image": base64.b64encode(buf.getvalue()).decode(),
+    }
+    request = xl(
+        refiner_checkpoint="tiny-sdxl-refiner",
+        refiner_switch_at=0.6,
+        alwayson_scripts={"controlnet": {"args": [unit]}},
+    )
+    calls, seen, result = xl_calls(renderer, request)
+    assert calls == ["base+cn"] * 3 + ["refiner"] * 2
+    assert [s["residuals"] for s in seen] == [False, False] and seen[0]["width"] == 64
+    assert "ControlNet 0" in result.infotexts[0]
