@@ -591,6 +591,8 @@ class _PodDouble:
 async def _serve_pods(kind: str, ports: list[int], slots: int) -> None:
     from aiohttp import web
 
+    from sdeks.demand import DemandBoard, DemandError, DemandReport
+
     runners = []
     pods: list[_PodDouble] = []
     for port in ports:
@@ -599,6 +601,18 @@ async def _serve_pods(kind: str, ports: list[int], slots: int) -> None:
 
         async def state(_: web.Request, pod: _PodDouble = pod) -> web.Response:
             return web.json_response(pod.state())
+
+        board = DemandBoard()
+
+        async def report(request: web.Request, pod: _PodDouble = pod, board=board) -> web.Response:
+            # The runtime's relay of the replicas' waiting work (sdeks.demand), as it is.
+            try:
+                got = DemandReport.parse(await request.json())
+            except (DemandError, ValueError) as exc:
+                return web.json_response({"detail": str(exc)}, status=400)
+            board.report(got)
+            demand, other = board.others(got.replica)
+            return web.json_response({**pod.state(), "demand": demand, "demand_other": other})
 
         async def job(request: web.Request, pod: _PodDouble = pod) -> web.Response:
             status, doc = await pod.job(await request.read())
@@ -620,6 +634,7 @@ async def _serve_pods(kind: str, ports: list[int], slots: int) -> None:
 
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/v1/state", state)
+        app.router.add_post("/v1/state", report)
         app.router.add_post("/v1/jobs", job)
         app.router.add_post("/v1/prefetch", prefetch)
         app.router.add_get("/bench/records", records)

@@ -130,6 +130,7 @@ async def serve(
             metrics=metrics,
             state_interval_s=settings.state_interval_s,
             failure_threshold=settings.pod_failure_threshold,
+            share_demand=settings.share_demand,
         )
         if discovery is None:
             discovery = (

@@ -14,13 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
 
 from dispatcher.errors import PodBusyError, PodDuplicateError, PodFailedError, PodRejectedError
 from sdeks.callback import Callback, TaskStatus
+from sdeks.demand import DemandReport, parse_counts
 from sdeks.job import Job
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class PodState:
     busy: bool = False
     default_model: str | None = None
     draining: bool = False
+    #: Other dispatcher replicas' waiting tasks per model as the pod relays them
+    #: (`sdeks.demand`); None when the pod does not relay them (an older runtime).
+    demand: Mapping[str, int] | None = None
 
     @classmethod
     def parse(cls, doc: Any) -> PodState:
@@ -89,6 +93,7 @@ class PodState:
             busy=busy,
             default_model=default if isinstance(default, str) else None,
             draining=bool(doc.get("draining", False)),
+            demand=parse_counts(doc["demand"], strict=False) if "demand" in doc else None,
         )
 
 
@@ -109,6 +114,8 @@ class Pod:
     #: False once discovery no longer lists it: no new work, running jobs finish.
     listed: bool = True
     prefetch_supported: bool = True
+    #: False once the pod answered a demand report with 404/405 (it is polled with GET).
+    demand_supported: bool = True
     last_prefetch: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
     #: After a 429 the pod is left out of planning until then (the router's clock).
@@ -211,9 +218,22 @@ class PodClient:
             f"pod {pod_url} answered job {task_id} with HTTP {status}", pod=pod_url, task_id=task_id
         )
 
-    async def state(self, pod_url: str) -> PodState:
+    async def state(self, pod_url: str, report: DemandReport | None = None) -> PodState:
+        """The pod's state; with `report`, sent along (`POST /v1/state`), and the
+        other replicas' demand read back. A pod without that endpoint (404, 405)
+        is asked with `GET` instead: its state then has no `demand`."""
         url = f"{pod_url.rstrip('/')}/v1/state"
         try:
+            if report is not None:
+                async with self._session.post(
+                    url, json=report.to_json(), headers=self._auth, timeout=self._state_timeout
+                ) as response:
+                    if response.status == 200:
+                        return PodState.parse(await response.json(content_type=None))
+                    if response.status not in (404, 405):
+                        raise PodFailedError(
+                            f"pod {pod_url} state: HTTP {response.status}", pod=pod_url
+                        )
             async with self._session.get(
                 url, headers=self._auth, timeout=self._state_timeout
             ) as response:
@@ -221,7 +241,9 @@ class PodClient:
                     raise PodFailedError(
                         f"pod {pod_url} state: HTTP {response.status}", pod=pod_url
                     )
-                return PodState.parse(await response.json(content_type=None))
+                state = PodState.parse(await response.json(content_type=None))
+                # A GET's `demand` counts every replica, this one too: not the others'.
+                return replace(state, demand=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise PodFailedError(
                 f"pod {pod_url} state: {type(exc).__name__}: {exc}", pod=pod_url

@@ -17,7 +17,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +37,7 @@ from dispatcher.scheduler import (
     Reject,
 )
 from sdeks.callback import Callback
+from sdeks.demand import DemandReport
 from sdeks.errors import ModelNotFoundError
 from sdeks.job import Job
 
@@ -104,6 +106,8 @@ class Router:
         state_interval_s: float = 2.0,
         failure_threshold: int = 3,
         clock: Callable[[], float] = time.time,
+        share_demand: bool = True,
+        replica_id: str | None = None,
     ) -> None:
         self.policy = policy
         self.client = client
@@ -111,6 +115,10 @@ class Router:
         self.state_interval_s = state_interval_s
         self.failure_threshold = failure_threshold
         self.clock = clock
+        #: Report this replica's waiting tasks to the pods and plan with the others'.
+        self.share_demand = share_demand
+        #: This replica's name in its reports (unique per process).
+        self.replica_id = replica_id or uuid.uuid4().hex[:16]
         self.pods: dict[str, dict[str, Pod]] = {}
         self.waiting: dict[str, dict[str, _Waiter]] = {}
         #: Per runtime, the waiting tasks as the policy reads them, kept up to date as
@@ -165,11 +173,22 @@ class Router:
     async def poll_states(self) -> None:
         """Refresh every pod's state; drop pods that stopped answering."""
         pods = [p for runtime in self.pods.values() for p in runtime.values()]
+        reports: dict[str, DemandReport] = {}
+        if self.share_demand:
+            # Kept a few polls: a replica that stops reporting (it died) drops out.
+            ttl = max(5.0, 3 * self.state_interval_s)
+            for runtime in self.pods:
+                reports[runtime] = DemandReport.of(self.replica_id, self.own_demand(runtime), ttl)
+        sent = [reports.get(p.runtime) if p.demand_supported else None for p in pods]
         results = await asyncio.gather(
-            *(self.client.state(p.url) for p in pods), return_exceptions=True
+            *(self.client.state(p.url, r) for p, r in zip(pods, sent, strict=True)),
+            return_exceptions=True,
         )
-        for pod, result in zip(pods, results, strict=True):
+        for pod, result, report in zip(pods, results, sent, strict=True):
             if isinstance(result, PodState):
+                if report is not None and result.demand is None:
+                    log.info("pod %s relays no demand (an older runtime): polled with GET", pod.url)
+                    pod.demand_supported = False
                 if pod.gone.is_set():
                     pod.gone = asyncio.Event()
                     log.info("pod %s answers again", pod.url)
@@ -200,6 +219,32 @@ class Router:
             self._poll_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poll_now.wait(), self.state_interval_s)
+
+    def own_demand(self, runtime: str) -> dict[str, int]:
+        """This replica's waiting tasks of `runtime` per model, as its policy keys them."""
+        kept = self._backlogs.get(runtime)
+        if kept is not None:
+            return {m: len(q) for m, q in kept[1].by_model.items() if q}
+        counts: dict[str, int] = {}
+        for waiter in self.waiting.get(runtime, {}).values():
+            if not waiter.future.done():
+                counts[waiter.model] = counts.get(waiter.model, 0) + 1
+        return counts
+
+    def others_demand(self, runtime: str) -> dict[str, int]:
+        """The other replicas' waiting tasks per model, as the pods of `runtime` relay
+        them: per model the largest any pod reports (a pod that just started knows
+        fewer reports; every pod hears from every replica)."""
+        out: dict[str, int] = {}
+        if not self.share_demand:
+            return out
+        for pod in self.pods.get(runtime, {}).values():
+            if pod.state is None or pod.state.demand is None or not pod.schedulable:
+                continue
+            for model, n in pod.state.demand.items():
+                if n > out.get(model, 0):
+                    out[model] = n
+        return out
 
     # --- tasks --------------------------------------------------------------
 
@@ -399,7 +444,8 @@ class Router:
             )
             for p in pods
         ]
-        return self.policy.plan(now, tasks, views)
+        others: Mapping[str, int] = self.others_demand(runtime)
+        return self.policy.plan(now, tasks, views, others)
 
     def _apply(self, runtime: str, plan: Plan) -> None:
         pods = self.pods.get(runtime, {})

@@ -55,8 +55,11 @@ class DispatcherSettings(ServiceSettings):
     kubernetes_port_name: str = "http"
     #: API server URL; None: in-cluster config (service account), else ~/.kube/config.
     kubernetes_api_url: str | None = None
-    #: Seconds between `GET /v1/state` polls of each pod.
+    #: Seconds between `/v1/state` polls of each pod.
     state_interval_s: float = Field(default=2.0, gt=0)
+    #: Report this replica's waiting tasks per model on each poll (`POST /v1/state`)
+    #: and plan with the other replicas' reports that the pods relay back.
+    share_demand: bool = True
     #: Timeout of a state poll or prefetch hint.
     state_timeout_s: float = Field(default=5.0, gt=0)
     #: Consecutive failed polls after which a pod is dropped and its tasks rescheduled.

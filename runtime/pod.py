@@ -17,6 +17,7 @@ from runtime.models import Models
 from runtime.outputs import OutputWriter
 from runtime.render import DEFAULT_OPTIONS, Renderer
 from runtime.settings import RuntimeSettings
+from sdeks.demand import DemandBoard
 from sdeks.lifecycle import Reporter
 
 
@@ -43,6 +44,8 @@ class Pod:
         }
         self.running: dict[str, JobControl] = {}
         self.a1111_ids: set[str] = set()
+        #: Dispatcher replicas' waiting work, relayed between them (`POST /v1/state`).
+        self.demand = DemandBoard()
         self._slots: asyncio.Semaphore | None = None
         self.started = time.time()
 

@@ -19,6 +19,7 @@ from dispatcher.app import serve
 from dispatcher.metrics import Metrics
 from dispatcher.settings import DispatcherSettings
 from sdeks.callback import Callback, TaskStatus
+from sdeks.demand import DemandBoard, DemandError, DemandReport
 from sdeks.job import Job
 
 
@@ -47,12 +48,18 @@ class FakePod:
     #: Ends tasks through the task table (claim, then publish), as the real pod does.
     reporter: Any = None
     prefetched: list[str] = field(default_factory=list)
+    #: Answers `POST /v1/state` (the replicas' demand relay) as the runtime does,
+    #: with the runtime's own `DemandBoard`; False: an older pod (405).
+    relays_demand: bool = True
+    demand: DemandBoard = field(default_factory=DemandBoard)
     #: Ids whose callback this pod published, in order.
     finished: list[str] = field(default_factory=list)
 
     async def start(self) -> FakePod:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/v1/state", self._state)
+        if self.relays_demand:
+            app.router.add_post("/v1/state", self._report)
         app.router.add_post("/v1/jobs", self._job)
         app.router.add_post("/v1/prefetch", self._prefetch)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -80,6 +87,19 @@ class FakePod:
             **self.extra_state,
         }
         return web.json_response(doc)
+
+    async def _report(self, request: web.Request) -> web.Response:
+        try:
+            report = DemandReport.parse(await request.json())
+        except (DemandError, ValueError) as exc:
+            return web.json_response({"detail": str(exc)}, status=400)
+        self.demand.report(report)
+        response = await self._state(request)
+        if response.status != 200:
+            return response
+        demand, other = self.demand.others(report.replica)
+        doc = json.loads(response.body)  # type: ignore[arg-type]
+        return web.json_response({**doc, "demand": demand, "demand_other": other})
 
     async def _prefetch(self, request: web.Request) -> web.Response:
         self.prefetched.append((await request.json())["model"])

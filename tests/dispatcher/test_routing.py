@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 
@@ -161,6 +163,79 @@ async def test_router_keeps_one_backlog_per_runtime_across_plans():
             task.cancel()
         await asyncio.gather(*waiters[1:], late, return_exceptions=True)
         assert len(backlog) == 0
+
+
+async def test_replicas_see_each_others_waiting_tasks_through_the_pods():
+    from tests.dispatcher.conftest import FakePod
+
+    pod = await FakePod(sns=None, topic_arn="", gpu=["a"], slots=0).start()
+    old = await FakePod(sns=None, topic_arn="", gpu=["a"], slots=0, relays_demand=False).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = PodClient(session, job_timeout_s=5, state_timeout_s=1)
+            one = Router(FifoPolicy(), client, metrics=Metrics(), replica_id="one")
+            two = Router(FifoPolicy(), client, metrics=Metrics(), replica_id="two")
+            for router in (one, two):
+                router.set_pods("rt", [pod.url, old.url])
+            # GIVEN replica one holding 3 tasks of "x" and 1 of "y" (no pod is free)
+            waiters = [
+                asyncio.create_task(one._acquire("rt", m, f"t{i}", 0.0, 0.0))
+                for i, m in enumerate(["x", "x", "x", "y.safetensors"])
+            ]
+            await asyncio.sleep(0)
+            one.schedule()
+            # WHEN both poll the pods
+            await one.poll_states()
+            await two.poll_states()
+            # THEN replica two sees one's tasks per model (keys as the policy reads them)
+            assert two.others_demand("rt") == {"x": 3, "y": 1}
+            # AND one sees nothing of its own echoed back
+            await one.poll_states()
+            assert one.others_demand("rt") == {}
+            # AND the older pod (no POST /v1/state) is polled with GET and relays nothing
+            assert not one.pods["rt"][old.url].demand_supported
+            assert one.pods["rt"][old.url].state is not None
+            assert one.pods["rt"][pod.url].demand_supported
+            # AND once one's tasks are gone its next report says so
+            for task in waiters:
+                task.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            await one.poll_states()
+            await two.poll_states()
+            assert two.others_demand("rt") == {}
+            # AND with sharing off a replica neither reports nor reads
+            three = Router(
+                FifoPolicy(), client, metrics=Metrics(), replica_id="three", share_demand=False
+            )
+            three.set_pods("rt", [pod.url])
+            await three.poll_states()
+            assert three.others_demand("rt") == {}
+            assert pod.demand.replicas() == 2
+    finally:
+        await pod.stop()
+        await old.stop()
+
+
+def test_pod_state_demand_from_a_hostile_pod_is_bounded():
+    from sdeks.demand import MAX_COUNT, MAX_MODELS
+
+    doc = {
+        "demand": {
+            "ok": 5,
+            "neg": -1,
+            "bool": True,
+            "float": 2.5,
+            "big": 10**12,
+            "x" * 1000: 3,
+            **{f"m{i}": 1 for i in range(2 * MAX_MODELS)},
+        }
+    }
+    demand = PodState.parse(doc).demand
+    assert demand is not None and demand["ok"] == 5 and demand["big"] == MAX_COUNT
+    assert not {"neg", "bool", "float", "x" * 1000} & set(demand)
+    assert len(demand) <= MAX_MODELS
+    assert PodState.parse({"demand": ["a"]}).demand == {}
+    assert PodState.parse({}).demand is None
 
 
 async def test_router_backlog_metric_follows_tasks_without_walking_them():
