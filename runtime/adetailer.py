@@ -377,37 +377,15 @@ def pass_restorer(args: ADetailerArgs, plan: Any, models: Any) -> tuple[str, flo
     return face_restoration._options_of(plan, models)
 
 
-def noise_multiplier(args: ADetailerArgs) -> float:
-    """`ad_use_noise_multiplier`: A1111's `initial_noise_multiplier` for the pass (1: none)."""
-    return args.ad_noise_multiplier if args.ad_use_noise_multiplier else 1.0
+def noise_multiplier(args: ADetailerArgs, opts: dict[str, Any]) -> float:
+    """A1111's `initial_noise_multiplier` for the pass: `ad_noise_multiplier` when
+    `ad_use_noise_multiplier`, else the option in force, as the extension's inner
+    img2img (which gets None, so A1111 reads the option)."""
+    from runtime.stages.denoise import noise_multiplier_of
 
-
-def scale_initial_noise(pipe: Any, multiplier: float) -> None:
-    """Make this pass's inpaint pipeline start from its noise times `multiplier`.
-
-    A1111's img2img multiplies the sampler's initial noise by
-    `initial_noise_multiplier` before noising the init latents. diffusers' inpaint
-    pipelines noise them with `scheduler.add_noise(latents, noise, t)` (linear in
-    `noise` for every scheduler, so this is scheduler-agnostic) and, at strength 1,
-    start from `noise * init_noise_sigma` without `add_noise`. The pipeline and its
-    scheduler are this pass's own objects (`derive`), so no other render sees this.
-    The same scaled noise re-noises the kept region at each step (4-channel UNets)."""
-    scheduler = pipe.scheduler
-    add_noise = scheduler.add_noise
-
-    def scaled_add_noise(original: Any, noise: Any, timesteps: Any) -> Any:
-        return add_noise(original, noise * multiplier, timesteps)
-
-    scheduler.add_noise = scaled_add_noise
-    prepare = pipe.prepare_latents
-
-    def prepare_latents(*args: Any, **kwargs: Any) -> Any:
-        out = prepare(*args, **kwargs)
-        if kwargs.get("is_strength_max", True):  # pure noise: no `add_noise` was called
-            out = (out[0] * multiplier, *out[1:])
-        return out
-
-    pipe.prepare_latents = prepare_latents
+    if args.ad_use_noise_multiplier:
+        return args.ad_noise_multiplier
+    return noise_multiplier_of(None, opts)
 
 
 @dataclass
@@ -582,7 +560,7 @@ class ADetailerStage:
             family=ctx.family,
             choice=pass_sampler(args, plan.request),
             restorer=pass_restorer(args, plan, ctx.models),
-            noise_multiplier=noise_multiplier(args),
+            noise_multiplier=noise_multiplier(args, plan.opts),
         )
         checkpoint = pass_checkpoint(args, plan, ctx.models)
         if checkpoint is not None:
@@ -626,6 +604,7 @@ class ADetailerStage:
         from runtime import prompts, seeds
         from runtime.families import derive, diffusers_attr
         from runtime.images import fill_masked
+        from runtime.stages.denoise import scaled_initial_noise
 
         request = plan.request
         overrides = {"vae": kit.vae} if kit.vae is not None else {}
@@ -637,8 +616,6 @@ class ADetailerStage:
             pipe.scheduler = scheduler_cls.from_config(
                 kit.scheduler_config, **kit.choice.scheduler_kwargs, **extra
             )
-        if kit.noise_multiplier != 1.0:
-            scale_initial_noise(pipe, kit.noise_multiplier)
         prompt, negative = args.prompts(plan.prompt, plan.negative_prompt)
         # A1111's CLIP skip counts layers from the end (1 = last); diffusers' skips them.
         clip_skip = (args.ad_clip_skip - 1 or None) if args.ad_use_clip_skip else plan.clip_skip
@@ -671,7 +648,7 @@ class ADetailerStage:
             return tensors
 
         kwargs["callback_on_step_end"] = stop_if_asked
-        with torch.inference_mode():
+        with torch.inference_mode(), scaled_initial_noise(pipe, kit.noise_multiplier):
             result = pipe(**kwargs).images[0].convert("RGB").resize(image.size)
         if kit.restorer is not None:
             from runtime import face_restoration

@@ -7,7 +7,8 @@ step hook, and tiles the VAE for large images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -183,3 +184,69 @@ def inject_noise(pipe: Any, noise: Any) -> None:
         return pipe.scheduler.add_noise(init, noise.to(device=device, dtype=dtype), timestep)
 
     pipe.prepare_latents = prepare_latents
+
+
+#: A1111's range of `initial_noise_multiplier` (its option's slider).
+NOISE_MULTIPLIER_RANGE = (0.0, 1.5)
+
+
+def noise_multiplier_of(value: Any, opts: Mapping[str, Any]) -> float:
+    """A1111's img2img `initial_noise_multiplier`: the body's value, else the option
+    (default 1.0); a number within `NOISE_MULTIPLIER_RANGE`, else `invalid_parameter`."""
+    from sdeks.errors import InvalidParameterError
+
+    name = "initial_noise_multiplier"
+    if value is None:
+        value = opts.get(name, 1.0)
+        name = "override_settings.initial_noise_multiplier"
+    low, high = NOISE_MULTIPLIER_RANGE
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise InvalidParameterError(f"`{name}` must be between {low} and {high}, got {value!r:.40}")
+    return float(value)
+
+
+@contextmanager
+def scaled_initial_noise(pipe: Any, multiplier: float) -> Iterator[None]:
+    """During the block, `pipe` (an inpaint pipeline) starts from its noise x `multiplier`.
+
+    A1111's img2img multiplies the sampler's initial noise by
+    `initial_noise_multiplier` before noising the init latents. diffusers' inpaint
+    pipelines noise them with `scheduler.add_noise(latents, noise, t)` (linear in
+    `noise` for every scheduler, so this is scheduler-agnostic) and, at strength 1,
+    start from `noise * init_noise_sigma` without `add_noise`; the same (scaled)
+    noise re-noises the kept region at each step of a 4-channel UNet. The pipeline
+    is the job's own object and both overrides are removed when the block ends, so
+    nothing else, and no later call, sees them.
+    """
+    if multiplier == 1.0:
+        yield
+        return
+    scheduler = pipe.scheduler
+    add_noise = scheduler.add_noise
+    had_prepare = "prepare_latents" in vars(pipe)
+    prepare = pipe.prepare_latents
+
+    def scaled_add_noise(original: Any, noise: Any, timesteps: Any) -> Any:
+        return add_noise(original, noise * multiplier, timesteps)
+
+    def prepare_latents(*args: Any, **kwargs: Any) -> Any:
+        out = prepare(*args, **kwargs)
+        if kwargs.get("is_strength_max", True):  # pure noise: no `add_noise` was called
+            out = (out[0] * multiplier, *out[1:])
+        return out
+
+    scheduler.add_noise = scaled_add_noise
+    pipe.prepare_latents = prepare_latents
+    try:
+        yield
+    finally:
+        del scheduler.add_noise
+        if had_prepare:
+            pipe.prepare_latents = prepare
+        else:
+            del pipe.prepare_latents

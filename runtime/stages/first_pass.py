@@ -84,24 +84,27 @@ def run(
     elif init_image is not None:
         latents = denoise.encode_latents(pipe, init_image, ctx.device)
         kwargs.update(image=latents.repeat(batch_size, 1, 1, 1), strength=strength)
-        denoise.inject_noise(pipe, noise)
+        # A1111's `initial_noise_multiplier`: the noise the init latents get, scaled.
+        denoise.inject_noise(pipe, noise * plan.noise_multiplier)
     else:
         kwargs.update(
             height=request.height,
             width=request.width,
             latents=noise.to(ctx.device, pipe.unet.dtype),
         )
-    out = denoise.call(
-        pipe,
-        kwargs,
-        plan,
-        ctx,
-        batch,
-        "first",
-        offset=0,
-        width=request.width,
-        height=request.height,
-    )
+    multiplier = plan.noise_multiplier if mask is not None else 1.0  # img2img: in `noise`
+    with denoise.scaled_initial_noise(pipe, multiplier):
+        out = denoise.call(
+            pipe,
+            kwargs,
+            plan,
+            ctx,
+            batch,
+            "first",
+            offset=0,
+            width=request.width,
+            height=request.height,
+        )
     if output_type == "latent":
         batch.latents = out
     else:

@@ -109,6 +109,12 @@ def prepare(
         mask=mask,
         strength=strength,
     )
+    if img is not None:
+        from runtime.stages.denoise import noise_multiplier_of
+
+        result.noise_multiplier = noise_multiplier_of(img.initial_noise_multiplier, opts)
+        if result.noise_multiplier != 1.0:
+            result.extra_params["Noise multiplier"] = result.noise_multiplier  # as A1111
     if not request.disable_extra_networks:
         extra_texts = [
             getattr(request, "hr_prompt", ""),

@@ -97,6 +97,8 @@ class Plan:
     mask: Image.Image | None
     #: Denoising strength of the first pass (img2img; 0.75 when absent, as A1111).
     strength: float
+    #: A1111's `initial_noise_multiplier` of the img2img first pass (1.0: none; txt2img 1.0).
+    noise_multiplier: float = 1.0
     #: Infotext fields features add (A1111 `p.extra_generation_params`), in order.
     extra_params: dict[str, Any] = field(default_factory=dict)
     #: Extra conditioning for the denoise calls, built by `runtime.conditioning`.
