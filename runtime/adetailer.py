@@ -698,8 +698,18 @@ def _params(args: ADetailerArgs) -> dict[str, Any]:
         "ADetailer confidence": args.ad_confidence,
         "ADetailer dilate erode": args.ad_dilate_erode,
     }
+    if args.ad_mask_min_ratio != 0.0:
+        params["ADetailer mask min ratio"] = args.ad_mask_min_ratio
+    if args.ad_mask_max_ratio != 1.0:
+        params["ADetailer mask max ratio"] = args.ad_mask_max_ratio
+    if args.ad_x_offset:
+        params["ADetailer x offset"] = args.ad_x_offset
+    if args.ad_y_offset:
+        params["ADetailer y offset"] = args.ad_y_offset
     if args.ad_mask_bbox_expansion:
         params["ADetailer mask bbox expansion"] = args.ad_mask_bbox_expansion
+    if args.ad_mask_merge_invert != "None":
+        params["ADetailer mask merge invert"] = args.ad_mask_merge_invert
     params["ADetailer mask blur"] = args.ad_mask_blur
     params["ADetailer denoising strength"] = args.ad_denoising_strength
     params["ADetailer inpaint only masked"] = args.ad_inpaint_only_masked
@@ -710,6 +720,16 @@ def _params(args: ADetailerArgs) -> dict[str, Any]:
         params["ADetailer method to decide top k masks"] = args.ad_mask_filter_method
     if args.ad_inpaint_masked_content != "original":
         params["ADetailer inpaint masked content"] = args.ad_inpaint_masked_content
+    if args.ad_use_inpaint_width_height:
+        params["ADetailer use inpaint width height"] = True
+        params["ADetailer inpaint width"] = args.ad_inpaint_width
+        params["ADetailer inpaint height"] = args.ad_inpaint_height
+    if args.ad_use_steps:
+        params["ADetailer use separate steps"] = True
+        params["ADetailer steps"] = args.ad_steps
+    if args.ad_use_cfg_scale:
+        params["ADetailer use separate CFG scale"] = True
+        params["ADetailer CFG scale"] = args.ad_cfg_scale
     if args.ad_use_checkpoint:
         params["ADetailer use separate checkpoint"] = True
         params["ADetailer checkpoint"] = args.ad_checkpoint
@@ -725,6 +745,7 @@ def _params(args: ADetailerArgs) -> dict[str, Any]:
         params["ADetailer use separate noise multiplier"] = True
         params["ADetailer noise multiplier"] = args.ad_noise_multiplier
     if args.ad_use_clip_skip:
+        params["ADetailer use separate CLIP skip"] = True
         params["ADetailer CLIP skip"] = args.ad_clip_skip
     if args.ad_restore_face:
         params["ADetailer restore face"] = True

@@ -510,3 +510,47 @@ def test_mask_bbox_expansion_grows_each_box_before_the_mask(renderer):
     outside[4:60, 4:60] = False
     assert np.array_equal(px(grown)[outside], before[outside])
     assert grown.info["extra_generation_params"]["ADetailer mask bbox expansion"] == 8
+
+
+def test_infotext_names_each_switch_as_the_extension_writes_it():
+    from runtime.adetailer import _params
+
+    (one,) = parse_args(
+        {
+            "ADetailer": {
+                "args": [
+                    {
+                        **AD,
+                        "ad_use_steps": True,
+                        "ad_steps": 12,
+                        "ad_use_cfg_scale": True,
+                        "ad_cfg_scale": 4.5,
+                        "ad_use_clip_skip": True,
+                        "ad_clip_skip": 2,
+                        "ad_use_inpaint_width_height": True,
+                        "ad_inpaint_width": 32,
+                        "ad_inpaint_height": 48,
+                        "ad_x_offset": 3,
+                        "ad_mask_merge_invert": "Merge",
+                        "ad_use_sampler": True,
+                        "ad_sampler": "Euler",
+                        "ad_scheduler": "Use same scheduler",
+                    }
+                ]
+            }
+        }
+    )
+    params = _params(one)
+    assert params["ADetailer use separate steps"] is True and params["ADetailer steps"] == 12
+    assert params["ADetailer use separate CFG scale"] is True
+    assert params["ADetailer CFG scale"] == 4.5
+    assert params["ADetailer use separate CLIP skip"] is True
+    assert params["ADetailer CLIP skip"] == 2
+    assert params["ADetailer use inpaint width height"] is True
+    assert (params["ADetailer inpaint width"], params["ADetailer inpaint height"]) == (32, 48)
+    assert params["ADetailer x offset"] == 3 and "ADetailer y offset" not in params
+    assert params["ADetailer mask merge invert"] == "Merge"
+    assert params["ADetailer sampler"] == "Euler" and "ADetailer scheduler" not in params
+    assert "ADetailer use separate checkpoint" not in _params(
+        parse_args({"ADetailer": {"args": [AD]}})[0]
+    )
