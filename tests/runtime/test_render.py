@@ -329,7 +329,7 @@ def test_missing_lora_and_model_are_clear(renderer):
         ({"sampler_name": "Restart"}, "supported samplers: DPM++ 2M"),
         ({"scheduler": "Align Your Steps"}, "`scheduler`"),
         ({"enable_hr": True, "hr_upscaler": "4x-Nope"}, "`hr_upscaler` '4x-Nope'"),
-        ({"alwayson_scripts": {"Dynamic Prompts": {"args": [True]}}}, "Dynamic Prompts"),
+        ({"alwayson_scripts": {"Regional Prompter": {"args": [True]}}}, "Regional Prompter"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
         (
             {"alwayson_scripts": {"sd_model_checkpoint": 5}},
