@@ -46,10 +46,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from runtime.settings import RuntimeSettings  # noqa: E402
 from sdeks.envelope import Task, TaskType  # noqa: E402
+from sdeks.grace import RESERVED, FirstCall  # noqa: E402
 from sdeks.local import LOCAL_CREDENTIALS, OFFLINE, free_port  # noqa: E402
 
 RUNTIME = "sdruntime"
+#: The pods' first call for the replica whose job ended (seconds), as the runtime's default.
+FIRST_CALL_S: float = RuntimeSettings.model_fields["first_call_s"].default
 
 
 # --- output ------------------------------------------------------------------
@@ -334,11 +338,17 @@ class PodFleet(_Service):
         return int(_get_json(f"{self.urls[0]}/bench/done")["done"])
 
     def refused(self) -> int:
-        """Jobs the pods answered 429 since the last reset."""
-        return sum(_get_json(f"{url}/bench/records")["refused"] for url in self.urls)
+        """Jobs the pods answered 429 since the last reset (full, or `reserved`)."""
+        docs = [_get_json(f"{url}/bench/records") for url in self.urls]
+        return sum(d["refused"] + d["reserved"] for d in docs)
+
+    def reserved(self) -> int:
+        """Of those, the 429 `reserved`: first call for another dispatcher replica."""
+        return sum(_get_json(f"{url}/bench/records")["reserved"] for url in self.urls)
 
     def reset(self, **settings: Any) -> None:
-        """Forget records and active models; `settings` (open_at, unit, inference, switch)."""
+        """Forget records and active models; `settings` (open_at, unit, inference, switch,
+        first_call_s)."""
         for url in self.urls:
             _post_json(f"{url}/bench/reset", settings)
 
@@ -521,6 +531,8 @@ class _PodDouble:
         self.records: list[dict[str, Any]] = []
         #: Jobs refused with 429 (no free slot, or before `open_at`).
         self.refused = 0
+        #: Jobs refused with 429 `reserved` (first call for another replica).
+        self.reserved = 0
         self.busy = 0
         self.active: str | None = settings.get("active")
         #: Before this epoch time the pod reports no free slot (the burst starts together).
@@ -528,6 +540,8 @@ class _PodDouble:
         self.unit = float(settings.get("unit", 0.02))
         self.inference = float(settings.get("inference", 1.0))
         self.switch = float(settings.get("switch", 0.0))
+        #: First call for the replica whose job ended (`sdeks.grace`), as the runtime.
+        self.first_call = FirstCall(float(settings.get("first_call_s", FIRST_CALL_S)))
 
     def state(self) -> dict[str, Any]:
         free = max(0, self.slots - self.busy) if time.time() >= self.open_at else 0
@@ -550,6 +564,7 @@ class _PodDouble:
             "busy": self.busy > 0,
             "slots": self.slots,
             "free_slots": free,
+            "reserved": held.to_json() if (held := self.first_call.current()) else None,
             "running": [],
         }
 
@@ -561,6 +576,10 @@ class _PodDouble:
             self.refused += 1
             return 429, {"detail": "no free slot", "free_slots": 0}
         model = doc.get("model")
+        held = self.first_call.refuses(doc.get("replica"), model or "")
+        if held is not None:
+            self.reserved += 1
+            return 429, {"code": RESERVED, "message": "first call", "reserved": held.to_json()}
         record: dict[str, Any] = {"id": task["id"], "model": model, "start": received}
         self.busy += 1
         try:
@@ -574,6 +593,7 @@ class _PodDouble:
             self.records.append(record)
         finally:
             self.busy -= 1
+            self.first_call.ended(doc.get("replica"), model or "")
         return 200, {
             "id": task["id"],
             "runtime": task["runtime"],
@@ -623,7 +643,9 @@ async def _serve_pods(kind: str, ports: list[int], slots: int) -> None:
             return web.json_response({"accepted": True}, status=202)
 
         async def records(_: web.Request, pod: _PodDouble = pod) -> web.Response:
-            return web.json_response({"records": pod.records, "refused": pod.refused})
+            return web.json_response(
+                {"records": pod.records, "refused": pod.refused, "reserved": pod.reserved}
+            )
 
         async def done(_: web.Request) -> web.Response:
             return web.json_response({"done": sum(len(p.records) for p in pods)})

@@ -54,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
+    FIRST_CALL_S,
     RUNTIME,
     DispatcherProcess,
     MotoServer,
@@ -175,7 +176,13 @@ def live_run(
     # Heartbeats every VisibilityTimeout / 3: at the stack's 60 s, 4000 held messages cost
     # moto (on the same cores) 20 calls/s; on AWS that is SQS's work (docs/dispatcher.md).
     stack = moto.new_stack(visibility_timeout_s=VISIBILITY_TIMEOUT_S)
-    fleet.reset(open_at=time.time() + 3600, unit=unit, inference=args.inference, switch=cost)
+    fleet.reset(
+        open_at=time.time() + 3600,
+        unit=unit,
+        inference=args.inference,
+        switch=cost,
+        first_call_s=args.first_call,
+    )
     settings = {
         "policy": policy,
         "window": window,
@@ -223,7 +230,13 @@ def live_run(
         ready = time.time()
         fill_rate[0] = 0.7 * len(tasks) / (ready - started)
         open_at = max(t0, ready)
-        fleet.reset(open_at=open_at, unit=unit, inference=args.inference, switch=cost)
+        fleet.reset(
+            open_at=open_at,
+            unit=unit,
+            inference=args.inference,
+            switch=cost,
+            first_call_s=args.first_call,
+        )
         try:
             # Asked of the pods: a scrape of a dispatcher's /metrics takes its event loop
             # for milliseconds, which would be charged to its turn-around.
@@ -261,6 +274,7 @@ def live_run(
         "max": max(waits),
         "switches": sum(bool(r["switch"]) for r in records),
         "refused": fleet.refused(),
+        "reserved": fleet.reserved(),
         "skew": (first - t0) / unit,
         "idle_ms": 1e3 * percentile(idle_gaps(records), 50),
         "cpu_ms": 1e3 * cpu / len(tasks),
@@ -430,7 +444,8 @@ def run_live(args: argparse.Namespace) -> int:
                     if policy in live or policy == "holder-first":
                         rows.append(row(cost, policy, "sim", sims[policy], bound))
                 note = [
-                    f"{p} sent in {r['fill_s']:.1f} s, held in {r['held_s']:.1f} s"
+                    f"{p} sent in {r['fill_s']:.1f} s, held in {r['held_s']:.1f} s, "
+                    f"{r['reserved']} of its 429s reserved"
                     for p, r in live.items()
                 ]
                 if "affinity" in live:
@@ -449,7 +464,8 @@ def run_live(args: argparse.Namespace) -> int:
     print()
     print(table(rows, HEADER))
     print(
-        "\n# times in units; waits from the first job's start; 429s: jobs a pod refused (full); "
+        "\n# times in units; waits from the first job's start; 429s: jobs a pod refused (full, "
+        "or `reserved`: first call for the other replica); "
         "again: jobs run a second time; skew: first start - T0; idle ms: median time a pod stood idle between two jobs; "
         "cpu ms/task: the dispatcher processes' CPU time (all together) per task, from the "
         "fill to the last job; shares: tasks each dispatcher completed; every task ran (checked)"
@@ -520,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--state-interval", type=float, default=DEFAULT_STATE_INTERVAL_S, help="seconds"
+    )
+    parser.add_argument(
+        "--first-call",
+        type=float,
+        default=FIRST_CALL_S,
+        help=f"the pods' first call for the replica whose job ended, seconds (default "
+        f"{FIRST_CALL_S:g}, the runtime's; 0: off)",
     )
     args = parser.parse_args(argv)
     sizes = {"pods": 4, "models": 8, "dispatchers": 1, "tasks": 2000}

@@ -20,6 +20,7 @@ own error code when it sent one.
 from __future__ import annotations
 
 from sdeks.errors import SdeksError
+from sdeks.grace import Reserved
 
 
 class DispatchFailedError(SdeksError):
@@ -33,7 +34,18 @@ class PodError(SdeksError):
 
 
 class PodBusyError(PodError):
-    pass
+    def __init__(
+        self,
+        message: str,
+        *,
+        pod: str,
+        task_id: str | None = None,
+        reserved: Reserved | None = None,
+    ) -> None:
+        super().__init__(message, pod=pod, task_id=task_id)
+        #: Set when the pod holds first call for another replica (`sdeks.grace`):
+        #: not full, only not ours to switch for a moment.
+        self.reserved = reserved
 
 
 class PodFailedError(PodError):

@@ -79,6 +79,12 @@ class Metrics:
             ["runtime"],
             registry=r,
         )
+        self.reserved = Counter(
+            "sdeks_dispatcher_pod_reserved_total",
+            "Jobs a pod sent back (429 `reserved`): first call for another replica",
+            ["runtime"],
+            registry=r,
+        )
         self.errors = Counter(
             "sdeks_dispatcher_errors_total",
             "Unexpected errors the dispatcher survived, by where (message, planning)",

@@ -22,6 +22,7 @@ import aiohttp
 from dispatcher.errors import PodBusyError, PodDuplicateError, PodFailedError, PodRejectedError
 from sdeks.callback import Callback, TaskStatus
 from sdeks.demand import DemandReport, parse_counts
+from sdeks.grace import RESERVED, Reserved
 from sdeks.job import Job
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class PodState:
     #: Other dispatcher replicas' waiting tasks per model as the pod relays them
     #: (`sdeks.demand`); None when the pod does not relay them (an older runtime).
     demand: Mapping[str, int] | None = None
+    #: The pod holds first call for a replica whose job just ended (`sdeks.grace`).
+    reserved: Reserved | None = None
+    #: The pod knows first call (its state has `reserved`): jobs may name their replica.
+    first_call: bool = False
 
     @classmethod
     def parse(cls, doc: Any) -> PodState:
@@ -94,6 +99,8 @@ class PodState:
             default_model=default if isinstance(default, str) else None,
             draining=bool(doc.get("draining", False)),
             demand=parse_counts(doc["demand"], strict=False) if "demand" in doc else None,
+            reserved=Reserved.parse(doc.get("reserved")),
+            first_call="reserved" in doc,
         )
 
 
@@ -120,6 +127,9 @@ class Pod:
     last_seen: float = field(default_factory=time.monotonic)
     #: After a 429 the pod is left out of planning until then (the router's clock).
     full_until: float = 0.0
+    #: First call another replica holds on the pod (`sdeks.grace`): (replica, model
+    #: key, until on the router's clock).
+    held: tuple[str, str, float] | None = None
 
     @property
     def name(self) -> str:
@@ -199,6 +209,14 @@ class PodClient:
                 task_id=task_id,
             )
         if status == 429:
+            reserved = _reserved_of(body)
+            if reserved is not None:
+                raise PodBusyError(
+                    f"pod {pod_url} holds first call for replica {reserved.replica}",
+                    pod=pod_url,
+                    task_id=task_id,
+                    reserved=reserved,
+                )
             raise PodBusyError(f"pod {pod_url} is full", pod=pod_url, task_id=task_id)
         if status == 409:
             raise PodDuplicateError(
@@ -265,6 +283,19 @@ class PodClient:
                 return True
         except (aiohttp.ClientError, OSError, TimeoutError):
             return True  # a hint; the next one may land
+
+
+def _reserved_of(body: bytes) -> Reserved | None:
+    """The hold a 429 `reserved` names (`sdeks.grace`), else None (a plain 429: full)."""
+    import json
+
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, Mapping) or doc.get("code") != RESERVED:
+        return None
+    return Reserved.parse(doc.get("reserved"))
 
 
 def _error_of(body: bytes) -> tuple[str | None, str | None]:

@@ -133,6 +133,8 @@ class Router:
         self._background: set[asyncio.Task[object]] = set()
         self._seq = 0
         self._draining = False
+        #: When the first first-call hold that kept a pod out of the last plan ends.
+        self._hold_ends: float | None = None
 
     def check_open(self) -> None:
         """Raise `Draining` once the dispatcher is stopping (before costly work)."""
@@ -193,6 +195,12 @@ class Router:
                     pod.gone = asyncio.Event()
                     log.info("pod %s answers again", pod.url)
                 pod.state = result
+                held = result.reserved
+                pod.held = (
+                    (held.replica, model_key(held.model), self.clock() + held.for_s)
+                    if held is not None and held.replica != self.replica_id
+                    else None
+                )
                 pod.failures = 0
                 pod.last_seen = self.clock()
                 if pod.inflight == 0:
@@ -266,10 +274,23 @@ class Router:
             )
             started = time.monotonic()
             try:
-                answer = await self._call(pod, job)
+                answer = await self._call(pod, self._signed(pod, job))
                 self.metrics.job_seconds.labels(runtime).observe(time.monotonic() - started)
                 return answer
-            except PodBusyError:
+            except PodBusyError as exc:
+                if exc.reserved is not None:
+                    # Another replica's first call (`sdeks.grace`): not full, and not a
+                    # failure; plan again without switching the pod until it ends.
+                    held = exc.reserved
+                    pod.held = (held.replica, model_key(held.model), self.clock() + held.for_s)
+                    self.metrics.reserved.labels(runtime).inc()
+                    log.info(
+                        "pod %s holds first call for replica %s; rescheduling",
+                        pod.url,
+                        held.replica,
+                        extra={"task_id": job.task.id},
+                    )
+                    continue
                 # Full (another replica filled it): plan without it for a while,
                 # so the task can go elsewhere instead of knocking again.
                 pod.full_until = self.clock() + max(1.0, 2 * self.state_interval_s)
@@ -291,6 +312,13 @@ class Router:
                 self.metrics.pod_retries.labels(runtime).inc()
             finally:
                 self._release(pod)
+
+    def _signed(self, pod: Pod, job: Job) -> Job:
+        """`job` naming this replica, for a pod that knows first call (`sdeks.grace`);
+        an older runtime refuses fields it does not know, so it gets none."""
+        if pod.state is None or not pod.state.first_call or job.replica == self.replica_id:
+            return job
+        return job.model_copy(update={"replica": self.replica_id})
 
     async def _call(self, pod: Pod, job: Job) -> Callback:
         """`client.submit`, abandoned if the pod is dropped meanwhile."""
@@ -406,12 +434,15 @@ class Router:
     def schedule(self) -> float | None:
         """One planning pass over every runtime; returns the earliest wake-up asked for."""
         wakes = []
+        self._hold_ends = None
         for runtime in list(self.waiting):
             plan = self._plan(runtime)
             if plan is not None:
                 self._apply(runtime, plan)
                 if plan.wake_at is not None:
                     wakes.append(plan.wake_at)
+            if self._hold_ends is not None:
+                wakes.append(self._hold_ends)
         return min(wakes) if wakes else None
 
     def _plan(self, runtime: str) -> Plan | None:
@@ -423,6 +454,12 @@ class Router:
         pods = [
             p for p in self.pods.get(runtime, {}).values() if p.schedulable and p.full_until <= now
         ]
+        if any(p.held is not None for p in pods):
+            kept_out = [p for p in pods if not self._may_use(runtime, p, now)]
+            if kept_out:
+                pods = [p for p in pods if p not in kept_out]
+                # Plan again when the first hold ends, not at the next poll.
+                self._hold_ends = min(p.held[2] for p in kept_out if p.held is not None)
         default = next(
             (model_key(p.state.default_model) for p in pods if p.state and p.state.default_model),
             DEFAULT_MODEL,
@@ -447,12 +484,33 @@ class Router:
         others: Mapping[str, int] = self.others_demand(runtime)
         return self.policy.plan(now, tasks, views, others)
 
+    def _may_use(self, runtime: str, pod: Pod, now: float) -> bool:
+        """False while another replica holds first call on `pod` (`sdeks.grace`) and this
+        replica has no task of the pod's model: the holder's next job comes first."""
+        if pod.held is None:
+            return True
+        _, model, until = pod.held
+        if until <= now:
+            pod.held = None
+            return True
+        kept = self._backlogs.get(runtime)
+        if kept is not None:
+            return bool(kept[1].by_model.get(model))
+        return any(w.model == model for w in self.waiting.get(runtime, {}).values())
+
+    @staticmethod
+    def _held_for_other(pod: Pod, model: str, now: float) -> bool:
+        return pod.held is not None and pod.held[2] > now and model_key(model) != pod.held[1]
+
     def _apply(self, runtime: str, plan: Plan) -> None:
         pods = self.pods.get(runtime, {})
+        now = self.clock()
         for decision in plan.decisions:
             if isinstance(decision, Assign):
-                waiter = self._unwait(runtime, decision.task)
                 pod = pods.get(decision.pod)
+                if pod is not None and self._held_for_other(pod, decision.model, now):
+                    continue  # it would switch a pod another replica holds: the task waits
+                waiter = self._unwait(runtime, decision.task)
                 if waiter is None or pod is None or waiter.future.done():
                     continue
                 pod.inflight += 1

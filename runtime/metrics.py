@@ -38,6 +38,11 @@ class PodMetrics:
             "Jobs answered 429 (no free slot)",
             registry=self.registry,
         )
+        self.reserved = Counter(
+            "sdeks_runtime_rejected_reserved",
+            "Jobs answered 429 `reserved`: first call for another dispatcher replica",
+            registry=self.registry,
+        )
         self.phase_seconds = Histogram(
             "sdeks_runtime_phase_seconds",
             "Seconds per job phase",

@@ -18,6 +18,7 @@ from runtime.outputs import OutputWriter
 from runtime.render import DEFAULT_OPTIONS, Renderer
 from runtime.settings import RuntimeSettings
 from sdeks.demand import DemandBoard
+from sdeks.grace import FirstCall
 from sdeks.lifecycle import Reporter
 
 
@@ -46,6 +47,8 @@ class Pod:
         self.a1111_ids: set[str] = set()
         #: Dispatcher replicas' waiting work, relayed between them (`POST /v1/state`).
         self.demand = DemandBoard()
+        #: First call for the replica whose job ended last (`sdeks.grace`).
+        self.first_call = FirstCall(settings.first_call_s)
         self._slots: asyncio.Semaphore | None = None
         self.started = time.time()
 
@@ -72,6 +75,7 @@ class Pod:
             "busy": self.busy > 0,
             "slots": self.settings.slots,
             "free_slots": max(0, self.settings.slots - self.busy),
+            "reserved": held.to_json() if (held := self.first_call.current()) else None,
             "running": [
                 {
                     "id": job_id,

@@ -64,6 +64,10 @@ class RuntimeSettings(ServiceSettings):
 
     #: Jobs rendered at once; the pod answers 429 beyond this.
     slots: int = Field(default=1, ge=1, le=16)
+    #: When a job ends, the dispatcher replica that sent it has first call on the pod
+    #: this long: another replica's job that would switch the model gets 429 `reserved`
+    #: (`sdeks.grace`, docs/dispatcher.md). 0 turns it off.
+    first_call_s: float = Field(default=0.3, ge=0, le=5)
     #: Largest width x height accepted (2048 x 2048 by default).
     max_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
     max_steps: int = Field(default=150, ge=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdeks.envelope import Task
+from sdeks.grace import REPLICA_PATTERN
 
 
 class Job(BaseModel):
@@ -27,3 +28,6 @@ class Job(BaseModel):
     published_at: float | None = None
     #: Time the dispatcher spent resolving links.
     download_ms: int = 0
+    #: The dispatcher replica that sent it: when it ends, the pod holds first call for
+    #: that replica a moment (`sdeks.grace`). None: an older dispatcher, no hold.
+    replica: str | None = Field(default=None, pattern=REPLICA_PATTERN)

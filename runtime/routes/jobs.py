@@ -4,7 +4,9 @@
     POST /v1/jobs/{id}/cancel   stop a running job between steps (it ends `cancelled`)
     POST /v1/prefetch           {"model": name}: bring a model to disk/RAM ahead of use
 
-`/v1/jobs` answers 429 when no slot is free (the dispatcher tries another pod).
+`/v1/jobs` answers 429 when no slot is free (the dispatcher tries another pod),
+and 429 with code `reserved` while the pod holds first call for another
+dispatcher replica and the job would switch its model (`sdeks.grace`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter
@@ -54,14 +57,27 @@ async def post_job(job: Job, pod: PodDep) -> Any:
             {"code": "already_running", "message": f"task {task.id} is already running"},
             status_code=409,
         )
+    model = job.model or settings.default_model or ""
+    held = pod.first_call.refuses(job.replica, model)
+    if held is not None:
+        pod.metrics.reserved.inc()
+        return JSONResponse(
+            {
+                "code": "reserved",
+                "message": f"first call for replica {held.replica} (model {held.model[:100]})",
+                "reserved": held.to_json(),
+            },
+            status_code=429,
+            headers={"Retry-After": "1"},
+        )
     control = JobControl(job_id=task.id)
     control.limit_time(settings.task_time_limit_s)  # checked between steps: one `timeout`
     received = time.time()
     # This render attempt: a later attempt of the same task (after a dispatcher or
     # pod died) fences this one out of outputs, progress and the claim.
     run = uuid.uuid4().hex
-    async with pod.slot(control, wait=False) as held:
-        if not held:
+    async with pod.slot(control, wait=False) as free, _first_call_after(pod, job, model, free):
+        if not free:
             pod.metrics.rejected.inc()
             return JSONResponse(
                 {"detail": "no free slot", "free_slots": 0},
@@ -148,6 +164,16 @@ async def post_job(job: Job, pod: PodDep) -> Any:
     pod.metrics.images.labels(task.tasktype.value).inc(len(callback.image_url))
     pod.metrics.observe_timings(callback.timings.model_dump())
     return callback
+
+
+@asynccontextmanager
+async def _first_call_after(pod: Any, job: Job, model: str, ran: bool) -> AsyncIterator[None]:
+    """Once the job's slot frees, hold the pod a moment for its replica (`sdeks.grace`)."""
+    try:
+        yield
+    finally:
+        if ran:
+            pod.first_call.ended(job.replica, model)
 
 
 @router.post("/v1/jobs/{job_id}/cancel")
