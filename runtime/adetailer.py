@@ -579,9 +579,8 @@ class ADetailerStage:
                 kit.source.vae = ctx.pipe.vae  # `sd_vae` applies to it, as in A1111
         elif kit.choice is not None:
             # The render's pipeline carries its sampler's options (Karras sigmas...): start
-            # from the checkpoint's own scheduler config, from a fresh lease of it.
-            with ctx.models.use(plan.checkpoint, "inpaint") as own:
-                kit.scheduler_config = own.pipeline.scheduler.config
+            # from the checkpoint's own scheduler config, kept by stage 2.
+            kit.scheduler_config = ctx.base_scheduler_config or ctx.pipe.scheduler.config
         vae = pass_vae(args)
         if vae is not None:
             from runtime.vae import load_vae

@@ -350,7 +350,12 @@ def _hires_pipeline(
     choice = hires.choice or plan.choice
     if hires.choice is not None or not same_weights:
         scheduler_cls = diffusers_attr(choice.scheduler_class)
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
+        # The same weights' pipeline carries the render's sampler options: start from the
+        # checkpoint's own config, as another checkpoint's pipeline does.
+        config = pipe.scheduler.config
+        if same_weights and ctx.base_scheduler_config is not None:
+            config = ctx.base_scheduler_config
+        pipe.scheduler = scheduler_cls.from_config(config, **choice.scheduler_kwargs)
     for conditioning in plan.conditioning:
         pipe = conditioning.pipeline(pipe, ctx)
     request = plan.request

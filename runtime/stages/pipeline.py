@@ -103,6 +103,7 @@ class JobPipelines:
         check_base(plan, ctx.family)  # an SDXL refiner is no base model
         pipe, choice = ctx.pipe, plan.choice
         scheduler_cls = diffusers_attr(choice.scheduler_class)
+        ctx.base_scheduler_config = pipe.scheduler.config
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **choice.scheduler_kwargs)
         pipe.set_progress_bar_config(disable=True)
         if self.settings.compile and self.device.startswith("cuda"):

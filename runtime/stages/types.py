@@ -130,6 +130,10 @@ class StageContext:
     family: Any = None
     #: "lora0: 0.8, ..." for the infotext, or None.
     lora_note: str | None = None
+    #: The checkpoint's own scheduler config, before stage 2 set this request's sampler
+    #: on `pipe` (a pass with another sampler starts from it, so the render's options,
+    #: Karras sigmas for one, do not leak into it).
+    base_scheduler_config: Any = None
     #: The refiner's UNet, swapped in by the last pass's step hook (stage 5).
     refiner_unet: Any = None
     #: An SDXL-architecture refiner's own conditioning (`runtime.refiner`), else None.

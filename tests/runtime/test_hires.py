@@ -132,6 +132,41 @@ def test_hires_sampler_prompt_and_same_values(renderer):
     assert not np.array_equal(np.asarray(other.images[0]), np.asarray(plain.images[0]))
 
 
+def test_hires_sampler_starts_from_the_checkpoints_scheduler_not_the_renders(renderer, monkeypatch):
+    """A Karras first pass must not hand its sigmas to a Uniform hires sampler."""
+    from diffusers import EulerDiscreteScheduler
+
+    seen: list[bool] = []
+    original = EulerDiscreteScheduler.set_timesteps
+
+    def spy(self, *args, **kwargs):
+        seen.append(bool(self.config.get("use_karras_sigmas")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EulerDiscreteScheduler, "set_timesteps", spy)
+    renderer.txt2img(
+        hr(
+            sampler_name="DPM++ 2M",
+            scheduler="Karras",
+            hr_sampler_name="Euler",
+            hr_scheduler="Uniform",
+        ),
+        options=OPTIONS,
+    )
+    assert seen and not any(seen)  # the hires pass ran Euler, without Karras sigmas
+    seen.clear()
+    renderer.txt2img(
+        hr(
+            sampler_name="DPM++ 2M",
+            scheduler="Uniform",
+            hr_sampler_name="Euler",
+            hr_scheduler="Karras",
+        ),
+        options=OPTIONS,
+    )
+    assert seen and all(seen)  # and an asked-for Karras hires schedule still is one
+
+
 def test_hires_checkpoint_renders_the_second_pass_with_it(renderer):
     result = renderer.txt2img(hr(hr_checkpoint_name="tiny-sd15-single"), options=OPTIONS)
     assert infotext.parse(result.infotexts[0])["Hires checkpoint"] == "tiny-sd15-single"
