@@ -181,7 +181,7 @@ def live_run(
         unit=unit,
         inference=args.inference,
         switch=cost,
-        first_call_s=args.first_call,
+        first_call_s=getattr(args, "first_call", FIRST_CALL_S),
     )
     settings = {
         "policy": policy,
@@ -235,7 +235,7 @@ def live_run(
             unit=unit,
             inference=args.inference,
             switch=cost,
-            first_call_s=args.first_call,
+            first_call_s=getattr(args, "first_call", FIRST_CALL_S),
         )
         try:
             # Asked of the pods: a scrape of a dispatcher's /metrics takes its event loop
