@@ -13,6 +13,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dispatcher.settings import DispatcherSettings
+from sdeks.aio import wait_event
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,7 @@ class Window:
         while self.used >= self.size:
             self._room.clear()
             # A growing fleet makes room without any message ending: look again.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), 1.0)
+            await wait_event(self._room, 1.0)
         n = min(most, self.size - self.used)
         self.used += n
         return n

@@ -36,6 +36,7 @@ from dispatcher.scheduler import (
     Prefetch,
     Reject,
 )
+from sdeks.aio import wait_event
 from sdeks.callback import Callback
 from sdeks.demand import DemandReport
 from sdeks.errors import ModelNotFoundError
@@ -225,8 +226,7 @@ class Router:
         while True:
             await self.poll_states()
             self._poll_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), self.state_interval_s)
+            await wait_event(self._poll_now, self.state_interval_s)
 
     def own_demand(self, runtime: str) -> dict[str, int]:
         """This replica's waiting tasks of `runtime` per model, as its policy keys them."""
@@ -424,8 +424,7 @@ class Router:
                     log.exception("planning failed; retrying in a second")
                     wake_at = None
                 timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock()))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout)
+                await wait_event(self._changed, timeout)
         finally:
             poller.cancel()
             for task in list(self._background):
