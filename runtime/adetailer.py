@@ -583,9 +583,13 @@ class ADetailerStage:
             kit.scheduler_config = ctx.base_scheduler_config or ctx.pipe.scheduler.config
         vae = pass_vae(args)
         if vae is not None:
-            from runtime.vae import load_vae
+            if ctx.vae_loader is not None:  # loaded once, as the render's `sd_vae`
+                owner = checkpoint if checkpoint is not None else ctx.loaded.name
+                kit.vae = ctx.vae_loader(owner, kit.source.vae, vae)
+            else:
+                from runtime.vae import load_vae
 
-            kit.vae = load_vae(ctx.models.fetch_vae(vae), kit.source.vae, ctx.device)
+                kit.vae = load_vae(ctx.models.fetch_vae(vae), kit.source.vae, ctx.device)
         return kit
 
     def _inpaint(

@@ -86,6 +86,7 @@ class JobPipelines:
             settings=self.settings,
             device=self.device,
             family=family,
+            vae_loader=self.cached_vae,
         )
         try:
             self._build(ctx, plan)
@@ -158,14 +159,18 @@ class JobPipelines:
             return None
         # Keyed by the checkpoint's name: its title gains ` [hash]` once the hash is
         # known, which would load the same VAE again.
-        key = (loaded.name, vae_name)
+        return self.cached_vae(loaded.name, pipe.vae, vae_name)
+
+    def cached_vae(self, checkpoint: str, like: Any, vae_name: str) -> Any:
+        """`VAE/<vae_name>` shaped like `checkpoint`'s VAE `like`, loaded once per pair."""
+        key = (checkpoint, vae_name)
         with self._lock:
             if key in self._vae_cache:
                 return self._vae_cache[key]
         path = self.models.fetch_vae(vae_name)
         from runtime.vae import load_vae
 
-        vae = load_vae(path, pipe.vae, self.device)
+        vae = load_vae(path, like, self.device)
         with self._lock:
             self._vae_cache[key] = vae
         return vae

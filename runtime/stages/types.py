@@ -134,6 +134,9 @@ class StageContext:
     #: on `pipe` (a pass with another sampler starts from it, so the render's options,
     #: Karras sigmas for one, do not leak into it).
     base_scheduler_config: Any = None
+    #: `(checkpoint, like, vae_name) -> VAE`: stage 2's VAE cache, for passes that
+    #: decode with another VAE (ADetailer's `ad_vae`); None: load it.
+    vae_loader: Any = None
     #: The refiner's UNet, swapped in by the last pass's step hook (stage 5).
     refiner_unet: Any = None
     #: An SDXL-architecture refiner's own conditioning (`runtime.refiner`), else None.
